@@ -1,0 +1,41 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   # venv + install, build the demo corpus, run the main job on it
+#   make test   # venv + install, lint, then the whole test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# DeepSpeed JIT-compiles small C++ ops once; keep them in the venv so tests and CI pay once.
+export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
+export DS_BUILD_OPS ?= 0
+
+.PHONY: setup demo test lint format bench-data clean
+
+setup: $(VENV)/.installed
+
+# torch first, pinned to the CPU wheel this machine ships (a bare `torch` would pull a CUDA build).
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+demo: setup
+	$(PY) launch/demo.py --config configs/demo.yaml
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+test: lint
+	$(PY) -m pytest -q
+
+bench-data: setup
+	$(PY) launch/bench_data.py --json runs/bench/data.json --plot runs/bench/data.png
+
+clean:
+	rm -rf $(VENV) data/demo runs .pytest_cache

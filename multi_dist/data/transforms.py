@@ -1,0 +1,55 @@
+"""Frame transforms: square crop, resize, normalise, done in one pass on the crop only."""
+
+from __future__ import annotations
+
+import random
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+Crop = Literal["center", "random"]
+
+
+def decode_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """(width, height) with the shorter side scaled to ``size`` (never upscales)."""
+    short = min(width, height)
+    if short <= size:
+        return width, height
+    scale = size / short
+    return max(size, round(width * scale)), max(size, round(height * scale))
+
+
+def frames_to_tensor(
+    frames: np.ndarray,
+    size: int,
+    crop: Crop = "center",
+    mean: tuple[float, ...] = CLIP_MEAN,
+    std: tuple[float, ...] = CLIP_STD,
+    rng: random.Random | None = None,
+) -> torch.Tensor:
+    """uint8 ``(T, H, W, 3)`` -> normalised float32 ``(T, 3, size, size)``.
+
+    Equivalent to "resize the shorter side to ``size``, then crop a square": the square is cut
+    at source resolution first, so only the pixels that survive are resized. The same crop is
+    used for every frame of a clip.
+    """
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"expected frames of shape (T, H, W, 3), got {frames.shape}")
+    _, h, w, _ = frames.shape
+    side = min(h, w)
+    if crop == "random":
+        rng = rng or random.Random(0)
+        y0, x0 = rng.randint(0, h - side), rng.randint(0, w - side)
+    else:
+        y0, x0 = (h - side) // 2, (w - side) // 2
+    x = torch.from_numpy(np.ascontiguousarray(frames[:, y0 : y0 + side, x0 : x0 + side]))
+    x = x.permute(0, 3, 1, 2).float()
+    if side != size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=side > size, align_corners=False)
+    m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+    s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+    return x.sub_(m).div_(s).contiguous()

@@ -1,0 +1,1 @@
+"""Building, inspecting and generating webdataset shards (the logic behind shards/*.py)."""

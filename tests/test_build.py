@@ -1,0 +1,202 @@
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import av
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from multi_dist.data.video import probe
+from multi_dist.shards.build import BuildOptions, build, read_rows
+from multi_dist.shards.demo import clip_spec, encode_mp4, render_frames
+
+from .conftest import run_script
+
+
+def tar_members(path: Path) -> dict[str, bytes]:
+    with tarfile.open(path) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+
+
+def parquet_rows(folder: Path) -> list[dict]:
+    return [r for f in sorted(folder.glob("*.parquet")) for r in pq.read_table(f).to_pylist()]
+
+
+def faststart_mp4(path: Path, frames: int = 48) -> Path:
+    """An mp4 with its index (moov) first: truncating it leaves a file that opens but is short."""
+    img = render_frames(clip_spec("fixture", 1), frames, 64)
+    with av.open(str(path), "w", format="mp4", options={"movflags": "faststart"}) as out:
+        s = out.add_stream("libx264", rate=8)
+        s.width = s.height = 64
+        s.pix_fmt = "yuv420p"
+        for im in img:
+            out.mux(s.encode(av.VideoFrame.from_ndarray(im, format="rgb24")))
+        out.mux(s.encode(None))
+    return path
+
+
+@pytest.fixture()
+def mixed_input(tmp_path: Path, real_clips: dict[str, Path]) -> Path:
+    """Real clips, synthetic clips, and every kind of bad file, listed in a JSONL manifest."""
+    vids = tmp_path / "videos"
+    vids.mkdir()
+    rows = []
+    for name, path in real_clips.items():
+        shutil.copy(path, vids / name)
+        rows.append({"video": f"videos/{name}", "caption": f"real clip {name}", "source_id": name})
+    for i in range(3):
+        (vids / f"syn{i}.mp4").write_bytes(encode_mp4(render_frames(clip_spec("fixture", i))))
+        rows.append({"video": f"videos/syn{i}.mp4", "caption": f"synthetic {i}", "source_id": i})
+    (vids / "zero.mp4").write_bytes(b"")
+    (vids / "text.mp4").write_text("this is a text file, not a video\n" * 20)
+    bikes = real_clips["bikes.mp4"].read_bytes()
+    (vids / "truncated.mp4").write_bytes(bikes[: len(bikes) // 2])  # index at the end: cannot open
+    fast = faststart_mp4(tmp_path / "fast.mp4").read_bytes()
+    (vids / "truncated_faststart.mp4").write_bytes(fast[: int(len(fast) * 0.6)])  # opens, then runs out
+    bad = {
+        "missing.mp4": "missing_file",
+        "zero.mp4": "empty_file",
+        "text.mp4": "failed_to_decode",
+        "truncated.mp4": "failed_to_decode",
+        "truncated_faststart.mp4": "failed_to_decode",
+    }
+    for i, name in enumerate(bad):
+        rows.insert(2 * i + 1, {"video": f"videos/{name}", "caption": f"bad {name}", "source_id": name})
+    rows.append({"video": "videos/syn0.mp4", "caption": "", "source_id": "no caption"})
+    manifest = tmp_path / "rows.jsonl"
+    manifest.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (tmp_path / "expected.json").write_text(json.dumps({**bad, "syn0.mp4#nocaption": "invalid_row"}))
+    return manifest
+
+
+def test_every_row_is_written_or_recorded_as_failed(mixed_input: Path, tmp_path: Path) -> None:
+    out = tmp_path / "shards"
+    summary = build(read_rows(mixed_input), BuildOptions(output=str(out), samples_per_shard=4, progress=False))
+    rows = parquet_rows(out)
+    assert len(rows) == 13 == summary["rows"]
+    status = {r["source_id"]: r["status"] for r in rows}
+    assert status["missing.mp4"] == "missing_file"
+    assert status["zero.mp4"] == "empty_file"
+    assert status["text.mp4"] == "failed_to_decode"
+    assert status["truncated.mp4"] == "failed_to_decode"
+    assert status["truncated_faststart.mp4"] == "failed_to_decode"
+    assert status["no caption"] == "invalid_row"
+    assert summary["written"] == 7 and sum(summary["failed"].values()) == 6
+    failed = [r for r in rows if r["status"] != "success"]
+    assert all(r["error_message"] for r in failed)
+    assert "truncated" in next(r for r in failed if r["source_id"] == "truncated_faststart.mp4")["error_message"]
+
+    # the tars hold exactly the successes, each decodable, with txt + json beside the video
+    sizes = json.loads((out / "sizes.json").read_text())
+    in_tars: dict[str, dict] = {}
+    for shard in sorted(out.glob("*.tar")):
+        members = tar_members(shard)
+        keys = {name.split(".")[0] for name in members}
+        assert sizes[shard.name] == len(keys)
+        for key in keys:
+            meta = json.loads(members[f"{key}.json"])
+            assert meta["key"] == key and meta["status"] == "success" and meta["error_message"] is None
+            assert members[f"{key}.txt"].decode() == meta["caption"]
+            info = probe(members[f"{key}.mp4"])
+            assert (info.width, info.height) == (meta["width"], meta["height"])
+            in_tars[key] = meta
+    assert sorted(in_tars) == sorted(r["key"] for r in rows if r["status"] == "success")
+    assert all(r["key"] not in in_tars for r in failed)
+    # keys are shard id (5 digits) + index in the shard (video2dataset's layout)
+    assert sorted(r["key"] for r in rows)[:5] == ["000000", "000001", "000002", "000003", "000010"]
+    # extra columns travel in json; the 720p clip's metadata is measured, not guessed
+    bbb = next(m for m in in_tars.values() if m["source_id"] == "bigbuckbunny.mp4")
+    assert (bbb["width"], bbb["height"], bbb["fps"]) == (1280, 720, 25.0) and bbb["duration"] > 5
+    stats = json.loads((out / "00000_stats.json").read_text())
+    assert stats["count"] == 4 and stats["successes"] + sum(stats["failed"].values()) == 4
+
+
+def test_reencoding_sets_fps_short_side_and_clip_window(tmp_path: Path, real_clips: dict[str, Path]) -> None:
+    rows = [
+        {"video": str(real_clips["bigbuckbunny.mp4"]), "caption": "bunny"},
+        {"video": str(real_clips["bikes.mp4"]), "caption": "bikes, seconds 2 to 5", "start": 2.0, "end": 5.0},
+        {"video": str(real_clips["bikes.mp4"]), "caption": "bad window", "start": 5.0, "end": 2.0},
+    ]
+    out = tmp_path / "re"
+    summary = build(rows, BuildOptions(output=str(out), fps=4, short_side=224, progress=False))
+    assert summary["written"] == 2 and summary["failed"] == {"invalid_row": 1}
+    metas = {json.loads(v)["caption"]: json.loads(v) for k, v in tar_members(out / "00000.tar").items() if k.endswith(".json")}
+    bunny, bikes = metas["bunny"], metas["bikes, seconds 2 to 5"]
+    assert (bunny["width"], bunny["height"]) == (398, 224)
+    assert bunny["fps"] == 4.0 and bunny["num_frames"] == pytest.approx(5.28 * 4, abs=1.5)
+    assert bikes["height"] == 224 and bikes["fps"] == 4.0
+    assert bikes["num_frames"] == 12 and bikes["duration"] == pytest.approx(3.0)
+
+
+def test_resume_rebuilds_only_unfinished_shards(mixed_input: Path, tmp_path: Path) -> None:
+    out = tmp_path / "shards"
+    rows = read_rows(mixed_input)
+    opts = BuildOptions(output=str(out), samples_per_shard=4, progress=False)
+    first = build(rows, opts)
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
+    (out / "00001_stats.json").unlink()  # as if the run was killed while writing shard 1
+    (out / "00001.tar").unlink()
+    again = build(rows, opts)
+    # 13 rows in 4 shards (the last holds only the caption-less row, so it keeps no tar): 3 resumed
+    assert again["shards_resumed"] == 3
+    assert again["written"] == first["written"] and again["failed"] == first["failed"]
+    after = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
+    assert after["00000.tar"] == before["00000.tar"]  # untouched
+    assert "00001.tar" in after
+    with pytest.raises(ValueError, match="built from a different input"):
+        build(rows[:-1], opts)
+
+
+def test_parallel_build_matches_serial(mixed_input: Path, tmp_path: Path) -> None:
+    rows = read_rows(mixed_input)
+    build(rows, BuildOptions(output=str(tmp_path / "a"), samples_per_shard=3, processes=1, progress=False))
+    build(rows, BuildOptions(output=str(tmp_path / "b"), samples_per_shard=3, processes=2, progress=False))
+
+    def view(folder: Path) -> list:
+        return sorted((r["key"], r["status"], r["caption"]) for r in parquet_rows(folder))
+
+    assert view(tmp_path / "a") == view(tmp_path / "b")
+    assert (tmp_path / "a" / "sizes.json").read_text() == (tmp_path / "b" / "sizes.json").read_text()
+
+
+def test_csv_and_parquet_inputs_with_named_columns(tmp_path: Path, real_clips: dict[str, Path]) -> None:
+    records = [{"path": str(p), "text": f"clip {n}", "label": n} for n, p in real_clips.items()]
+    with (tmp_path / "in.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["path", "text", "label"])
+        writer.writeheader()
+        writer.writerows(records)
+    pq.write_table(pa.Table.from_pylist(records), tmp_path / "in.parquet")
+    for name in ("in.csv", "in.parquet"):
+        out = tmp_path / f"out_{name}"
+        summary = build(read_rows(tmp_path / name),
+                        BuildOptions(output=str(out), video_col="path", caption_col="text", progress=False))
+        assert summary["written"] == 4
+        assert sorted(r["label"] for r in parquet_rows(out)) == sorted(real_clips)
+
+
+def test_cli_input_dir_with_sidecar_captions(tmp_path: Path, real_clips: dict[str, Path]) -> None:
+    src = tmp_path / "folder"
+    src.mkdir()
+    for name, path in real_clips.items():
+        shutil.copy(path, src / name)
+        if name != "bikes.mp4":
+            (src / name).with_suffix(".txt").write_text(f"caption of {name}\n")
+    out = tmp_path / "out"
+    proc = run_script("shards/build.py", "--input-dir", str(src), "--output", str(out), "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert "3/4 videos written" in proc.stdout and "invalid_row: 1" in proc.stdout
+    rows = {Path(r["source"]).name: r for r in parquet_rows(out)}
+    assert rows["bikes.mp4"]["status"] == "invalid_row"
+    assert rows["carphone_pristine.mp4"]["caption"] == "caption of carphone_pristine.mp4"
+
+
+def test_cli_names_the_missing_column(tmp_path: Path) -> None:
+    (tmp_path / "in.jsonl").write_text(json.dumps({"file": "a.mp4", "caption": "x"}) + "\n")
+    proc = run_script("shards/build.py", "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "o"))
+    assert proc.returncode != 0
+    assert "no column 'video'" in proc.stderr and "--video-col" in proc.stderr

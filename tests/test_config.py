@@ -1,0 +1,93 @@
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import pytest
+
+from multi_dist.config import ConfigError, from_dict, load_config, save_config, to_dict
+from multi_dist.data.pipeline import DataConfig
+from multi_dist.demo import DemoConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Inner:
+    lr: float = 1e-4
+    mode: Literal["a", "b"] = "a"
+    layers: list[int] = field(default_factory=lambda: [1, 2])
+    name: str | None = None
+
+
+@dataclass
+class Outer:
+    steps: int = 10
+    inner: Inner = field(default_factory=Inner)
+
+
+def test_defaults_then_yaml_then_overrides(tmp_path: Path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text("steps: 5\ninner:\n  lr: 0.1\n")
+    cfg = load_config(Outer, f, ["inner.mode=b", "inner.layers=[3, 4, 5]", "inner.lr=2", "inner.name=x"])
+    assert cfg.steps == 5
+    assert cfg.inner.mode == "b"
+    assert cfg.inner.layers == [3, 4, 5]
+    assert cfg.inner.lr == 2.0 and isinstance(cfg.inner.lr, float)
+    assert cfg.inner.name == "x"
+
+
+def test_unknown_key_fails_naming_dotted_key_and_suggestion(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"unknown config key 'inner\.lrr'.*did you mean 'lr'"):
+        load_config(Outer, None, ["inner.lrr=3"])
+    f = tmp_path / "typo.yaml"
+    f.write_text("inner:\n  modee: b\n")
+    with pytest.raises(ConfigError, match=r"inner\.modee.*typo\.yaml"):
+        load_config(Outer, f)
+    with pytest.raises(ConfigError, match=r"unknown config key 'data\.batchsize'"):
+        load_config(DemoConfig, None, ["data.batchsize=4"])
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("steps=ten", r"steps: expected an integer"),
+        ("steps=1.5", r"steps: expected an integer"),
+        ("inner.mode=c", r"inner\.mode: 'c' is not one of \['a', 'b'\]"),
+        ("inner.layers=[1, x]", r"inner\.layers\[1\]: expected an integer"),
+        ("inner=3", r"inner: expected a mapping"),
+        ("steps", r"not of the form key=value"),
+    ],
+)
+def test_bad_values_name_the_key(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(Outer, None, [override])
+
+
+def test_validate_runs_with_the_field_path() -> None:
+    with pytest.raises(ConfigError, match=r"data\.batch_size must be positive"):
+        load_config(DemoConfig, None, ["data.batch_size=0"])
+
+
+def test_round_trip_through_yaml(tmp_path: Path) -> None:
+    cfg = load_config(DemoConfig, None, ["data.num_frames=4", "corpus=/x"])
+    save_config(cfg, tmp_path / "resolved.yaml")
+    again = load_config(DemoConfig, tmp_path / "resolved.yaml")
+    assert again == cfg
+    assert from_dict(DemoConfig, to_dict(cfg)) == cfg
+
+
+def test_missing_config_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config file not found: .*nope.yaml"):
+        load_config(Outer, tmp_path / "nope.yaml")
+
+
+# Every config file in configs/ parses into the config class it is for.
+CONFIG_CLASSES = {"demo.yaml": DemoConfig, "data": DataConfig}
+
+
+@pytest.mark.parametrize("path", sorted(p.relative_to(ROOT / "configs") for p in (ROOT / "configs").rglob("*.yaml")))
+def test_every_config_file_parses(path: Path) -> None:
+    cls = CONFIG_CLASSES.get(path.parts[0]) or CONFIG_CLASSES[path.name]
+    load_config(cls, ROOT / "configs" / path)

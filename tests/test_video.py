@@ -1,0 +1,95 @@
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from multi_dist.data.transforms import CLIP_MEAN, CLIP_STD, decode_size, frames_to_tensor
+from multi_dist.data.video import DecodeError, decode_frames, probe, sample_frames
+
+
+@pytest.mark.parametrize("total", [1, 5, 16, 17, 300])
+@pytest.mark.parametrize("num", [1, 4, 8, 16])
+@pytest.mark.parametrize("strategy", ["uniform", "random", "headtail"])
+def test_sample_frames_in_range_sorted_and_counted(total: int, num: int, strategy: str) -> None:
+    idx = sample_frames(total, num, strategy, random.Random(3))
+    assert len(idx) == num
+    assert idx == sorted(idx)
+    assert all(0 <= i < total for i in idx)
+    if total >= num and strategy != "headtail":
+        assert len(set(idx)) == num  # one frame per segment: no repeats when the clip is long enough
+
+
+def test_uniform_is_segment_midpoints() -> None:
+    assert sample_frames(16, 4, "uniform") == [2, 6, 10, 14]
+    assert sample_frames(3, 6, "uniform") == [0, 0, 1, 1, 2, 2]
+
+
+def test_random_varies_inside_segments_and_is_seeded() -> None:
+    draws = {tuple(sample_frames(80, 8, "random", random.Random(s))) for s in range(20)}
+    assert len(draws) > 10
+    for d in draws:
+        assert all(10 * i <= f < 10 * (i + 1) for i, f in enumerate(d))
+    assert sample_frames(80, 8, "random", random.Random(5)) == sample_frames(80, 8, "random", random.Random(5))
+
+
+def test_headtail_covers_both_halves() -> None:
+    for seed in range(10):
+        idx = sample_frames(100, 8, "headtail", random.Random(seed))
+        assert sum(i < 50 for i in idx) == 4 and sum(i >= 50 for i in idx) == 4
+
+
+def test_decord_and_pyav_agree_on_real_clips(real_clips: dict[str, Path]) -> None:
+    for name, path in real_clips.items():
+        data = path.read_bytes()
+        a = decode_frames(data, 4, "uniform", backend="decord")
+        b = decode_frames(data, 4, "uniform", backend="pyav")
+        info = probe(data)
+        assert a.shape == b.shape == (4, info.height, info.width, 3), name
+        assert a.dtype == np.uint8
+        # same frames; the two libraries may convert YUV -> RGB with slightly different rounding
+        assert np.abs(a.astype(int) - b.astype(int)).mean() < 3.0, name
+
+
+def test_decord_scales_while_decoding(real_clips: dict[str, Path]) -> None:
+    data = real_clips["bigbuckbunny.mp4"].read_bytes()
+    w, h = decode_size(1280, 720, 224)
+    assert (w, h) == (398, 224)
+    frames = decode_frames(data, 8, resize_to=(w, h))
+    assert frames.shape == (8, 224, 398, 3)
+
+
+@pytest.mark.parametrize("backend", ["decord", "pyav"])
+@pytest.mark.parametrize("data", [b"", b"not a video at all" * 100, b"\x00" * 4096])
+def test_garbage_raises_decode_error(backend: str, data: bytes) -> None:
+    with pytest.raises(DecodeError):
+        decode_frames(data, 4, backend=backend)
+
+
+def test_probe_reports_real_metadata(real_clips: dict[str, Path]) -> None:
+    info = probe(real_clips["bigbuckbunny.mp4"].read_bytes())
+    assert (info.width, info.height) == (1280, 720)
+    assert info.fps == pytest.approx(25.0)
+    assert 4.5 < info.duration < 6.0
+
+
+def test_frames_to_tensor_normalises_exactly() -> None:
+    frames = np.zeros((3, 40, 60, 3), dtype=np.uint8)
+    frames[..., 0], frames[..., 1], frames[..., 2] = 255, 128, 0
+    x = frames_to_tensor(frames, 32)
+    assert x.shape == (3, 3, 32, 32) and x.dtype == torch.float32
+    for c, value in enumerate((255, 128, 0)):
+        expected = (value / 255.0 - CLIP_MEAN[c]) / CLIP_STD[c]
+        assert torch.allclose(x[:, c], torch.full_like(x[:, c], expected), atol=1e-5)
+
+
+def test_center_crop_keeps_the_middle_and_random_crop_moves() -> None:
+    frames = np.zeros((1, 20, 60, 3), dtype=np.uint8)
+    frames[:, :, 20:40] = 255  # a white band exactly where the centre square is
+    x = frames_to_tensor(frames, 20, "center", mean=(0, 0, 0), std=(1, 1, 1))
+    assert torch.allclose(x, torch.ones_like(x))
+    crops = {float(frames_to_tensor(frames, 20, "random", (0, 0, 0), (1, 1, 1), random.Random(s)).mean()) for s in range(10)}
+    assert len(crops) > 1
