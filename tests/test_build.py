@@ -125,7 +125,11 @@ def test_reencoding_sets_fps_short_side_and_clip_window(tmp_path: Path, real_cli
     out = tmp_path / "re"
     summary = build(rows, BuildOptions(output=str(out), fps=4, short_side=224, progress=False))
     assert summary["written"] == 2 and summary["failed"] == {"invalid_row": 1}
-    metas = {json.loads(v)["caption"]: json.loads(v) for k, v in tar_members(out / "00000.tar").items() if k.endswith(".json")}
+    metas = {
+        json.loads(v)["caption"]: json.loads(v)
+        for k, v in tar_members(out / "00000.tar").items()
+        if k.endswith(".json")
+    }
     bunny, bikes = metas["bunny"], metas["bikes, seconds 2 to 5"]
     assert (bunny["width"], bunny["height"]) == (398, 224)
     assert bunny["fps"] == 4.0 and bunny["num_frames"] == pytest.approx(5.28 * 4, abs=1.5)
@@ -173,8 +177,10 @@ def test_csv_and_parquet_inputs_with_named_columns(tmp_path: Path, real_clips: d
     pq.write_table(pa.Table.from_pylist(records), tmp_path / "in.parquet")
     for name in ("in.csv", "in.parquet"):
         out = tmp_path / f"out_{name}"
-        summary = build(read_rows(tmp_path / name),
-                        BuildOptions(output=str(out), video_col="path", caption_col="text", progress=False))
+        summary = build(
+            read_rows(tmp_path / name),
+            BuildOptions(output=str(out), video_col="path", caption_col="text", progress=False),
+        )
         assert summary["written"] == 4
         assert sorted(r["label"] for r in parquet_rows(out)) == sorted(real_clips)
 

@@ -91,5 +91,7 @@ def test_center_crop_keeps_the_middle_and_random_crop_moves() -> None:
     frames[:, :, 20:40] = 255  # a white band exactly where the centre square is
     x = frames_to_tensor(frames, 20, "center", mean=(0, 0, 0), std=(1, 1, 1))
     assert torch.allclose(x, torch.ones_like(x))
-    crops = {float(frames_to_tensor(frames, 20, "random", (0, 0, 0), (1, 1, 1), random.Random(s)).mean()) for s in range(10)}
+    crops = {
+        float(frames_to_tensor(frames, 20, "random", (0, 0, 0), (1, 1, 1), random.Random(s)).mean()) for s in range(10)
+    }
     assert len(crops) > 1

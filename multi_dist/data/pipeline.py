@@ -113,6 +113,7 @@ class WorkerPosition:
 @dataclass
 class _Counters:
     raw: int = 0
+    batches: int = 0
     decoded: int = 0
     skipped: int = 0
     tar_errors: int = 0
@@ -180,17 +181,18 @@ class _WorkerStream(IterableDataset):
         if info is not None:
             torch.set_num_threads(1)
         pos = self.positions[worker]
+        counters = _Counters(raw=pos.cursor, batches=pos.batches, decoded=pos.decoded, skipped=pos.skipped,
+                             tar_errors=pos.tar_errors)
         if pos.done:
-            yield {"_stream": {"worker": worker, "done": True}}
+            yield {"_stream": {**_position_info(worker, counters), "done": True}}
             return
-        counters = _Counters(raw=pos.cursor, decoded=pos.decoded, skipped=pos.skipped, tar_errors=pos.tar_errors)
         stages = worker_stages(self.cfg, self.shards, self.rank, self.world, worker, num_workers,
                                self.epoch, pos, self.batches_per_worker, counters)
         stream: Iterable[Any] = ()
         for stage in stages:
             stream = stage(stream)
         yield from stream
-        yield {"_stream": {"worker": worker, "done": True}}
+        yield {"_stream": {**_position_info(worker, counters), "done": True}}
 
 
 def worker_stages(
@@ -237,23 +239,16 @@ def worker_stages(
             yield decoded
 
     def batch(samples: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        index = pos.batches
         group: list[dict[str, Any]] = []
         for sample in samples:
             group.append(sample)
             if len(group) == cfg.batch_size:
-                yield collate(group, tokenizer, cfg.max_text_len, _info(index))
-                index += 1
+                counters.batches += 1
+                yield collate(group, tokenizer, cfg.max_text_len, _position_info(worker, counters))
                 group = []
         if group and not cfg.resampled:  # epoch mode keeps the last partial batch: every sample once
-            yield collate(group, tokenizer, cfg.max_text_len, _info(index))
-
-    def _info(index: int) -> dict[str, Any]:
-        info = {"worker": worker, "index": index, "cursor": counters.raw, "decoded": counters.decoded,
-                "skipped": counters.skipped, "tar_errors": counters.tar_errors,
-                "skipped_keys": counters.new_skipped_keys}
-        counters.new_skipped_keys = []
-        return info
+            counters.batches += 1
+            yield collate(group, tokenizer, cfg.max_text_len, _position_info(worker, counters))
 
     def limit(batches: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         if batches_per_worker is None:
@@ -277,6 +272,14 @@ def worker_stages(
         batch,
         limit,
     ]
+
+
+def _position_info(worker: int, counters: _Counters) -> dict[str, Any]:
+    """What travels with each batch: the worker's position after it, and its running counts."""
+    info = {"worker": worker, "batches": counters.batches, "cursor": counters.raw, "decoded": counters.decoded,
+            "skipped": counters.skipped, "tar_errors": counters.tar_errors, "skipped_keys": counters.new_skipped_keys}
+    counters.new_skipped_keys = []
+    return info
 
 
 def _decode_sample(sample: dict, cfg: DataConfig, exts: tuple[str, ...], rng: random.Random) -> dict[str, Any]:
@@ -427,11 +430,11 @@ class VideoTextStream:
                     break
                 batch = queues[w].popleft()
                 info = batch.pop("_stream")
+                self._record(w, info)
                 if info.get("done"):
                     self.positions[w].done = True
                     self._advance()
                     continue
-                self._record(w, info)
                 self._advance()
                 yield batch
         if not all(p.done for p in self.positions):
@@ -445,7 +448,7 @@ class VideoTextStream:
 
     def _record(self, worker: int, info: dict[str, Any]) -> None:
         pos = self.positions[worker]
-        pos.cursor, pos.batches = info["cursor"], info["index"] + 1
+        pos.cursor, pos.batches = info["cursor"], info["batches"]
         for name in self.totals:
             self.totals[name] += info[name] - getattr(pos, name)
             setattr(pos, name, info[name])

@@ -14,11 +14,12 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 Crop = Literal["center", "random"]
 
 
-def decode_size(width: int, height: int, size: int) -> tuple[int, int]:
-    """(width, height) with the shorter side scaled to ``size`` (never upscales)."""
+def decode_size(width: int, height: int, size: int) -> tuple[int, int] | None:
+    """(width, height) to decode at, with the shorter side scaled to ``size``; None (decode at
+    native size) unless the video is at least 1.5x larger, where scaling while decoding pays."""
     short = min(width, height)
-    if short <= size:
-        return width, height
+    if short < 1.5 * size:
+        return None
     scale = size / short
     return max(size, round(width * scale)), max(size, round(height * scale))
 

@@ -110,21 +110,36 @@ def decode_frames(
         raise DecodeError("backend 'decord' requested but decord is not installed")
     try:
         if use_decord:
-            width, height = resize_to or (-1, -1)
-            vr = _decord_reader(data, width, height)
-            total = len(vr)
-            if total <= 0:
-                raise DecodeError("no video frames")
-            idx = sample_frames(total, num_frames, strategy, rng)
-            frames = vr.get_batch(idx).asnumpy()
-            vr.seek(0)  # releases decord's cached decoder buffers (it leaks on long videos otherwise)
-            del vr
-            return frames
+            if resize_to is not None:
+                try:
+                    return _decode_decord(data, num_frames, strategy, rng, resize_to)
+                except Exception:
+                    # decord's scaler fails on some size pairs (e.g. 64x64 -> 48x48 raises a
+                    # size-mismatch check); decoding at native size still works
+                    pass
+            return _decode_decord(data, num_frames, strategy, rng, None)
         return _decode_pyav(data, num_frames, strategy, rng)
     except DecodeError:
         raise
     except Exception as err:  # decord raises DECORDError / RuntimeError; PyAV raises av.FFmpegError
         raise DecodeError(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
+
+
+def _decode_decord(
+    data: bytes, num_frames: int, strategy: FrameSampling, rng: random.Random | None, size: tuple[int, int] | None
+) -> np.ndarray:
+    width, height = size or (-1, -1)
+    vr = _decord_reader(data, width, height)
+    total = len(vr)
+    if total <= 0:
+        raise DecodeError("no video frames")
+    idx = sample_frames(total, num_frames, strategy, rng)
+    frames = vr.get_batch(idx).asnumpy()
+    vr.seek(0)  # releases decord's cached decoder buffers (it leaks on long videos otherwise)
+    del vr
+    if size is not None and frames.shape[1:3] != (height, width):
+        raise DecodeError(f"decord returned {frames.shape[1:3]} frames, asked for {(height, width)}")
+    return frames
 
 
 def _decode_pyav(data: bytes, num_frames: int, strategy: FrameSampling, rng: random.Random | None) -> np.ndarray:

@@ -7,6 +7,11 @@ shape are easy, motion is the part a model must earn. Each sample carries the fi
 downstream tasks use: ``qa`` (open-ended questions with a type), ``options``/``answer`` (four
 captions, one true, the others differing in one attribute or in temporal order) and ``labels``
 (multi-label classification). The raw clips go through the same builder a user runs.
+
+Deterministic: the rendered frames, captions and task fields are pure functions of (split,
+index). The mp4 bytes can differ slightly between runs: x264 carries state from one clip to the
+next in a process, so the same frames may be coded with different bits (decoded, they agree to
+compression noise).
 """
 
 from __future__ import annotations
@@ -213,11 +218,16 @@ def make_demo(
     train: int = 1600,
     val: int = 200,
     processes: int = 2,
-    train_per_shard: int = 100,
-    val_per_shard: int = 50,
+    train_per_shard: int | None = None,
+    val_per_shard: int | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Build ``output/{train,val,real}`` (idempotent: a finished corpus is left as it is)."""
+    """Build ``output/{train,val,real}`` (idempotent: a finished corpus is left as it is).
+
+    By default each split gets at least 8 (train) / 4 (val) shards, so that 2 ranks x 2 workers
+    can read an epoch of either."""
+    train_per_shard = train_per_shard or min(100, max(1, train // 8))
+    val_per_shard = val_per_shard or min(50, max(1, val // 4))
     out = Path(output)
     raw = out / "raw"
     summaries = {}
@@ -241,8 +251,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--train", type=int, default=1600, help="synthetic training clips")
     p.add_argument("--val", type=int, default=200, help="synthetic held-out clips")
     p.add_argument("--processes", type=int, default=2)
-    p.add_argument("--train-per-shard", type=int, default=100)
-    p.add_argument("--val-per-shard", type=int, default=50)
+    p.add_argument("--train-per-shard", type=int, help="default: min(100, train / 8)")
+    p.add_argument("--val-per-shard", type=int, help="default: min(50, val / 4)")
     args = p.parse_args(argv)
     summaries = make_demo(args.output, args.train, args.val, args.processes, args.train_per_shard, args.val_per_shard)
     for summary in summaries.values():

@@ -1,0 +1,251 @@
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import shutil
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from multi_dist.data.pipeline import DataConfig, VideoTextStream
+from multi_dist.data.text import load_tokenizer, resolve_pretrained
+from multi_dist.data.transforms import CLIP_MEAN, CLIP_STD, frames_to_tensor
+from multi_dist.data.video import decode_frames
+
+from .conftest import TOKENIZER
+
+
+def cfg_for(path: Path, **kw) -> DataConfig:
+    base = {
+        "path": str(path),
+        "batch_size": 4,
+        "num_workers": 2,
+        "num_frames": 4,
+        "image_size": 32,
+        "tokenizer": TOKENIZER,
+        "max_text_len": 16,
+        "shuffle_buffer": 8,
+        "shuffle_initial": 4,
+    }
+    return DataConfig(**{**base, **kw})
+
+
+def all_keys(stream: VideoTextStream) -> list[str]:
+    return [k for batch in stream for k in batch["key"]]
+
+
+def test_batches_have_the_right_shapes_dtypes_and_normalisation(demo_corpus: Path) -> None:
+    cfg = cfg_for(demo_corpus / "val", resampled=False, num_frames=6, image_size=48, shuffle_buffer=0)
+    batch = next(iter(VideoTextStream(cfg)))
+    assert batch["video"].shape == (4, 6, 3, 48, 48) and batch["video"].dtype == torch.float32
+    assert batch["input_ids"].shape == (4, 16) and batch["input_ids"].dtype == torch.int64
+    assert batch["attention_mask"].shape == (4, 16)
+    # the same clip decoded by hand with the same functions gives the same tensor
+    key = batch["key"][0]
+    with tarfile.open(demo_corpus / "val" / f"{key[:5]}.tar") as tar:  # key = shard id + index
+        data = tar.extractfile(f"{key}.mp4").read()
+    expected = frames_to_tensor(decode_frames(data, 6, "uniform"), 48)
+    torch.testing.assert_close(batch["video"][0], expected)
+    # undoing the normalisation gives pixel values in [0, 1]; the dark background dominates
+    mean = torch.tensor(CLIP_MEAN).view(1, 1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(1, 1, 3, 1, 1)
+    pixels = batch["video"] * std + mean
+    assert pixels.min() >= -1e-3 and pixels.max() <= 1 + 1e-3
+    assert 0.05 < pixels.median() < 0.35
+
+
+def test_captions_use_the_real_bert_vocabulary(demo_corpus: Path) -> None:
+    vocab = (Path(resolve_pretrained(TOKENIZER)) / "vocab.txt").read_text().splitlines()
+    assert len(vocab) == 30522  # bert-base-uncased
+    batch = next(iter(VideoTextStream(cfg_for(demo_corpus / "val", resampled=False))))
+    tok = load_tokenizer(TOKENIZER)
+    for caption, ids, mask in zip(batch["caption"], batch["input_ids"], batch["attention_mask"]):
+        words = caption.split()
+        n = int(mask.sum())
+        assert [vocab[i] for i in ids[:n].tolist()] == ["[CLS]", *words, "[SEP]"]
+        assert ids[n:].eq(tok.pad_token_id).all()
+
+
+def test_real_clips_stream_at_any_resolution(demo_corpus: Path) -> None:
+    cfg = cfg_for(demo_corpus / "real", resampled=False, num_workers=1, batch_size=2, image_size=64, num_frames=8)
+    stream = VideoTextStream(cfg)
+    batches = list(stream)
+    assert sum(len(b["key"]) for b in batches) == 4
+    assert all(b["video"].shape[1:] == (8, 3, 64, 64) for b in batches)
+    assert {m["width"] for b in batches for m in b["meta"]} == {1280, 640, 176}
+    assert stream.totals == {"decoded": 4, "skipped": 0, "tar_errors": 0}
+
+
+def plant_corrupt_member(src: Path, dst: Path, victim_index: int = 2) -> str:
+    """Copy a shard, replacing one sample's mp4 bytes by garbage. Returns the victim's key."""
+    with tarfile.open(src) as tar_in, tarfile.open(dst, "w") as tar_out:
+        members = tar_in.getmembers()
+        victim = sorted({m.name.split(".")[0] for m in members})[victim_index]
+        for m in members:
+            data = tar_in.extractfile(m).read()
+            if m.name == f"{victim}.mp4":
+                data = b"\x00\x00\x00\x18ftypmp42" + b"garbage" * 500
+            info = tarfile.TarInfo(m.name)
+            info.size = len(data)
+            tar_out.addfile(info, io.BytesIO(data))
+    return victim
+
+
+def test_corrupt_member_is_skipped_counted_and_logged(
+    demo_corpus: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    shards = sorted((demo_corpus / "val").glob("*.tar"))
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    victim = plant_corrupt_member(shards[0], bad / "00000.tar")
+    shutil.copy(shards[1], bad / "00001.tar")
+    cfg = cfg_for(bad, resampled=False, num_workers=0, shuffle_buffer=0)
+    stream = VideoTextStream(cfg)
+    with caplog.at_level(logging.WARNING, logger="multi_dist.data"):
+        keys = all_keys(stream)
+    assert victim not in keys
+    assert len(keys) == len(set(keys)) == 2 * 10 - 1  # everything else got through
+    assert stream.totals == {"decoded": 19, "skipped": 1, "tar_errors": 0}
+    assert list(stream.skipped_keys) == [victim]
+    assert any(victim in r.getMessage() and "00000.tar" in r.getMessage() for r in caplog.records)
+
+
+def test_a_cut_tar_does_not_stop_the_run(demo_corpus: Path, tmp_path: Path) -> None:
+    shards = sorted((demo_corpus / "val").glob("*.tar"))
+    bad = tmp_path / "cut"
+    bad.mkdir()
+    whole = shards[0].read_bytes()
+    (bad / "00000.tar").write_bytes(whole[: len(whole) // 2])  # as if the copy died half-way
+    shutil.copy(shards[1], bad / "00001.tar")
+    stream = VideoTextStream(cfg_for(bad, resampled=False, num_workers=0, shuffle_buffer=0, shardshuffle=False))
+    keys = all_keys(stream)
+    # noticed and counted: as unreadable tar data, or as a sample whose video member was cut off
+    assert stream.totals["tar_errors"] + stream.totals["skipped"] >= 1
+    intact = {f"00001{i}" for i in range(10)}
+    assert intact <= set(keys)  # the shard after the broken one is read whole
+    assert 3 <= len(set(keys) - intact) < 10  # the members before the cut are kept
+
+
+def test_two_ranks_two_workers_cover_the_epoch_exactly_once(demo_corpus: Path) -> None:
+    seen: list[str] = []
+    for rank in range(2):
+        stream = VideoTextStream(cfg_for(demo_corpus / "train", resampled=False, batch_size=3), rank=rank, world_size=2)
+        keys = all_keys(stream)
+        assert len(stream) == len(list(VideoTextStream(stream.cfg, rank, 2)))  # __len__ predicts the batches
+        seen += keys
+    expected = [r["key"] for f in (demo_corpus / "train").glob("*.parquet") for r in _parquet(f)]
+    assert len(seen) == len(expected) == 120
+    assert sorted(seen) == sorted(expected)
+
+
+def _parquet(path: Path) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path).to_pylist()
+
+
+def test_epochs_reshuffle_and_keys_differ_per_rank_in_resampled_mode(demo_corpus: Path) -> None:
+    cfg = cfg_for(demo_corpus / "train", resampled=True, epoch_samples=50, batch_size=4)
+    counts, keys = [], []
+    for rank in range(2):
+        stream = VideoTextStream(cfg, rank=rank, world_size=2)
+        epoch1 = [all_keys(stream), all_keys(stream)]
+        counts.append((len(stream), len(epoch1[0]), len(epoch1[1])))
+        assert epoch1[0] != epoch1[1]  # a new epoch is a new draw
+        keys.append(epoch1[0])
+    # ceil(50 / (2 ranks * 2 workers * 4)) = 4 batches per worker: 8 per rank, every rank, every epoch
+    assert counts == [(8, 32, 32), (8, 32, 32)]
+    assert keys[0] != keys[1]
+
+
+def test_resampled_mode_gives_every_rank_the_same_batch_count_despite_uneven_shards(
+    demo_corpus: Path, tmp_path: Path
+) -> None:
+    uneven = tmp_path / "uneven"
+    uneven.mkdir()
+    shards = sorted((demo_corpus / "train").glob("*.tar"))
+    for s in shards[:3]:
+        shutil.copy(s, uneven / s.name)
+    plant_corrupt_member(shards[3], uneven / shards[3].name, victim_index=0)
+    (uneven / "sizes.json").write_text(json.dumps({s.name: 20 for s in shards[:4]}))
+    cfg = cfg_for(uneven, resampled=True, num_workers=1, batch_size=5)
+    counts = [sum(1 for _ in VideoTextStream(cfg, rank, 3)) for rank in range(3)]
+    assert counts == [6, 6, 6]  # ceil(80 / (3 * 1 * 5))
+
+
+def test_too_few_shards_in_epoch_mode_fails_clearly(demo_corpus: Path) -> None:
+    with pytest.raises(ValueError, match=r"4 shard\(s\) cannot feed 2 rank\(s\) x 3 worker\(s\).*resampled=true"):
+        VideoTextStream(cfg_for(demo_corpus / "val", resampled=False, num_workers=3), rank=0, world_size=2)
+    # resampled mode has no such limit
+    VideoTextStream(cfg_for(demo_corpus / "val", resampled=True, num_workers=3), rank=0, world_size=2)
+
+
+def test_missing_dataset_is_named(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="dataset path does not exist: .*nowhere"):
+        VideoTextStream(cfg_for(tmp_path / "nowhere"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no .tar shards in .*empty"):
+        VideoTextStream(cfg_for(tmp_path / "empty"))
+
+
+def _batches(stream: VideoTextStream, n: int | None = None) -> list[dict]:
+    out = []
+    for batch in stream:
+        out.append({"key": batch["key"], "video": batch["video"], "ids": batch["input_ids"]})
+        if n is not None and len(out) == n:
+            break
+    return out
+
+
+@pytest.mark.parametrize(("resampled", "stop_after"), [(True, 5), (False, 3)])
+def test_restoring_the_position_continues_the_uninterrupted_stream(
+    demo_corpus: Path, resampled: bool, stop_after: int
+) -> None:
+    # random frames and crops, a shuffle buffer and 2 workers: everything that could drift
+    cfg = cfg_for(
+        demo_corpus / "train",
+        resampled=resampled,
+        epoch_samples=60,
+        frame_sampling="random",
+        crop="random",
+        batch_size=3,
+        shuffle_buffer=10,
+        seed=7,
+    )
+    reference = VideoTextStream(cfg, rank=1, world_size=2)
+    uninterrupted = _batches(reference) + _batches(reference)  # two epochs
+
+    first = VideoTextStream(cfg, rank=1, world_size=2)
+    head = _batches(first, stop_after)
+    state = json.loads(json.dumps(first.state_dict()))  # what a checkpoint stores
+    del first
+    resumed = VideoTextStream(cfg, rank=1, world_size=2)
+    resumed.load_state_dict(state)
+    tail = _batches(resumed) + _batches(resumed)
+
+    got = head + tail
+    assert [b["key"] for b in got] == [b["key"] for b in uninterrupted]
+    for a, b in zip(got, uninterrupted):
+        torch.testing.assert_close(a["video"], b["video"], rtol=0, atol=0)
+        assert torch.equal(a["ids"], b["ids"])
+    assert resumed.totals["decoded"] == reference.totals["decoded"]
+
+
+def test_restoring_with_other_worker_count_is_refused(demo_corpus: Path) -> None:
+    stream = VideoTextStream(cfg_for(demo_corpus / "train"))
+    _batches(stream, 1)
+    other = VideoTextStream(cfg_for(demo_corpus / "train", num_workers=1))
+    with pytest.raises(ValueError, match="num_workers=2, this run has num_workers=1"):
+        other.load_state_dict(stream.state_dict())
+
+
+def test_pyav_backend_streams_the_same_clips(demo_corpus: Path) -> None:
+    base = cfg_for(demo_corpus / "val", resampled=False, num_workers=0, shuffle_buffer=0)
+    a = next(iter(VideoTextStream(base)))
+    b = next(iter(VideoTextStream(dataclasses.replace(base, decoder="pyav"))))
+    assert a["key"] == b["key"]
+    assert (a["video"] - b["video"]).abs().mean() < 0.05
