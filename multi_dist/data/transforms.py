@@ -47,10 +47,11 @@ def frames_to_tensor(
         y0, x0 = rng.randint(0, h - side), rng.randint(0, w - side)
     else:
         y0, x0 = (h - side) // 2, (w - side) // 2
-    x = torch.from_numpy(np.ascontiguousarray(frames[:, y0 : y0 + side, x0 : x0 + side]))
-    x = x.permute(0, 3, 1, 2).float()
+    view = torch.from_numpy(frames[:, y0 : y0 + side, x0 : x0 + side]).permute(0, 3, 1, 2)
+    x = torch.empty(view.shape, dtype=torch.float32)
+    x.copy_(view)  # one pass: crop, channels-first and uint8 -> float together
     if side != size:
         x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=side > size, align_corners=False)
-    m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
-    s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
-    return x.sub_(m).div_(s).contiguous()
+    scale = 1.0 / (torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0)
+    shift = -torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) / torch.tensor(std).view(1, 3, 1, 1)
+    return x.mul_(scale).add_(shift)

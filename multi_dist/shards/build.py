@@ -197,7 +197,8 @@ def reencode(data: bytes, path: Path, opts: BuildOptions, start: float | None, e
         with av.open(out_buf, "w", format="mp4") as out:
             ostream = out.add_stream("libx264", rate=rate)
             ostream.width, ostream.height, ostream.pix_fmt = w, h, "yuv420p"
-            ostream.options = {"crf": str(opts.crf), "preset": opts.preset}
+            # fastdecode (no CABAC, no deblocking) about halves training-time decode cost for ~10% more bytes
+            ostream.options = {"crf": str(opts.crf), "preset": opts.preset, "tune": "fastdecode"}
             t0, period, half = start or 0.0, 1 / float(rate), 0.5 / float(src_rate)
             next_t, written = t0, 0
             for frame in src.decode(stream):
