@@ -71,25 +71,32 @@ def vtc_loss(
     text_embed: torch.Tensor,
     video_embed: torch.Tensor,
     logit_scale: torch.Tensor,
-    same: torch.Tensor,
+    fingerprints: torch.Tensor,
     group: Any = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Symmetric InfoNCE against the global batch. ``same`` (B, world*B) marks pairs whose captions
-    are identical: they share the target probability instead of being pushed apart.
+    """Symmetric InfoNCE over the whole global batch, computed in full on every rank (as
+    open_clip does): its value is the same everywhere, and the gradient reaches this rank's slice.
+    Pairs with identical captions (equal ``fingerprints``) share the target instead of being
+    pushed apart. Returns (loss, text->video logits (world*B, world*B), text->video accuracy).
 
-    Returns (loss, local text->video logits (B, world*B), text->video accuracy)."""
-    b = text_embed.shape[0]
+    Each rank's gradient covers only its own slice, so summing over ranks gives the exact gradient
+    of the loss; the data-parallel engine averages instead, hence :class:`PretrainLoss` scales this
+    term by the world size for the backward pass.
+    """
     all_text = gather_with_local_grad(text_embed, group)
     all_video = gather_with_local_grad(video_embed, group)
+    all_fp = gather_with_local_grad(fingerprints, group)
+    same = all_fp[:, None] == all_fp[None, :]
     scale = logit_scale.exp().clamp(max=100)
-    t2v = scale * text_embed @ all_video.t()
-    v2t = scale * video_embed @ all_text.t()
+    t2v = scale * all_text @ all_video.t()
     target = same.float() / same.float().sum(1, keepdim=True)
+    t2v32 = t2v.float()
     loss = (
-        torch.sum(-target * F.log_softmax(t2v.float(), 1), 1).mean()
-        + torch.sum(-target * F.log_softmax(v2t.float(), 1), 1).mean()
+        torch.sum(-target * F.log_softmax(t2v32, 1), 1).mean()
+        + torch.sum(-target * F.log_softmax(t2v32.t(), 1), 1).mean()
     ) / 2
-    acc = same[torch.arange(b, device=t2v.device), t2v.argmax(1)].float().mean()
+    rows = torch.arange(t2v.shape[0], device=t2v.device)
+    acc = same[rows, t2v.argmax(1)].float().mean()
     return loss, t2v, acc
 
 
@@ -118,21 +125,19 @@ class PretrainLoss(nn.Module):
         text = model.encode_text(batch["input_ids"], batch["attention_mask"])
         out: dict[str, torch.Tensor] = {}
         total = video.tokens.new_zeros((), dtype=torch.float32)
-        rank, _ = _world(self.group)
+        rank, world = _world(self.group)
         b = text.embed.shape[0]
         fp = caption_ids(batch["input_ids"], batch["attention_mask"])
-        same = fp[:, None] == gather_with_local_grad(fp, self.group)[None, :]
-        sim_local = None
         if cfg.vtc > 0 or cfg.vtm > 0:
-            vtc, t2v, acc = vtc_loss(text.embed, video.embed, model.logit_scale, same, self.group)
-            sim_local = t2v[:, rank * b : (rank + 1) * b].detach()
+            vtc, t2v, acc = vtc_loss(text.embed, video.embed, model.logit_scale, fp, self.group)
             if cfg.vtc > 0:
                 out["loss_vtc"], out["acc_vtc"] = vtc, acc
-                total = total + cfg.vtc * vtc
+                total = total + cfg.vtc * world * vtc  # see vtc_loss: the engine averages over ranks
         if cfg.vtm > 0 and b > 1:
-            out["loss_vtm"], out["acc_vtm"] = self.vtm(
-                model, text, video, sim_local, same[:, rank * b : (rank + 1) * b]
-            )
+            local = slice(rank * b, (rank + 1) * b)
+            sim = t2v[local, local].detach()
+            same = fp[:, None] == fp[None, :]
+            out["loss_vtm"], out["acc_vtm"] = self.vtm(model, text, video, sim, same)
             total = total + cfg.vtm * out["loss_vtm"]
         if cfg.mlm > 0 and "mlm_input_ids" in batch:
             mlm = self.mlm(model, video, batch)

@@ -195,7 +195,16 @@ def test_missing_dataset_is_named(tmp_path: Path) -> None:
 def _batches(stream: VideoTextStream, n: int | None = None) -> list[dict]:
     out = []
     for batch in stream:
-        out.append({"key": batch["key"], "video": batch["video"], "ids": batch["input_ids"]})
+        out.append(
+            {
+                "key": batch["key"],
+                "video": batch["video"],
+                "ids": batch["input_ids"],
+                "mlm": batch["mlm_input_ids"],
+                "mcm": batch["mcm_input_ids"],
+                "answer": batch["mcm_answer"],
+            }
+        )
         if n is not None and len(out) == n:
             break
     return out
@@ -231,7 +240,8 @@ def test_restoring_the_position_continues_the_uninterrupted_stream(
     assert [b["key"] for b in got] == [b["key"] for b in uninterrupted]
     for a, b in zip(got, uninterrupted):
         torch.testing.assert_close(a["video"], b["video"], rtol=0, atol=0)
-        assert torch.equal(a["ids"], b["ids"])
+        for name in ("ids", "mlm", "mcm", "answer"):  # masking and questions resume alike too
+            assert torch.equal(a[name], b[name]), name
     assert resumed.totals["decoded"] == reference.totals["decoded"]
 
 

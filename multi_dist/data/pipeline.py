@@ -22,6 +22,7 @@ batches an uninterrupted run would have given.
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import math
@@ -36,6 +37,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset import tariterators
 
+from .mcm import AnswerVocab, MCMConfig, build_question, collate_mcm, load_lexicon, mask_tokens
 from .shardlist import list_shards, shard_sizes
 from .text import load_tokenizer
 from .transforms import CLIP_MEAN, CLIP_STD, Crop, decode_size, frames_to_tensor
@@ -79,6 +81,10 @@ class DataConfig:
     """Samples the buffer fills up with before it starts yielding."""
     seed: int = 0
     decoder: Backend = "auto"
+    mlm_probability: float = 0.15
+    """BERT masking of the captions for MLM (``mlm_input_ids``/``mlm_labels``); 0 turns it off."""
+    mcm: MCMConfig = field(default_factory=MCMConfig)
+    """Multiple Choice Modeling questions built from the captions in the workers."""
     video_exts: list[str] = field(default_factory=lambda: list(VIDEO_EXTS))
     prefetch_factor: int = 2
 
@@ -92,6 +98,8 @@ class DataConfig:
             raise ValueError("mean and std need 3 values (RGB)")
         if self.epoch_samples is not None and self.epoch_samples <= 0:
             raise ValueError(f"epoch_samples must be positive, got {self.epoch_samples}")
+        if not 0.0 <= self.mlm_probability < 1.0:
+            raise ValueError(f"mlm_probability must be in [0, 1), got {self.mlm_probability}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -122,6 +130,10 @@ class _Counters:
 
 def _rng(*parts: Any) -> random.Random:
     return random.Random(":".join(str(p) for p in parts))
+
+
+def _seed64(*parts: Any) -> int:
+    return _rng(*parts).getrandbits(63)
 
 
 def shard_source(
@@ -169,11 +181,11 @@ class _WorkerStream(IterableDataset):
 
     def __init__(
         self, cfg: DataConfig, shards: list[str], rank: int, world: int, epoch: int,
-        positions: list[WorkerPosition], batches_per_worker: int | None,
+        positions: list[WorkerPosition], batches_per_worker: int | None, vocab: AnswerVocab | None,
     ) -> None:
         super().__init__()
         self.cfg, self.shards, self.rank, self.world, self.epoch = cfg, shards, rank, world, epoch
-        self.positions, self.batches_per_worker = positions, batches_per_worker
+        self.positions, self.batches_per_worker, self.vocab = positions, batches_per_worker, vocab
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -187,7 +199,7 @@ class _WorkerStream(IterableDataset):
             yield {"_stream": {**_position_info(worker, counters), "done": True}}
             return
         stages = worker_stages(self.cfg, self.shards, self.rank, self.world, worker, num_workers,
-                               self.epoch, pos, self.batches_per_worker, counters)
+                               self.epoch, pos, self.batches_per_worker, counters, self.vocab)
         stream: Iterable[Any] = ()
         for stage in stages:
             stream = stage(stream)
@@ -198,11 +210,25 @@ class _WorkerStream(IterableDataset):
 def worker_stages(
     cfg: DataConfig, shards: list[str], rank: int, world: int, worker: int, num_workers: int,
     epoch: int, pos: WorkerPosition, batches_per_worker: int | None, counters: _Counters,
+    vocab: AnswerVocab | None = None,
 ) -> list[Callable[[Iterable[Any]], Iterable[Any]]]:
     """The pipeline of one worker as an explicit list of stages (each: iterator -> iterator)."""
     seed = cfg.seed
     exts = tuple(cfg.video_exts)
     tokenizer = load_tokenizer(cfg.tokenizer)
+    lexicon = load_lexicon() if vocab is not None else None
+
+    def make_batch(group: list[dict[str, Any]]) -> dict[str, Any]:
+        counters.batches += 1
+        batch = collate(group, tokenizer, cfg.max_text_len, _position_info(worker, counters))
+        if cfg.mlm_probability > 0:  # seeded by the batch's position: a resumed stream masks alike
+            gen = torch.Generator().manual_seed(_seed64("mlm", seed, epoch, rank, worker, counters.batches))
+            batch["mlm_input_ids"], batch["mlm_labels"] = mask_tokens(
+                batch["input_ids"], batch["attention_mask"], tokenizer, cfg.mlm_probability, rng=gen)
+        if vocab is not None:
+            questions = [build_question(s["caption"], s["key"], vocab, lexicon, cfg.mcm) for s in group]
+            batch.update(collate_mcm(questions, batch["caption"], tokenizer, cfg.max_text_len, cfg.mcm.num_options))
+        return batch
 
     def on_tar_error(exn: Exception) -> bool:
         counters.tar_errors += 1
@@ -243,12 +269,10 @@ def worker_stages(
         for sample in samples:
             group.append(sample)
             if len(group) == cfg.batch_size:
-                counters.batches += 1
-                yield collate(group, tokenizer, cfg.max_text_len, _position_info(worker, counters))
+                yield make_batch(group)
                 group = []
         if group and not cfg.resampled:  # epoch mode keeps the last partial batch: every sample once
-            counters.batches += 1
-            yield collate(group, tokenizer, cfg.max_text_len, _position_info(worker, counters))
+            yield make_batch(group)
 
     def limit(batches: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         if batches_per_worker is None:
@@ -348,11 +372,22 @@ class VideoTextStream:
             raise ValueError(
                 f"{cfg.path}: no sizes.json or _stats.json to tell the epoch length; set data.epoch_samples"
             )
+        self.vocab = self._answer_vocab() if cfg.mcm.enabled else None
         self.epoch = 0
         self.positions = [WorkerPosition() for _ in range(self.num_workers)]
         self.next_worker = 0
         self.totals = {"decoded": 0, "skipped": 0, "tar_errors": 0}
         self.skipped_keys: deque[str] = deque(maxlen=1000)
+
+    def _answer_vocab(self) -> AnswerVocab:
+        """MCM distractors are drawn from the corpus's own words, counted from the parquet files
+        beside the shards (cached in mcm_vocab.json); remote data falls back to the lexicon."""
+        folder = os.path.dirname(self.shards[0])
+        if "://" in self.shards[0] or self.shards[0].startswith("pipe:") or not glob.glob(f"{folder}/*.parquet"):
+            log.warning("%s: no parquet files to count answer words from; MCM distractors come from the lexicon",
+                        self.cfg.path)
+            return AnswerVocab.from_captions([])
+        return AnswerVocab.from_dataset(folder)
 
     # -- sizes --------------------------------------------------------------------------------
     @property
@@ -409,7 +444,7 @@ class VideoTextStream:
     # -- iteration ----------------------------------------------------------------------------
     def _loader(self) -> Iterable[dict[str, Any]]:
         dataset = _WorkerStream(self.cfg, self.shards, self.rank, self.world_size, self.epoch,
-                                self.positions, self.batches_per_worker)
+                                self.positions, self.batches_per_worker, self.vocab)
         if self.cfg.num_workers == 0:
             return dataset
         return DataLoader(dataset, batch_size=None, num_workers=self.cfg.num_workers,

