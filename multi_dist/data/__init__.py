@@ -1,21 +1,30 @@
-"""Streaming video-text data: shards -> decoded, sampled, normalised frames and tokens."""
+"""Streaming video-text data: shards -> decoded, sampled, normalised frames and tokens.
 
-from .pipeline import DataConfig, VideoTextStream
-from .shardlist import list_shards, shard_sizes
-from .text import load_tokenizer, resolve_pretrained
-from .transforms import frames_to_tensor
-from .video import DecodeError, decode_frames, probe, sample_frames
+Names are imported lazily so that light users (the model needs only ``text.resolve_pretrained``)
+do not pull in webdataset and the video decoders.
+"""
 
-__all__ = [
-    "DataConfig",
-    "DecodeError",
-    "VideoTextStream",
-    "decode_frames",
-    "frames_to_tensor",
-    "list_shards",
-    "load_tokenizer",
-    "probe",
-    "resolve_pretrained",
-    "sample_frames",
-    "shard_sizes",
-]
+from importlib import import_module
+from typing import Any
+
+_EXPORTS = {
+    "DataConfig": "pipeline",
+    "VideoTextStream": "pipeline",
+    "list_shards": "shardlist",
+    "shard_sizes": "shardlist",
+    "load_tokenizer": "text",
+    "resolve_pretrained": "text",
+    "frames_to_tensor": "transforms",
+    "DecodeError": "video",
+    "decode_frames": "video",
+    "probe": "video",
+    "sample_frames": "video",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)

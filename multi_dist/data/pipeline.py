@@ -12,8 +12,10 @@ Each DataLoader worker runs the stages of :func:`worker_stages`, top to bottom:
       -> batch: stack frames, tokenise captions
       -> stop after the worker's share of the epoch
 
-Everything random (shard order, shuffle buffer, frame sampling, crops) is seeded from
-(seed, epoch, rank, worker, sample index), so a stream is a pure function of its position.
+Everything random is seeded: shard order and the shuffle buffer from (seed, epoch, rank,
+worker); frame sampling, crops and MLM masks from (seed, epoch, sample key), so the same sample
+gets the same treatment whatever the number of ranks and workers; MCM questions from (seed, key).
+A stream is thus a pure function of its position.
 :class:`VideoTextStream` delivers the workers' batches in a fixed round-robin order and records,
 per worker, how many raw samples its delivered batches consumed; restoring that position makes
 each worker skip exactly those samples (without decoding them) and the stream continues with the
@@ -221,10 +223,16 @@ def worker_stages(
     def make_batch(group: list[dict[str, Any]]) -> dict[str, Any]:
         counters.batches += 1
         batch = collate(group, tokenizer, cfg.max_text_len, _position_info(worker, counters))
-        if cfg.mlm_probability > 0:  # seeded by the batch's position: a resumed stream masks alike
-            gen = torch.Generator().manual_seed(_seed64("mlm", seed, epoch, rank, worker, counters.batches))
-            batch["mlm_input_ids"], batch["mlm_labels"] = mask_tokens(
-                batch["input_ids"], batch["attention_mask"], tokenizer, cfg.mlm_probability, rng=gen)
+        if cfg.mlm_probability > 0:
+            # seeded per sample (key, epoch), like frame sampling and MCM questions: a resumed stream,
+            # or the same data read by another number of ranks or workers, masks alike
+            rows = [
+                mask_tokens(ids[None], mask[None], tokenizer, cfg.mlm_probability,
+                            rng=torch.Generator().manual_seed(_seed64("mlm", seed, epoch, key)))
+                for ids, mask, key in zip(batch["input_ids"], batch["attention_mask"], batch["key"])
+            ]
+            batch["mlm_input_ids"] = torch.cat([r[0] for r in rows])
+            batch["mlm_labels"] = torch.cat([r[1] for r in rows])
         if vocab is not None:
             questions = [build_question(s["caption"], s["key"], vocab, lexicon, cfg.mcm) for s in group]
             batch.update(collate_mcm(questions, batch["caption"], tokenizer, cfg.max_text_len, cfg.mcm.num_options))
@@ -244,11 +252,11 @@ def worker_stages(
 
     def decode(items: Iterable[tuple[int, dict]]) -> Iterator[dict[str, Any]]:
         failures_in_a_row = 0
-        for n, sample in items:
+        for _, sample in items:
             key = sample.get("__key__", "?")
             url = sample.get("__url__", "?")
             try:
-                decoded = _decode_sample(sample, cfg, exts, _rng("sample", seed, epoch, rank, worker, n))
+                decoded = _decode_sample(sample, cfg, exts, _rng("sample", seed, epoch, key))
             except (DecodeError, ValueError, KeyError, UnicodeDecodeError) as err:
                 counters.skipped += 1
                 counters.new_skipped_keys.append(key)

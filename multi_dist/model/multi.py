@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -146,7 +147,8 @@ class MuLTI(nn.Module):
         self.text_proj = nn.Linear(dt, d)
         self.vtc_video = nn.Linear(dv, cfg.embed_dim)
         self.vtc_text = nn.Linear(dt, cfg.embed_dim)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / cfg.temperature)))
+        # shape (1,), not a 0-dim scalar: DeepSpeed broadcasts parameters as byte views
+        self.logit_scale = nn.Parameter(torch.tensor([math.log(1 / cfg.temperature)]))
         self.video_pool = AdaptPooling(d, fc.video_tokens)
         self.text_pool = AdaptPooling(d, fc.text_tokens)
         self.text_query = nn.Parameter(torch.randn(d) * 0.02)  # the learned guide of text pooling
@@ -166,6 +168,12 @@ class MuLTI(nn.Module):
             nn.Sequential(nn.Linear(label_in, d), nn.GELU(), nn.Linear(d, hc.num_labels)) if hc.num_labels else None
         )
         self.set_checkpointing(cfg.checkpointing)
+
+    def forward(self, batch: dict[str, Any], objective: Callable[[MuLTI, dict[str, Any]], Any]) -> Any:
+        """A training step's forward: ``objective(self, batch)``. Running objectives as this
+        module's forward lets engines that hook ``forward`` (ZeRO-3 gathering this module's own
+        parameters, e.g. ``logit_scale``) see every parameter the objective touches."""
+        return objective(self, batch)
 
     # -- configuration --------------------------------------------------------------------------
     def set_checkpointing(self, enabled: bool) -> None:
@@ -275,7 +283,7 @@ class MuLTI(nn.Module):
     def save_pretrained(self, folder: str | Path, tokenizer: Any = None) -> Path:
         """``config.json`` (self-contained: encoder architectures inline, no hub needed to load)
         + ``model.safetensors`` (+ the tokenizer's files when given)."""
-        from safetensors.torch import save_model
+        from safetensors.torch import save_file
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
@@ -285,7 +293,9 @@ class MuLTI(nn.Module):
             cfg[name]["pretrained"] = False
             cfg[name]["arch"] = _arch_of(enc.backbone.config)
         (folder / "config.json").write_text(json.dumps({"model_type": "multi", **cfg}, indent=1))
-        save_model(self, str(folder / "model.safetensors"))
+        # fresh contiguous copies: under DeepSpeed, parameters are views into flat buffers
+        tensors = {k: v.detach().clone().contiguous() for k, v in self.state_dict().items() if k not in _TIED}
+        save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(str(folder))
         return folder
@@ -293,7 +303,7 @@ class MuLTI(nn.Module):
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> MuLTI:
         """Load a folder written by :meth:`save_pretrained` (weights via safetensors, no pickle)."""
-        from safetensors.torch import load_model
+        from safetensors.torch import load_file
 
         folder = Path(folder)
         config_file = folder / "config.json"
@@ -303,10 +313,17 @@ class MuLTI(nn.Module):
         if data.pop("model_type", None) != "multi":
             raise ValueError(f"{config_file} is not a MuLTI config (model_type != 'multi')")
         model = cls(from_dict(ModelConfig, data))
-        load_model(model, str(folder / "model.safetensors"), strict=True)
+        weights = folder / "model.safetensors"
+        missing, unexpected = model.load_state_dict(load_file(str(weights)), strict=False)
+        if set(missing) - _TIED or unexpected:
+            raise ValueError(
+                f"{weights} does not fit the config: missing {sorted(set(missing) - _TIED)}, "
+                f"unexpected {sorted(unexpected)}"
+            )
         return model
 
 
+_TIED = {"mlm_head.decoder.weight"}  # the text word embeddings, saved once under their own name
 _NOT_ARCH = {"_name_or_path", "transformers_version", "architectures", "torch_dtype", "dtype", "_attn_implementation"}
 
 

@@ -20,8 +20,10 @@ def _clip(hidden: int, layers: int, heads: int, image: int, patch: int) -> dict[
     }
 
 
-def _bert(hidden: int, layers: int, heads: int, max_len: int = 512) -> dict[str, Any]:
+def _bert(hidden: int, layers: int, heads: int, max_len: int = 512, dropout: float = 0.1) -> dict[str, Any]:
     return {
+        "hidden_dropout_prob": dropout,
+        "attention_probs_dropout_prob": dropout,
         "vocab_size": BERT_VOCAB,
         "hidden_size": hidden,
         "num_hidden_layers": layers,
@@ -45,7 +47,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "kind": "bert",
             "name": "",
             "pretrained": False,
-            "arch": _bert(32, 2, 2),
+            "arch": _bert(32, 2, 2, dropout=0.0),  # deterministic: tests compare runs
             "adapter": {"frozen_layers": 1, "dim": 16, "heads": 2},
         },
         "fusion": {"width": 32, "layers": 2, "heads": 2, "sampler_layers": 1, "video_tokens": 8, "text_tokens": 16},

@@ -1,0 +1,101 @@
+"""The one place that knows ranks and worlds, under every launcher.
+
+``deepspeed`` and ``torchrun`` export RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT;
+``srun`` (and submitit) exports SLURM_PROCID / SLURM_LOCALID / SLURM_NTASKS and a node list;
+Ray Train sets the torch variables itself; plain ``python`` has none of them and is a world of
+one. :func:`discover` reads whichever is there, :func:`init` starts the process group (gloo on
+CPU, NCCL on GPU) through DeepSpeed so that its engine finds it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+    master_addr: str
+    master_port: int
+    launcher: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _first_host(nodelist: str) -> str:
+    """First host of a Slurm node list: ``node[003-005,7]`` -> ``node003``."""
+    m = re.match(r"([^\[,]+)(\[([^\]]+)\])?", nodelist)
+    if not m:
+        return nodelist
+    prefix, _, ranges = m.groups()
+    if not ranges:
+        return prefix
+    first = ranges.split(",")[0].split("-")[0]
+    return prefix + first
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def discover(env: dict[str, str] | None = None) -> DistInfo:
+    """Rank, local rank, world size and rendezvous address from the launcher's environment."""
+    env = dict(os.environ if env is None else env)
+    if "RANK" in env and "WORLD_SIZE" in env:
+        launcher = "torch"  # deepspeed, torchrun, Ray Train, or a user who set them
+        rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
+        local = int(env.get("LOCAL_RANK", rank))
+        addr = env.get("MASTER_ADDR", "127.0.0.1")
+        port = int(env.get("MASTER_PORT", 29500))
+    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        launcher = "slurm"
+        rank, world = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
+        local = int(env.get("SLURM_LOCALID", 0))
+        addr = env.get("MASTER_ADDR") or _first_host(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "")))
+        # a port derived from the job id: the same on every task, different for concurrent jobs
+        port = int(env.get("MASTER_PORT") or 20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
+    else:
+        launcher = "single"
+        rank, local, world = 0, 0, 1
+        addr, port = "127.0.0.1", int(env.get("MASTER_PORT") or free_port())
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is outside the world size {world} (from the {launcher} launcher's env)")
+    return DistInfo(rank, local, world, addr or "127.0.0.1", port, launcher)
+
+
+def init(info: DistInfo | None = None) -> DistInfo:
+    """Start the default process group (gloo on CPU, NCCL on GPU) via DeepSpeed; idempotent."""
+    import deepspeed
+    import torch.distributed as dist
+
+    info = info or discover()
+    os.environ.update(
+        RANK=str(info.rank),
+        LOCAL_RANK=str(info.local_rank),
+        WORLD_SIZE=str(info.world_size),
+        MASTER_ADDR=info.master_addr,
+        MASTER_PORT=str(info.master_port),
+    )
+    if torch.cuda.is_available():
+        torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    return info
+
+
+def device(info: DistInfo) -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", info.local_rank % torch.cuda.device_count())
+    return torch.device("cpu")

@@ -1,0 +1,383 @@
+"""Distributed pretraining with DeepSpeed ZeRO: the config, the DeepSpeed config built from it,
+and the training loop (one function, :func:`train`, plus a small resumable :class:`TrainState`).
+
+Works the same under ``deepspeed``, ``torchrun``, ``srun`` and plain ``python`` (see
+:mod:`multi_dist.dist`), on CPU (gloo, fp32) and on GPUs (NCCL, bf16).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist_
+
+from . import checkpoint
+from . import dist as distributed
+from .config import save_config, to_dict
+from .data.pipeline import DataConfig, VideoTextStream
+from .evaluate import evaluate_pretraining, to_device
+from .metrics import MetricLogger, WandbConfig
+from .model.multi import ModelConfig, MuLTI
+from .objectives import LossConfig, PretrainLoss
+
+log = logging.getLogger("multi_dist.train")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    """Peak learning rate of the new modules (adapter, sampler, fusion, projections, heads)."""
+    encoder_lr: float = 2e-5
+    """Peak learning rate of pretrained encoder weights (random-init encoders use ``lr``)."""
+    weight_decay: float = 0.02
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    """The cosine schedule ends at this fraction of the peak."""
+    grad_clip: float = 1.0
+
+    def validate(self) -> None:
+        if self.lr <= 0 or self.encoder_lr <= 0:
+            raise ValueError("learning rates must be positive")
+        if len(self.betas) != 2:
+            raise ValueError("betas needs two values")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError("min_lr_ratio must be in [0, 1]")
+
+
+@dataclass
+class ZeroConfig:
+    stage: int = 2
+    offload_optimizer: bool = False
+    """Optimizer states and step on the CPU (ZeRO-Offload; compiles DeepSpeed's cpu_adam once)."""
+    offload_params: bool = False
+    """Parameters on the CPU between uses (ZeRO-3 only)."""
+
+    def validate(self) -> None:
+        if self.stage not in (0, 1, 2, 3):
+            raise ValueError(f"stage must be 0, 1, 2 or 3, got {self.stage}")
+        if self.offload_params and self.stage != 3:
+            raise ValueError("offload_params needs stage 3")
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/pretrain"
+    """Run folder: resolved config, metrics.jsonl, checkpoints/, model/ (the export), summary.json."""
+    steps: int = 1000
+    grad_accum: int = 1
+    seed: int = 0
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """``auto``: bf16 on GPU, fp32 on CPU."""
+    log_every: int = 10
+    ckpt_every: int = 500
+    keep_checkpoints: int = 3
+    eval_every: int = 0
+    """Evaluate on ``val`` every N steps (0: only at the end)."""
+    eval_batches: int = 0
+    """Cap on validation batches per rank (0: the whole validation set)."""
+    on_nan: Literal["stop", "skip"] = "stop"
+    """A non-finite loss: stop with an error naming the step, or skip that batch (no update)."""
+    resume: bool = True
+    """Continue from the latest complete checkpoint in ``run_dir/checkpoints`` when there is one."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training shards; ``data.batch_size`` is the micro-batch per rank."""
+    val: DataConfig | None = None
+    """Held-out shards for zero-shot retrieval and MCM accuracy (epoch mode is forced)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    zero: ZeroConfig = field(default_factory=ZeroConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def validate(self) -> None:
+        for name in ("steps", "grad_accum", "log_every", "ckpt_every", "keep_checkpoints"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.eval_every < 0 or self.eval_batches < 0:
+            raise ValueError("eval_every and eval_batches must be >= 0")
+
+
+def use_bf16(cfg: TrainConfig) -> bool:
+    if cfg.precision == "auto":
+        return torch.cuda.is_available()
+    return cfg.precision == "bf16"
+
+
+def build_ds_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config, derived from ours (nothing in it is written twice)."""
+    zero: dict[str, Any] = {"stage": cfg.zero.stage}
+    if cfg.zero.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if cfg.zero.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    return {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "train_batch_size": cfg.data.batch_size * cfg.grad_accum * world_size,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": use_bf16(cfg)},
+        "fp16": {"enabled": False},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,
+    }
+
+
+def param_groups(model: MuLTI, cfg: OptimConfig) -> list[dict[str, Any]]:
+    """Pretrained encoder weights at ``encoder_lr``, everything new at ``lr``; no weight decay on
+    biases, norms, embeddings' scale-free parameters."""
+    pretrained = set()
+    for enc, enc_cfg in ((model.video, model.cfg.vision), (model.text, model.cfg.text)):
+        if enc_cfg.pretrained:
+            pretrained |= {id(p) for p in enc.backbone.parameters()}
+    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        no_decay = p.ndim < 2 or name.endswith(".bias") or "norm" in name.lower() or name == "logit_scale"
+        groups.setdefault((id(p) in pretrained, no_decay), []).append(p)
+    return [
+        {
+            "params": ps,
+            "lr": cfg.encoder_lr if enc else cfg.lr,
+            "weight_decay": 0.0 if nd else cfg.weight_decay,
+            "name": f"{'encoder' if enc else 'new'}{'_no_decay' if nd else ''}",
+        }
+        for (enc, nd), ps in sorted(groups.items())
+    ]
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warmup to 1, then cosine down to ``min_ratio``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@dataclass
+class TrainState:
+    """What the loop needs beyond DeepSpeed's checkpoint to continue exactly."""
+
+    step: int = 0
+    samples: int = 0
+    skipped_steps: int = 0
+    first_losses: dict[str, float] = field(default_factory=dict)
+
+
+def _check_start(cfg: TrainConfig) -> None:
+    """Clear start-up errors for settings the loop cannot honour, before any heavy work."""
+    if cfg.data.num_frames > cfg.model.max_frames:
+        raise ValueError(f"data.num_frames={cfg.data.num_frames} exceeds model.max_frames={cfg.model.max_frames}")
+
+
+def _val_config(cfg: TrainConfig) -> DataConfig | None:
+    if cfg.val is None or not cfg.val.path:
+        return None
+    return dataclasses.replace(
+        cfg.val, resampled=False, frame_sampling="uniform", crop="center", shardshuffle=False, shuffle_buffer=0
+    )
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Pretrain MuLTI as configured; returns the summary (also written to ``run_dir/summary.json``)."""
+    import deepspeed
+
+    info = distributed.init()
+    rank, world = info.rank, info.world_size
+    device = distributed.device(info)
+    bf16 = use_bf16(cfg)
+    run_dir = Path(cfg.run_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    _check_start(cfg)
+    stream = VideoTextStream(cfg.data, rank, world)  # fails here, named, on missing or unfit shards
+    val_cfg = _val_config(cfg)
+    if val_cfg is not None:
+        VideoTextStream(val_cfg, rank, world)  # the same checks for the validation set, before training
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    model = MuLTI(cfg.model)
+    groups = param_groups(model, cfg.optim)
+    if cfg.zero.offload_optimizer:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        optimizer = DeepSpeedCPUAdam(groups, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, adamw_mode=True)
+    else:
+        optimizer = torch.optim.AdamW(groups, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+    o = cfg.optim
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, o.warmup_steps, cfg.steps, o.min_lr_ratio)
+    )
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=build_ds_config(cfg, world)
+    )
+    loss_fn = PretrainLoss(cfg.loss)
+    state = TrainState()
+    tag = checkpoint.latest_tag(ckpt_dir) if cfg.resume else None
+    if tag is not None:
+        trainer, rank_state = checkpoint.load(engine, ckpt_dir, tag)
+        state = TrainState(**trainer["state"])
+        stream.load_state_dict(rank_state["data"])
+        checkpoint.set_rng_state(rank_state["rng"])
+        if rank == 0:
+            print(f"resumed from {ckpt_dir / tag} at step {state.step}", flush=True)
+    logger = MetricLogger(
+        run_dir, cfg.wandb, to_dict(cfg), total_steps=cfg.steps, enabled=rank == 0, resume_step=state.step
+    )
+    frames_per_clip = cfg.data.num_frames
+    global_batch = cfg.data.batch_size * world * cfg.grad_accum
+    batches = iter(stream)
+    window: dict[str, list[float]] = {}
+    t_window, wait_window, steps_window = time.perf_counter(), 0.0, 0
+    try:
+        while state.step < cfg.steps:
+            engine.train()
+            for _ in range(cfg.grad_accum):
+                t0 = time.perf_counter()
+                batch = next(batches, None)
+                if batch is None:  # the epoch ended: the stream moves on to the next one
+                    batches = iter(stream)
+                    batch = next(batches)
+                wait_window += time.perf_counter() - t0
+                out = engine(to_device(batch, device, bf16), loss_fn)
+                loss = out["loss"]
+                finite = torch.isfinite(loss.detach()).float()
+                if world > 1:
+                    dist_.all_reduce(finite, op=dist_.ReduceOp.MIN)
+                if finite.item() < 1:
+                    msg = f"non-finite loss at step {state.step + 1} (rank {rank}: {float(loss):.4g})"
+                    if cfg.on_nan == "stop":
+                        raise FloatingPointError(msg + "; set on_nan=skip to skip such batches")
+                    log.warning("%s: skipping the batch", msg)
+                    state.skipped_steps += 1
+                    continue
+                engine.backward(out["objective"])
+                engine.step()
+                for k, v in out.items():
+                    if k != "objective":
+                        window.setdefault(k, []).append(float(v.detach()))
+            state.step += 1
+            state.samples += global_batch
+            steps_window += 1
+            if not state.first_losses and window:
+                state.first_losses = {k: v[0] for k, v in window.items() if k.startswith("loss")}
+            if state.step % cfg.log_every == 0 or state.step == cfg.steps:
+                elapsed = time.perf_counter() - t_window
+                metrics = _reduce_means({f"train/{k}": sum(v) / len(v) for k, v in window.items()}, world, device)
+                clips = global_batch * steps_window / elapsed
+                metrics.update(
+                    {
+                        "optim/lr": max(scheduler.get_last_lr()),  # the new modules' (peak) rate
+                        "optim/grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                        "perf/clips_per_s": clips,
+                        "perf/frames_per_s": clips * frames_per_clip,
+                        "perf/step_s": elapsed / steps_window,
+                        "data/wait_frac": wait_window / elapsed,
+                        "data/skipped": stream.totals["skipped"],
+                        "perf/mem_gib": _peak_gib(device),
+                        "progress/samples": state.samples,
+                    }
+                )
+                logger.log(state.step, metrics)
+                window, t_window, wait_window, steps_window = {}, time.perf_counter(), 0.0, 0
+            if state.step % cfg.ckpt_every == 0 or state.step == cfg.steps:
+                _save(engine, ckpt_dir, state, cfg, stream, rank)
+            if val_cfg is not None and cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < cfg.steps:
+                logger.log(
+                    state.step,
+                    evaluate_pretraining(engine.module, val_cfg, rank, world, device, bf16, cfg.eval_batches),
+                )
+        summary: dict[str, Any] = {
+            "steps": state.step,
+            "samples": state.samples,
+            "skipped_steps": state.skipped_steps,
+            "first_losses": state.first_losses,
+            "last_losses": logger.last_losses(),
+        }
+        if val_cfg is not None:
+            final = evaluate_pretraining(engine.module, val_cfg, rank, world, device, bf16, cfg.eval_batches)
+            logger.log(state.step, final)
+            summary["eval"] = final
+        export = run_dir / "model"
+        _export(engine, export, cfg, rank)
+        summary["export"] = str(export)
+        if rank == 0:
+            (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        return summary
+    finally:
+        logger.close()
+
+
+def _reduce_means(metrics: dict[str, float], world: int, device: torch.device) -> dict[str, float]:
+    if world == 1 or not metrics:
+        return metrics
+    keys = sorted(metrics)
+    t = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=device)
+    dist_.all_reduce(t)
+    return {k: float(v) / world for k, v in zip(keys, t.tolist())}
+
+
+def _peak_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (peak RSS)
+
+
+def _save(engine: Any, ckpt_dir: Path, state: TrainState, cfg: TrainConfig, stream: VideoTextStream, rank: int) -> None:
+    trainer = {"state": dataclasses.asdict(state), "config": to_dict(cfg)}
+    rank_state = {"data": stream.state_dict(), "rng": checkpoint.rng_state()}
+    tag = checkpoint.save(engine, ckpt_dir, state.step, trainer, rank_state, cfg.keep_checkpoints)
+    if rank == 0:
+        print(f"checkpoint {ckpt_dir / tag}", flush=True)
+
+
+def _export(engine: Any, folder: Path, cfg: TrainConfig, rank: int) -> None:
+    """The final model as a folder that ``MuLTI.from_pretrained`` loads (ZeRO-3 parameters are
+    gathered first), with the tokenizer beside it."""
+    import deepspeed
+
+    from .data.text import load_tokenizer
+
+    module: MuLTI = engine.module
+    gather = (
+        deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
+        if cfg.zero.stage == 3
+        else contextlib.nullcontext()
+    )
+    with gather:
+        if rank == 0:
+            if use_bf16(cfg):  # export fp32 weights, whatever the training precision
+                module = _fp32_copy(module)
+            module.save_pretrained(folder, tokenizer=load_tokenizer(cfg.data.tokenizer))
+    if dist_.is_initialized():
+        dist_.barrier()
+
+
+def _fp32_copy(module: MuLTI) -> MuLTI:
+    copy = MuLTI(module.cfg)
+    copy.load_state_dict({k: v.float() for k, v in module.state_dict().items()})
+    return copy
+
+
+def setup_logging() -> None:
+    level = os.environ.get("MULTI_DIST_LOG", "WARNING")
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
