@@ -32,6 +32,7 @@ def test_defaults_then_yaml_then_overrides(tmp_path: Path) -> None:
     f = tmp_path / "c.yaml"
     f.write_text("steps: 5\ninner:\n  lr: 0.1\n")
     cfg = load_config(Outer, f, ["inner.mode=b", "inner.layers=[3, 4, 5]", "inner.lr=2", "inner.name=x"])
+    assert load_config(Outer, None, ["inner.lr=3e-3"]).inner.lr == 0.003  # YAML 1.1 reads this as a string
     assert cfg.steps == 5
     assert cfg.inner.mode == "b"
     assert cfg.inner.layers == [3, 4, 5]

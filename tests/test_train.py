@@ -67,19 +67,23 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def zero3_run(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     run = tmp_path_factory.mktemp("zero3") / "run"
-    proc = pretrain(
-        2, *tiny_args(corpus, run, "zero.stage=3", "steps=30", "log_every=1", "ckpt_every=15", "optim.lr=3e-3")
-    )
+    proc = pretrain(2, *tiny_args(corpus, run, "zero.stage=3", "steps=40", "log_every=1", "ckpt_every=20"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run
 
 
 def _assert_learns(run: Path) -> None:
     rows = metrics(run)
-    assert sorted(rows) == list(range(1, 31))
-    first = sum(rows[s]["train/loss"] for s in range(1, 6)) / 5
-    last = sum(rows[s]["train/loss"] for s in range(26, 31)) / 5
-    assert last < 0.9 * first, (first, last)
+    assert sorted(rows) == list(range(1, 41))
+
+    def mean(key: str, steps: range) -> float:
+        return sum(rows[s][key] for s in steps) / len(steps)
+
+    # the tiny model learns MCM and MLM within 40 steps (its random text tower needs longer for VTC)
+    first, last = range(1, 6), range(36, 41)
+    assert mean("train/loss", last) < 0.8 * mean("train/loss", first)
+    assert mean("train/loss_mcm", last) < 0.95 * mean("train/loss_mcm", first)
+    assert mean("train/loss_mlm", last) < 0.8 * mean("train/loss_mlm", first)
     for key in (
         "train/loss_vtc",
         "train/loss_vtm",
@@ -93,9 +97,9 @@ def _assert_learns(run: Path) -> None:
         "data/wait_frac",
         "perf/mem_gib",
     ):
-        assert key in rows[30], key
+        assert key in rows[40], key
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["steps"] == 30 and summary["samples"] == 30 * 4 * 2
+    assert summary["steps"] == 40 and summary["samples"] == 40 * 4 * 2
     assert 0 <= summary["eval"]["eval/t2v_r1"] <= 1 and summary["eval"]["eval/clips"] == 16
     model = MuLTI.from_pretrained(run / "model")  # the export loads
     assert model.cfg.fusion.width == 32
@@ -116,10 +120,9 @@ def test_zero2_two_processes_learn_with_wandb_offline(corpus: Path, tmp_path: Pa
                 corpus,
                 run,
                 "zero.stage=2",
-                "steps=30",
+                "steps=40",
                 "log_every=1",
-                "ckpt_every=30",
-                "optim.lr=3e-3",
+                "ckpt_every=40",
                 "wandb.mode=offline",
             ),
         )
@@ -128,27 +131,28 @@ def test_zero2_two_processes_learn_with_wandb_offline(corpus: Path, tmp_path: Pa
             os.environ.pop(k)
     assert proc.returncode == 0, proc.stderr[-3000:]
     _assert_learns(run)
-    assert "step 30/30 | loss" in proc.stdout  # the progress line
+    assert "step 40/40 | loss" in proc.stdout  # the progress line
     assert list((run / "wandb").rglob("offline-run-*")), "wandb wrote no offline run"
 
 
 def test_zero_to_fp32_conversion_loads_into_the_model(zero3_run: Path, tmp_path: Path) -> None:
     ckpt = zero3_run / "checkpoints"
     tag = (ckpt / "latest").read_text().strip()
-    assert tag == "step_00000030"
+    assert tag == "step_00000040"
     out = tmp_path / "fp32"
     proc = subprocess.run(
-        [sys.executable, str(ckpt / "zero_to_fp32.py"), str(ckpt), str(out), "--tag", tag, "--safe_serialization"],
+        [sys.executable, str(ckpt / "zero_to_fp32.py"), str(ckpt), str(out), "--tag", tag],
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    from safetensors.torch import load_file
-
+    # the script writes torch.save files (its safetensors mode refuses tied weights): read them with
+    # the weights-only loader, which executes no pickled code
     state = {}
-    for f in out.glob("*.safetensors"):
-        state.update(load_file(f))
+    for f in out.glob("*.bin"):
+        state.update(torch.load(f, weights_only=True))
+    assert state, f"no converted weights in {out}"
     exported = MuLTI.from_pretrained(zero3_run / "model")
     model = MuLTI(exported.cfg)
     missing, unexpected = model.load_state_dict(state, strict=False)

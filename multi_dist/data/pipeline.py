@@ -455,8 +455,11 @@ class VideoTextStream:
                                 self.positions, self.batches_per_worker, self.vocab)
         if self.cfg.num_workers == 0:
             return dataset
+        # its own generator: starting workers must not draw from the global torch RNG, whose state a
+        # checkpoint restores (everything random in the workers is seeded explicitly)
         return DataLoader(dataset, batch_size=None, num_workers=self.cfg.num_workers,
-                          prefetch_factor=self.cfg.prefetch_factor, persistent_workers=False)
+                          prefetch_factor=self.cfg.prefetch_factor, persistent_workers=False,
+                          generator=torch.Generator().manual_seed(self.cfg.seed))
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         """One epoch from the current position. Batches come in a fixed round-robin order over

@@ -127,7 +127,6 @@ class _LayeredEncoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.backbone = build_backbone(cfg)
-        self.layers = self._layers()
         n = len(self.layers)
         k = cfg.adapter.frozen_layers
         if k > n:
@@ -139,6 +138,11 @@ class _LayeredEncoder(nn.Module):
         if k > 0:
             for module in self._frozen_modules():
                 module.requires_grad_(False)
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        """The backbone's own layer list (not registered twice: one name per parameter)."""
+        return self._layers()
 
     def _layers(self) -> nn.ModuleList:
         raise NotImplementedError
