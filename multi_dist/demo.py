@@ -5,14 +5,16 @@ learned: losses first vs last, zero-shot retrieval R@1 vs chance, MCM accuracy v
 from __future__ import annotations
 
 import json
+import os
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .dist import free_port
+import torch
+
+from .dist import deepspeed_command
 from .shards.build import format_summary
 from .shards.demo import make_demo
 
@@ -48,8 +50,7 @@ def pretrain_command(cfg: DemoConfig) -> list[str]:
         f"run_dir={cfg.run_dir}",
         *cfg.pretrain,
     ]
-    launcher = str(Path(sys.executable).parent / "deepspeed")
-    return [launcher, "--num_gpus", str(cfg.nproc), "--master_port", str(free_port()), *args]
+    return [*deepspeed_command(cfg.nproc), *args]
 
 
 def report(summary: dict[str, Any]) -> str:
@@ -78,7 +79,9 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
         print("  " + format_summary(summary), flush=True)
     cmd = pretrain_command(cfg)
     print("\n$ " + " ".join(cmd), flush=True)
-    proc = subprocess.run(cmd, cwd=ROOT)
+    env = dict(os.environ)
+    env.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")  # no detection warnings
+    proc = subprocess.run(cmd, cwd=ROOT, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"pretraining failed (exit {proc.returncode}); see the output above")
     summary = json.loads((Path(cfg.run_dir) / "summary.json").read_text())

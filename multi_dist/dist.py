@@ -12,7 +12,9 @@ from __future__ import annotations
 import os
 import re
 import socket
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -47,6 +49,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def deepspeed_command(nproc: int, port: int | None = None) -> list[str]:
+    """The ``deepspeed`` launcher for ``nproc`` local processes, as a command prefix: the console
+    script beside this Python when there is one, else the same launcher as a module (e.g. when
+    DeepSpeed was installed with ``pip --target``)."""
+    exe = Path(sys.executable).parent / "deepspeed"
+    prefix = [str(exe)] if exe.is_file() else [sys.executable, "-m", "deepspeed.launcher.runner"]
+    return [*prefix, "--num_gpus", str(nproc), "--master_port", str(port or free_port())]
 
 
 def discover(env: dict[str, str] | None = None) -> DistInfo:

@@ -14,19 +14,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from multi_dist.dist import free_port
+from multi_dist.dist import deepspeed_command
 from multi_dist.model import MuLTI
 
 from .conftest import ROOT
-
-DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 
 
 def command(nproc: int, *args: str) -> list[str]:
     """``deepspeed --num_gpus N launch/pretrain.py ...`` (N ranks on CPU), or plain python for 1."""
     if nproc == 1:
         return [sys.executable, "launch/pretrain.py", *args]
-    return [DEEPSPEED, "--num_gpus", str(nproc), "--master_port", str(free_port()), "launch/pretrain.py", *args]
+    return [*deepspeed_command(nproc), "launch/pretrain.py", *args]
 
 
 def pretrain(nproc: int, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:

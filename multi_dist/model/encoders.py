@@ -76,7 +76,8 @@ def build_backbone(cfg: EncoderConfig) -> nn.Module:
     if cfg.kind == "vit" or cfg.kind == "bert":
         kwargs["add_pooling_layer"] = False
     if cfg.pretrained:
-        return model_cls.from_pretrained(resolve_pretrained(cfg.name), **kwargs)
+        with _quiet_loading():  # its report lists the pooler we leave out on purpose
+            return model_cls.from_pretrained(resolve_pretrained(cfg.name), **kwargs)
     if cfg.arch:
         if cfg.kind == "bert":
             from transformers import BertConfig
@@ -94,6 +95,20 @@ def build_backbone(cfg: EncoderConfig) -> nn.Module:
     if cfg.kind == "vit":
         return model_cls(config, add_pooling_layer=False)
     return model_cls(config)
+
+
+@contextlib.contextmanager
+def _quiet_loading() -> Any:
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        hf_logging.enable_progress_bar()
 
 
 class Adapter(nn.Module):
