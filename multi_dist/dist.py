@@ -14,7 +14,6 @@ import re
 import socket
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -52,12 +51,17 @@ def free_port() -> int:
 
 
 def deepspeed_command(nproc: int, port: int | None = None) -> list[str]:
-    """The ``deepspeed`` launcher for ``nproc`` local processes, as a command prefix: the console
-    script beside this Python when there is one, else the same launcher as a module (e.g. when
-    DeepSpeed was installed with ``pip --target``)."""
-    exe = Path(sys.executable).parent / "deepspeed"
-    prefix = [str(exe)] if exe.is_file() else [sys.executable, "-m", "deepspeed.launcher.runner"]
-    return [*prefix, "--num_gpus", str(nproc), "--master_port", str(port or free_port())]
+    """The ``deepspeed`` launcher for ``nproc`` local processes, as a command prefix. Run as a
+    module of this interpreter: a ``deepspeed`` console script may belong to another install."""
+    return [
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
+        "--num_gpus",
+        str(nproc),
+        "--master_port",
+        str(port or free_port()),
+    ]
 
 
 def discover(env: dict[str, str] | None = None) -> DistInfo:
