@@ -36,15 +36,10 @@ MFU_GOAL = 0.45
 
 
 def run_pretrain(nproc: int, overrides: list[str], run_dir: Path, timeout: float) -> dict[str, Any]:
-    launcher = str(Path(sys.executable).parent / "deepspeed")
-    from multi_dist.dist import free_port
+    from multi_dist.dist import deepspeed_command
 
     cmd = [
-        launcher,
-        "--num_gpus",
-        str(nproc),
-        "--master_port",
-        str(free_port()),
+        *deepspeed_command(nproc),
         "launch/pretrain.py",
         f"run_dir={run_dir}",
         *overrides,
