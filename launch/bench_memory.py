@@ -15,10 +15,19 @@ MLM is skipped by the loss when MuLTI condenses the text (text longer than ``fus
 at those lengths the dense baseline still runs MLM, so it does one more loss than MuLTI (each
 result lists the losses it computed).
 
-The grid: frames x text for both samplers with checkpointing on; then at two frame counts and the
-shortest text, the memory levers of model.md section 6: checkpointing off, and the adapter with
-half of each encoder's layers frozen. Every configuration runs in a fresh process (so peaks never
-leak from one to the next); an out-of-memory configuration is a result (OOM), not a crash.
+The grid: frames {8, 16, 32, 64} x text {32, 128, 512} for both samplers with checkpointing on;
+then at two frame counts (CUDA 16 and 64, CPU 16 and 32) and the shortest text, the memory levers
+of model.md section 6: checkpointing off, and the adapter with half of each encoder's layers
+frozen; on CUDA also 128 frames at the shortest text. ``--frames``, ``--text``, ``--lever-frames``,
+``--big-frames`` change it; ``--quick`` is a smoke run. Every configuration runs in a fresh process
+(so peaks never leak from one to the next); an out-of-memory configuration is a result (OOM), not
+a crash. The goal's pair runs first; ``--max-minutes`` (CUDA 5.5, CPU 15) skips what is left when
+time runs out (recorded as skipped), a running configuration is killed at the limit (timeout).
+
+On the GPU machine (repo copied, package not installed; no matplotlib there: plot afterwards)::
+
+    PYTHONPATH=$PWD python launch/bench_memory.py --json $OUT/bench_memory.json
+    python launch/bench_memory.py --from-json bench_memory.json --plot memory.png   # here
 
 - CUDA: the ``base`` preset (CLIP ViT-B/16 + BERT-base, random weights), bf16 autocast, fused
   AdamW. Peak = ``torch.cuda.max_memory_allocated()`` over the timed steps after warm-up (weights,
@@ -32,10 +41,10 @@ leak from one to the next); an out-of-memory configuration is a result (OOM), no
   keeps freed blocks of up to 32 MiB cached, so RSS would measure its caching (2-3x MuLTI's live
   memory, and noisy); each configuration therefore runs with the mmap threshold fixed at 128 KiB
   (``MALLOC_MMAP_THRESHOLD_``), which makes freed tensors leave the RSS and costs the steps some
-  page faults (``--cpu-malloc default`` measures with glibc's defaults). As a cross-check, one more
-  step after the timed ones runs under the profiler's memory tracking: the live-tensor peak
-  (weights + optimizer state + batch + the step's activations and gradients), independent of the
-  allocator (``--no-tensor-peak`` skips it).
+  page faults (``--cpu-malloc default`` measures with glibc's defaults). As a cross-check, at the
+  shortest text one more step after the timed ones runs under the profiler's memory tracking: the
+  live-tensor peak (weights + optimizer state + batch + the step's activations and gradients),
+  independent of the allocator (``--no-tensor-peak`` skips it).
 
 Step time is the median of the timed steps (after warm-up); clips/s = batch / step time. Ratios:
 memory dense/MuLTI (higher = MuLTI lighter), speed MuLTI/dense in clips/s (higher = MuLTI faster).
@@ -703,20 +712,6 @@ def plot(results: list[dict[str, Any]], cuda: bool, title: str, path: str) -> No
             for ax, field, sc in ((axes[0], "peak_bytes", scale), (axes[1], "clips_per_s", 1.0)):
                 xs, ys = [r["frames"] for r in ok], [r[field] / sc for r in ok]
                 ax.plot(xs, ys, style, marker=marker, color=color, label=label)
-            if sampler == "none" and i == 0:  # the dense/MuLTI memory ratio at the shortest text
-                for r in ok:
-                    rat = ratios[config_key(r)]["mem_ratio_dense_over_multi"]
-                    if rat:
-                        axes[0].annotate(
-                            f"{rat:.1f}x",
-                            (r["frames"], r["peak_bytes"] / scale),
-                            textcoords="offset points",
-                            xytext=(0, 6),
-                            ha="center",
-                            va="bottom",
-                            fontsize=7,
-                            color=color,
-                        )
             for r in rows:
                 if r["status"] != "ok":  # OOM, timeout, skipped: marked at the top of the panel
                     axes[0].scatter([r["frames"]], [top], marker="x", s=60, color=color)
@@ -729,6 +724,20 @@ def plot(results: list[dict[str, Any]], cuda: bool, title: str, path: str) -> No
                         color=color,
                     )
     frames = sorted({r["frames"] for r in main})
+    if texts:  # the dense/MuLTI ratios at the shortest text, in a corner
+        pairs = [(f, ratios.get((f, texts[0], True, 0), {}).get("mem_ratio_dense_over_multi")) for f in frames]
+        box = ", ".join(f"{f}: {r:.1f}x" for f, r in pairs if r)
+        if box:
+            axes[0].text(
+                0.98,
+                0.02,
+                f"dense / MuLTI at text {texts[0]}\nframes {box}",
+                transform=axes[0].transAxes,
+                ha="right",
+                va="bottom",
+                fontsize=7,
+                bbox={"boxstyle": "round", "facecolor": "white", "alpha": 0.8, "edgecolor": "0.8"},
+            )
     for ax in axes[:2]:
         ax.set_xscale("log", base=2)
         ax.set_xticks(frames, [str(f) for f in frames])
@@ -736,8 +745,8 @@ def plot(results: list[dict[str, Any]], cuda: bool, title: str, path: str) -> No
         ax.set_xlabel("frames per clip (log2 axis)")
         ax.grid(True, which="both", alpha=0.3)
     axes[0].set_ylabel(f"peak training-step memory ({unit})" + ("" if cuda else ", above pre-step RSS"))
-    axes[0].set_title(f"peak memory (labels: dense/MuLTI at text {texts[0] if texts else ''})", fontsize=10)
-    axes[0].set_ylim(0, top * 1.15)
+    axes[0].set_title("peak training-step memory (solid MuLTI, dashed dense)", fontsize=10)
+    axes[0].set_ylim(0, top * 1.08)
     axes[1].set_ylabel("clips / s (log axis)")
     axes[1].set_yscale("log")
     axes[1].yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
@@ -768,7 +777,8 @@ def plot(results: list[dict[str, Any]], cuda: bool, title: str, path: str) -> No
                     labels.append(f"{f} frames, {vname}: {LABEL[sampler]}")
                     values.append(r["peak_bytes"] / scale if ok else 0.0)
                     cols.append(colors[j] if ok else "lightgrey")
-                    notes.append(f" {r['peak_bytes'] / scale:.3g} {unit}" if ok else f" {r['status'].upper()}")
+                    value = f"{r['peak_bytes'] / scale:.1f}" if cuda else f"{r['peak_bytes'] / scale:.0f}"
+                    notes.append(f" {value} {unit}" if ok else f" {r['status'].upper()}")
         y = list(range(len(labels)))
         ax.barh(y, values, color=cols)
         for k, v in enumerate(values):
@@ -815,6 +825,74 @@ def machine_info(cuda: bool) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------
+
+
+def build_summary(
+    results: list[dict[str, Any]],
+    settings: dict[str, Any],
+    info: dict[str, Any],
+    texts: list[int],
+    max_minutes: float,
+    wall: float,
+    complete: bool,
+) -> dict[str, Any]:
+    cuda = settings["device"] == "cuda"
+    objectives, threads = settings["objectives"], settings["threads"]
+    ok = [r for r in results if r["status"] == "ok"]
+    if cuda and ok:
+        info["gpu"] = ok[0].get("gpu")
+        info["gpu_total_bytes"] = ok[0].get("gpu_total_bytes")
+    notes = [
+        "step = full pretraining step: VTC + VTM (hard negatives) + MLM + MCM, backward, AdamW"
+        if list(objectives) == list(OBJECTIVES)
+        else f"step = objectives {'+'.join(objectives)}, backward, AdamW",
+    ]
+    if not cuda:
+        notes.append(
+            "CPU peak = peak RSS above the pre-step RSS"
+            + (
+                f" (glibc mmap threshold fixed at {MALLOC_THRESHOLD // 1024} KiB, so freed tensors leave the RSS; "
+                "step times include the page faults this costs)"
+                if settings["malloc"] == "fixed"
+                else " (glibc defaults: includes malloc's cache of freed blocks)"
+            )
+            + "; tensors = live-tensor peak from the profiler (weights + optimizer state + batch + step)"
+        )
+    cores = info["cpu_threads_usable"] or 1
+    busy = [r for r in ok if (r.get("other_load_cores") or 0) + threads > cores + 0.25]
+    if busy and not cuda:
+        notes.append(
+            f"{len(busy)} of {len(ok)} configurations ran while other processes kept cores busy that this run's "
+            f"{threads} thread(s) needed (up to {max(r['other_load_cores'] for r in busy):.1f} cores): their step "
+            "times are unreliable (an OpenMP team that loses a core slows down many times over), memory is not "
+            "affected; rerun on a quiet machine or with fewer --threads"
+        )
+    condensed = sorted({r["text"] for r in ok if r.get("text_condensed")})
+    if "mlm" in objectives and condensed:
+        notes.append(
+            f"MLM is skipped for MuLTI at text {condensed} (condensed text has no per-token positions); "
+            "the dense baseline still runs it there"
+        )
+    return {
+        "benchmark": "memory",
+        "complete": complete,
+        "machine": info,
+        "settings": settings,
+        "max_minutes": max_minutes,
+        "notes": notes,
+        "results": results,
+        "ratios": pair_ratios(results),
+        "goals": judge_goals(results, cuda, settings["preset"], texts),
+        "wall_s": round(wall, 1),
+    }
+
+
+def write_json(path: str | None, summary: dict[str, Any]) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(path).with_suffix(".tmp")
+        tmp.write_text(json.dumps(summary, indent=1))
+        tmp.replace(path)
 
 
 def plot_title(summary: dict[str, Any]) -> str:
@@ -866,7 +944,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="CPU: 'fixed' runs each configuration with glibc's mmap threshold fixed at 128 KiB, so that "
         "freed tensors leave the RSS (the default threshold keeps them cached: RSS 2-3x the live memory)",
     )
-    p.add_argument("--no-tensor-peak", action="store_true", help="CPU: skip the profiled live-tensor peak")
+    p.add_argument(
+        "--no-tensor-peak", action="store_true", help="CPU: skip the profiled live-tensor peak (shortest text only)"
+    )
     p.add_argument("--quick", action="store_true", help="smoke run: 8 and 32 frames, text 32, levers at 8 frames")
     p.add_argument("--from-json", help="no runs: print the table and goals of a JSON written earlier, and plot it")
     p.add_argument("--_one", help=argparse.SUPPRESS)
@@ -936,6 +1016,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results: list[dict[str, Any]] = []
     for i, c in enumerate(grid, 1):
         spec = {**settings, **c}
+        # the profiled cross-check costs one more step: at the shortest text only (goal and lever rows)
+        spec["tensor_peak"] = settings["tensor_peak"] and c["text"] == min(args.text)
         tag = f"[{i}/{len(grid)}] {LABEL[c['sampler']]:<6} frames {c['frames']:>3} text {c['text']:>3} {variant(c)}"
         left = max_minutes * 60 - (time.perf_counter() - t_start)
         if left <= 5:
@@ -952,45 +1034,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         else:
             msg = f"{res['status'].upper()} {res.get('error', '')[:160]}"
         other = res.get("other_load_cores") or 0.0
-        if other >= 0.25 and not cuda:
+        if not cuda and other + threads > (info["cpu_threads_usable"] or 1) + 0.25:
             msg += f" [other processes kept {other:.1f} cores busy]"
         print(f"{tag}: {msg} ({res.get('wall_s', 0):.0f} s; {time.perf_counter() - t_start:.0f} s total)", flush=True)
+        partial = build_summary(results, settings, info, args.text, max_minutes, time.perf_counter() - t_start, False)
+        write_json(args.json, partial)  # a run killed from outside still leaves what it measured
 
-    ok = [r for r in results if r["status"] == "ok"]
-    if cuda and ok:
-        info["gpu"] = ok[0].get("gpu")
-        info["gpu_total_bytes"] = ok[0].get("gpu_total_bytes")
-    ratios = pair_ratios(results)
-    goals = judge_goals(results, cuda, preset, args.text)
-    notes = [
-        "step = full pretraining step: VTC + VTM (hard negatives) + MLM + MCM, backward, AdamW"
-        if objectives == list(OBJECTIVES)
-        else f"step = objectives {'+'.join(objectives)}, backward, AdamW",
-    ]
-    if not cuda:
-        notes.append(
-            "CPU peak = peak RSS above the pre-step RSS"
-            + (
-                f" (glibc mmap threshold fixed at {MALLOC_THRESHOLD // 1024} KiB, so freed tensors leave the RSS; "
-                "step times include the page faults this costs)"
-                if args.cpu_malloc == "fixed"
-                else " (glibc defaults: includes malloc's cache of freed blocks)"
-            )
-            + "; tensors = live-tensor peak from the profiler (weights + optimizer state + batch + step)"
-        )
-    busy = [r for r in ok if (r.get("other_load_cores") or 0) >= 0.25]
-    if busy and not cuda:
-        notes.append(
-            f"{len(busy)} of {len(ok)} configurations ran while other processes kept >= 0.25 cores busy "
-            f"(up to {max(r['other_load_cores'] for r in busy):.1f}): their step times are unreliable, memory is not "
-            "affected; rerun on a quiet machine or with --threads 1"
-        )
-    condensed = sorted({r["text"] for r in ok if r.get("text_condensed")})
-    if "mlm" in objectives and condensed:
-        notes.append(
-            f"MLM is skipped for MuLTI at text {condensed} (condensed text has no per-token positions); "
-            "the dense baseline still runs it there"
-        )
+    summary = build_summary(
+        results, settings, info, args.text, max_minutes, time.perf_counter() - t_start, complete=True
+    )
+    goals, notes = summary["goals"], summary["notes"]
     print()
     print(format_table(results, cuda))
     print()
@@ -998,20 +1051,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print("note: " + n)
     print(format_goals(goals))
     print(f"total {time.perf_counter() - t_start:.0f} s")
-    summary = {
-        "benchmark": "memory",
-        "machine": info,
-        "settings": settings,
-        "max_minutes": max_minutes,
-        "notes": notes,
-        "results": results,
-        "ratios": ratios,
-        "goals": goals,
-        "wall_s": round(time.perf_counter() - t_start, 1),
-    }
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(summary, indent=1))
+        write_json(args.json, summary)
         print(f"wrote {args.json}")
     if args.plot:
         try:

@@ -169,7 +169,6 @@ def cuda_grid(args: argparse.Namespace, out_dir: Path) -> tuple[list[dict[str, A
         over = [
             "--config",
             "configs/pretrain/tiny.yaml",
-            "model=null",
             "model.preset=base",
             "model.vision.pretrained=false",
             "model.text.pretrained=false",
