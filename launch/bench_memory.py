@@ -687,7 +687,7 @@ def format_goals(goals: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot(results: list[dict[str, Any]], cuda: bool, title: str, path: str) -> None:
+def plot(results: list[dict[str, Any]], cuda: bool, title: str, path: str) -> bool:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -695,6 +695,9 @@ def plot(results: list[dict[str, Any]], cuda: bool, title: str, path: str) -> No
     from matplotlib.ticker import FuncFormatter, NullFormatter
 
     unit, scale = ("GiB", GiB) if cuda else ("MiB", MiB)
+    if not any(r["status"] == "ok" for r in results):
+        print("no plot: no configuration completed")
+        return False
     main = [r for r in results if r["checkpointing"] and not r["frozen"]]
     texts = sorted({r["text"] for r in main})
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -793,6 +796,7 @@ def plot(results: list[dict[str, Any]], cuda: bool, title: str, path: str) -> No
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=130)
     plt.close(fig)
+    return True
 
 
 def machine_info(cuda: bool) -> dict[str, Any]:
@@ -911,8 +915,7 @@ def report_from_json(args: argparse.Namespace) -> dict[str, Any]:
     for n in summary["notes"]:
         print("note: " + n)
     print(format_goals(summary["goals"]))
-    if args.plot:
-        plot(summary["results"], cuda, plot_title(summary), args.plot)
+    if args.plot and plot(summary["results"], cuda, plot_title(summary), args.plot):
         print(f"wrote {args.plot}")
     return summary
 
@@ -1056,10 +1059,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"wrote {args.json}")
     if args.plot:
         try:
-            plot(results, cuda, plot_title(summary), args.plot)
-            print(f"wrote {args.plot}")
+            if plot(results, cuda, plot_title(summary), args.plot):
+                print(f"wrote {args.plot}")
         except ImportError as err:  # e.g. no matplotlib on the GPU image: plot the JSON elsewhere
             print(f"no plot ({err}): run --from-json {args.json or 'OUT.json'} --plot OUT.png where matplotlib is")
+        except Exception:  # the measurements are written already: a plotting bug must not lose them
+            import traceback
+
+            traceback.print_exc()
+            print("the plot failed (see above); the JSON is complete", file=sys.stderr)
     return summary
 
 

@@ -14,7 +14,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML config (configs/demo.yaml)")
     p.add_argument("overrides", nargs="*", help="a.b=c overrides, e.g. nproc=1 'pretrain=[steps=50]'")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # overrides may come before or after the options
     run(load_config(DemoConfig, args.config, args.overrides))
 
 

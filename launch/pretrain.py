@@ -15,7 +15,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--config", help="YAML config (configs/pretrain/*.yaml)")
     p.add_argument("--local_rank", "--local-rank", type=int, help="set by the deepspeed launcher; read from env")
     p.add_argument("overrides", nargs="*", help="a.b=c overrides, e.g. steps=100 data.batch_size=8")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # overrides may come before or after the options
     cfg = load_config(TrainConfig, args.config, args.overrides)  # a typo fails here, before any process group
     setup_logging()
     train(cfg)
