@@ -607,7 +607,7 @@ def format_table(results: list[dict[str, Any]], cuda: bool) -> str:
         def ratio(name: str, rat: dict[str, Any] = rat, last: bool = last) -> str:
             return f"{rat[name]:.2f}x" if last and rat.get(name) else ""
 
-        step = f"{r['step_s']:.3f}" if ok else "-"
+        step = (f"{r['step_s']:.3f}" + ("*" if r.get("contended") else "")) if ok else "-"
         clips = f"{r['clips_per_s']:.2f}" if ok else "-"
         lines.append(
             f"{r['frames']:>6} {r['text']:>5} {variant(r):<16} {LABEL[r['sampler']]:<6} {r['status']:<7} "
@@ -866,7 +866,8 @@ def build_summary(
     busy = [r for r in ok if (r.get("other_load_cores") or 0) + threads > cores + 0.25]
     if busy and not cuda:
         notes.append(
-            f"{len(busy)} of {len(ok)} configurations ran while other processes kept cores busy that this run's "
+            f"{len(busy)} of {len(ok)} configurations (step s marked *) ran while other processes kept cores busy "
+            f"that this run's "
             f"{threads} thread(s) needed (up to {max(r['other_load_cores'] for r in busy):.1f} cores): their step "
             "times are unreliable (an OpenMP team that loses a core slows down many times over), memory is not "
             "affected; rerun on a quiet machine or with fewer --threads"
@@ -1037,7 +1038,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         else:
             msg = f"{res['status'].upper()} {res.get('error', '')[:160]}"
         other = res.get("other_load_cores") or 0.0
-        if not cuda and other + threads > (info["cpu_threads_usable"] or 1) + 0.25:
+        cores = info["cpu_threads_usable"] or 1
+        res["contended"] = not cuda and res["status"] == "ok" and other + threads > cores + 0.25
+        if res["contended"]:
             msg += f" [other processes kept {other:.1f} cores busy]"
         print(f"{tag}: {msg} ({res.get('wall_s', 0):.0f} s; {time.perf_counter() - t_start:.0f} s total)", flush=True)
         partial = build_summary(results, settings, info, args.text, max_minutes, time.perf_counter() - t_start, False)
