@@ -184,11 +184,12 @@ class PretrainLoss(nn.Module):
     @staticmethod
     def mlm(model: MuLTI, video: VideoOutput, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Masked words predicted from the fused text positions (skipped for condensed text)."""
+        labels = batch["mlm_labels"]
+        fc = model.cfg.fusion
+        if fc.sampler != "none" and labels.shape[1] > fc.text_tokens:
+            return None  # the text will be condensed: there are no per-token positions to predict
         masked = model.encode_text(batch["mlm_input_ids"], batch["attention_mask"])
         fused = model.fuse(masked, video)
-        labels = batch["mlm_labels"]
-        if fused.n_text != labels.shape[1]:
-            return None  # the text was condensed: there are no per-token positions to predict
         chosen = labels.ne(-100)
         if not chosen.any():
             return None
