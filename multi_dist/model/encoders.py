@@ -281,8 +281,3 @@ class TextEncoder(_LayeredEncoder):
         if self.adapter is not None:
             h = self.adapter(h, key_padding_mask=~attention_mask.bool())
         return self._run_layers(h, mask, self.frozen)
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int = 1) -> torch.Tensor:
-    w = mask.to(x.dtype).unsqueeze(-1)
-    return (x * w).sum(dim) / w.sum(dim).clamp_min(1)
