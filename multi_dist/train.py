@@ -14,7 +14,9 @@ import logging
 import math
 import os
 import random
+import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -179,6 +181,28 @@ class TrainState:
     first_losses: dict[str, float] = field(default_factory=dict)
 
 
+_STOP: dict[str, int | None] = {"signal": None}
+
+
+def request_stop(signum: int | None = None, frame: Any = None) -> None:
+    """Ask the loop to checkpoint and return at the next step boundary (a signal handler: Slurm's
+    warning before a time limit or preemption, a scheduler stopping a trial)."""
+    _STOP["signal"] = signum if signum is not None else -1
+
+
+def install_stop_handler(signals: tuple[int, ...] = (signal.SIGUSR2, signal.SIGTERM)) -> None:
+    for sig in signals:
+        signal.signal(sig, request_stop)
+
+
+def _stop_agreed(world: int, device: torch.device) -> bool:
+    """True on every rank once any rank was asked to stop (signals reach ranks at different steps)."""
+    flag = torch.tensor([1.0 if _STOP["signal"] is not None else 0.0], device=device)
+    if world > 1:
+        dist_.all_reduce(flag, op=dist_.ReduceOp.MAX)
+    return flag.item() > 0
+
+
 def _check_start(cfg: TrainConfig) -> None:
     """Clear start-up errors for settings the loop cannot honour, before any heavy work."""
     if cfg.data.num_frames > cfg.model.max_frames:
@@ -193,8 +217,14 @@ def _val_config(cfg: TrainConfig) -> DataConfig | None:
     )
 
 
-def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Pretrain MuLTI as configured; returns the summary (also written to ``run_dir/summary.json``)."""
+def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
+    """Pretrain (or finetune) MuLTI as configured; returns the summary (also written to
+    ``run_dir/summary.json``). ``on_log(step, metrics)`` is called on every rank with each logged
+    dict (already averaged over ranks): the hook for schedulers such as Ray Tune.
+
+    After :func:`request_stop` (e.g. a signal), the loop checkpoints at the next step boundary and
+    returns ``{"stopped": True, ...}`` without the final evaluation and export; running the same
+    config again resumes from that checkpoint."""
     import deepspeed
 
     info = distributed.init()
@@ -244,6 +274,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     frames_per_clip = cfg.data.num_frames
     global_batch = cfg.data.batch_size * world * cfg.grad_accum
     batches = iter(stream)
+
+    def emit(step: int, metrics: dict[str, float]) -> None:
+        logger.log(step, metrics)
+        if on_log is not None:
+            on_log(step, metrics)
+
     window: dict[str, list[float]] = {}
     t_window, wait_window, steps_window = time.perf_counter(), 0.0, 0
     try:
@@ -295,12 +331,19 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                         "progress/samples": state.samples,
                     }
                 )
-                logger.log(state.step, metrics)
+                emit(state.step, metrics)
                 window, t_window, wait_window, steps_window = {}, time.perf_counter(), 0.0, 0
-            if state.step % cfg.ckpt_every == 0 or state.step == cfg.steps:
+            saved = state.step % cfg.ckpt_every == 0 or state.step == cfg.steps
+            if saved:
                 _save(engine, ckpt_dir, state, cfg, stream, rank)
+            if _stop_agreed(world, device):
+                if not saved:
+                    _save(engine, ckpt_dir, state, cfg, stream, rank)
+                if rank == 0:
+                    print(f"stopped at step {state.step} on request (signal {_STOP['signal']})", flush=True)
+                return {"stopped": True, "steps": state.step, "samples": state.samples}
             if val_cfg is not None and cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < cfg.steps:
-                logger.log(
+                emit(
                     state.step,
                     evaluate_pretraining(engine.module, val_cfg, rank, world, device, bf16, cfg.eval_batches),
                 )
@@ -313,7 +356,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         }
         if val_cfg is not None:
             final = evaluate_pretraining(engine.module, val_cfg, rank, world, device, bf16, cfg.eval_batches)
-            logger.log(state.step, final)
+            emit(state.step, final)
             summary["eval"] = final
         export = run_dir / "model"
         _export(engine, export, cfg, rank)
