@@ -65,9 +65,16 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save(
-    engine: Any, ckpt_dir: str | Path, step: int, trainer: dict[str, Any], rank_state: dict[str, Any], keep: int
+    engine: Any,
+    ckpt_dir: str | Path,
+    step: int,
+    trainer: dict[str, Any],
+    rank_state: dict[str, Any],
+    keep: int,
+    files: dict[str, str] | None = None,
 ) -> str:
-    """Collective: every rank calls it. Returns the tag written."""
+    """Collective: every rank calls it. ``files`` (name -> text) are written by rank 0 beside
+    DeepSpeed's, before the checkpoint counts as complete. Returns the tag written."""
     ckpt_dir = Path(ckpt_dir)
     tag = tag_of(step)
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -76,6 +83,8 @@ def save(
     if dist.is_initialized():
         dist.barrier()
     if rank == 0:
+        for name, text in (files or {}).items():
+            _atomic_write(ckpt_dir / tag / name, text)
         _atomic_write(ckpt_dir / tag / COMPLETE, json.dumps(trainer, indent=1))
         _atomic_write(ckpt_dir / LATEST, tag)
         _prune(ckpt_dir, keep, tag)

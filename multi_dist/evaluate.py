@@ -1,15 +1,30 @@
-"""Evaluation during pretraining: zero-shot text<->video retrieval (R@1/5/10) and MCM accuracy on
-a held-out shard set, gathered across ranks."""
+"""Evaluation: a task's metrics on a held-out split, during training (every ``eval_every`` steps
+and at the end) and as its own command, ``launch/evaluate.py``, on a training checkpoint or an
+exported model folder.
+
+Every rank evaluates its share of the split; records are gathered and the metrics computed from
+all of them, so 1 and N processes give the same numbers. A report is written per task and per
+checkpoint: ``{out_dir}/{task}-{tag}.json`` (metrics, what was evaluated, where) and, beside it,
+the predictions (QA, multiple choice, labels) or the rankings (retrieval) as JSON lines.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
 
-from .data.pipeline import DataConfig, VideoTextStream
-from .model.multi import MuLTI
+from .data.pipeline import DataConfig
+from .model.multi import _TIED, ModelConfig, MuLTI, read_config
+from .tasks import EvalContext, Task, TaskConfig, make_task, run_evaluation, task_class
+
+TASK_FILE = "task.json"  # beside exported weights: the task and its vocabulary (QA answers, label names)
 
 
 def to_device(batch: dict[str, Any], device: torch.device, bf16: bool) -> dict[str, Any]:
@@ -24,92 +39,198 @@ def to_device(batch: dict[str, Any], device: torch.device, bf16: bool) -> dict[s
     return out
 
 
-def ranks_of_truth(sim: torch.Tensor) -> torch.Tensor:
-    """For a square similarity matrix whose diagonal holds the true pairs: the 1-based rank of the
-    true column in each row (ties counted pessimistically: an equal score ranks ahead)."""
-    truth = sim.diagonal().unsqueeze(1)
-    return (sim >= truth).sum(1)
-
-
-def recall_at(ranks: torch.Tensor, ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
-    return {f"r{k}": float((ranks <= k).float().mean()) for k in ks}
-
-
-def _eval_step(model: MuLTI, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-    video = model.encode_video(batch["video"], batch.get("frame_mask"))
-    text = model.encode_text(batch["input_ids"], batch["attention_mask"])
-    out = {"text": text.embed.float(), "video": video.embed.float()}
-    if "mcm_input_ids" in batch:
-        logits = model.mcm_logits(video, batch["mcm_input_ids"], batch["mcm_attention_mask"])
-        answer = batch["mcm_answer"]
-        valid = answer.ne(-100)
-        out["mcm_correct"] = ((logits.argmax(1) == answer) & valid).sum()
-        out["mcm_total"] = valid.sum()
-    return out
-
-
-@torch.no_grad()
-def evaluate_pretraining(
-    model: MuLTI, cfg: DataConfig, rank: int, world: int, device: torch.device, bf16: bool, max_batches: int = 0
-) -> dict[str, float]:
-    """Every rank runs the same number of forward passes (ZeRO-3 gathers parameters collectively):
-    a rank that runs out of batches repeats its last one and discards the result."""
-    was_training = model.training
-    model.eval()
-    stream = iter(VideoTextStream(cfg, rank, world))
-    keys: list[str] = []
-    texts, videos = [], []
-    correct = total = 0
-    last = None
-    n = 0
-    while True:
-        batch = next(stream, None) if not (max_batches and n >= max_batches) else None
-        more = torch.tensor([batch is not None], dtype=torch.float32, device=device)
-        if world > 1:
-            dist.all_reduce(more, op=dist.ReduceOp.MAX)
-        if more.item() == 0:
-            break
-        n += 1
-        if batch is None:
-            model(to_device(last, device, bf16), _eval_step)  # keep step with the other ranks
-            continue
-        last = batch
-        out = model(to_device(batch, device, bf16), _eval_step)
-        keys += batch["key"]
-        texts.append(out["text"].cpu())
-        videos.append(out["video"].cpu())
-        if "mcm_correct" in out:
-            correct += int(out["mcm_correct"])
-            total += int(out["mcm_total"])
-    local = (
-        keys,
-        torch.cat(texts) if texts else torch.zeros(0),
-        torch.cat(videos) if videos else torch.zeros(0),
-        correct,
-        total,
+def eval_data_config(data: DataConfig) -> DataConfig:
+    """Every sample exactly once, the same frames and crops every time."""
+    return dataclasses.replace(
+        data, resampled=False, frame_sampling="uniform", crop="center", shardshuffle=False, shuffle_buffer=0
     )
-    parts = [None] * world
-    if world > 1:
-        dist.all_gather_object(parts, local)
-    else:
-        parts = [local]
-    seen: set[str] = set()
-    t_rows, v_rows = [], []
-    for part_keys, t, v, _, _ in parts:
-        for i, key in enumerate(part_keys):
-            if key not in seen:  # resampled or capped streams may repeat a sample
-                seen.add(key)
-                t_rows.append(t[i])
-                v_rows.append(v[i])
-    text = torch.stack(t_rows)
-    video = torch.stack(v_rows)
-    sim = text @ video.t()
-    metrics = {f"eval/t2v_{k}": v for k, v in recall_at(ranks_of_truth(sim)).items()}
-    metrics.update({f"eval/v2t_{k}": v for k, v in recall_at(ranks_of_truth(sim.t())).items()})
-    metrics["eval/clips"] = float(len(t_rows))
-    metrics["eval/chance_r1"] = 1.0 / len(t_rows)
-    mcm_total = sum(p[4] for p in parts)
-    if mcm_total:
-        metrics["eval/mcm_acc"] = sum(p[3] for p in parts) / mcm_total
-    model.train(was_training)
+
+
+def evaluate_task(
+    model: MuLTI, task: Task, data: DataConfig, ctx: EvalContext, max_batches: int = 0
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    return run_evaluation(model, task, task.data_config(eval_data_config(data), training=False), ctx, max_batches)
+
+
+def scalars(metrics: dict[str, Any], prefix: str = "eval/") -> dict[str, float]:
+    """The loggable part of a report: finite numbers, prefixed (per-class tables stay in the report)."""
+    return {
+        f"{prefix}{k}": float(v)
+        for k, v in metrics.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    }
+
+
+def write_report(
+    out_dir: str | Path,
+    task: str,
+    tag: str,
+    metrics: dict[str, Any],
+    predictions: list[dict[str, Any]],
+    info: dict[str, Any],
+) -> Path:
+    """``{out_dir}/{task}-{tag}.json`` and its predictions (``.predictions.jsonl``; retrieval:
+    ``.rankings.jsonl``), each written whole under a temporary name, then renamed."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{task}-{tag}"
+    kind = "rankings" if task == "retrieval" else "predictions"
+    pred_file = out / f"{stem}.{kind}.jsonl"
+    tmp = pred_file.with_name(f".{pred_file.name}.tmp")
+    with tmp.open("w") as f:
+        for p in predictions:
+            f.write(json.dumps(p) + "\n")
+    tmp.replace(pred_file)
+    report = out / f"{stem}.json"
+    tmp = report.with_name(f".{report.name}.tmp")
+    tmp.write_text(json.dumps({"task": task, "tag": tag, **info, "metrics": metrics, kind: pred_file.name}, indent=1))
+    tmp.replace(report)
+    return report
+
+
+# ----------------------------------------------------------------------------------------------
+# What to evaluate: a checkpoint or an exported model
+
+
+@dataclass
+class Source:
+    kind: Literal["model", "checkpoint"]
+    folder: Path
+    tag: str
+
+
+def resolve(path: str | Path) -> Source:
+    """An exported model folder, a checkpoint (``RUN/checkpoints/step_N``), a checkpoints folder
+    or a run folder (their latest complete checkpoint, else the run's exported ``model/``)."""
+    from . import checkpoint
+
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"init: {p} does not exist")
+    if (p / "model.safetensors").is_file():
+        return Source("model", p, p.parent.name + "-model" if p.name == "model" else p.name)
+    if (p / checkpoint.COMPLETE).is_file():
+        return Source("checkpoint", p, p.name)
+    for ckpts in (p, p / "checkpoints"):
+        if (ckpts / checkpoint.LATEST).is_file():
+            tag = checkpoint.latest_tag(ckpts)
+            return Source("checkpoint", ckpts / tag, tag)
+    if (p / "model" / "model.safetensors").is_file():
+        return resolve(p / "model")
+    raise FileNotFoundError(
+        f"init: {p} is neither a model folder (model.safetensors), a checkpoint (trainer.json) nor a run "
+        "or checkpoints folder with a 'latest' checkpoint"
+    )
+
+
+def source_config(src: Source) -> ModelConfig:
+    cfg = read_config(src.folder)
+    if src.kind == "checkpoint" and not (src.folder / "config.json").is_file():
+        raise FileNotFoundError(f"{src.folder} has no config.json (written with every checkpoint)")
+    return cfg
+
+
+def source_task(src: Source) -> dict[str, Any] | None:
+    """The task the weights were trained for, with its vocabulary (None for pretrained weights)."""
+    if src.kind == "model":
+        f = src.folder / TASK_FILE
+        return json.loads(f.read_text()) if f.is_file() else None
+    from .checkpoint import COMPLETE
+
+    return json.loads((src.folder / COMPLETE).read_text()).get("task")
+
+
+def source_weights(src: Source) -> dict[str, torch.Tensor]:
+    """fp32 weights: safetensors of an export, or DeepSpeed's own consolidation of a (ZeRO)
+    checkpoint, which works whatever the number of ranks that wrote it."""
+    if src.kind == "model":
+        from safetensors.torch import load_file
+
+        return load_file(str(src.folder / "model.safetensors"))
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(src.folder.parent), tag=src.tag)
+
+
+def load_weights(model: MuLTI, state: dict[str, torch.Tensor], origin: str, new_heads: bool = False) -> None:
+    """Strict, except for the tied MLM decoder and, when finetuning (``new_heads``), the heads the
+    task adds: anything else missing or unexpected is an error naming the parameters."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    allowed = set(_TIED)
+    if new_heads:
+        allowed |= {k for k in missing if k.startswith(("qa_head.", "label_head."))}
+        unexpected = [k for k in unexpected if not k.startswith(("qa_head.", "label_head."))]
+    if set(missing) - allowed or unexpected:
+        raise ValueError(
+            f"{origin} does not fit the model: missing {sorted(set(missing) - allowed)}, "
+            f"unexpected {sorted(unexpected)}"
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# The evaluate command
+
+
+@dataclass
+class EvalConfig:
+    init: str = ""
+    """What to evaluate: an exported model folder, a checkpoint (``RUN/checkpoints/step_N``), or a
+    run folder (its latest checkpoint)."""
+    out_dir: str = "runs/eval"
+    """Reports go to ``{out_dir}/{task}-{tag}.json`` (tag: the checkpoint's, e.g. step_00000200)."""
+    task: TaskConfig = field(default_factory=TaskConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    """The split to evaluate (read once, in order; ``data.batch_size`` per rank)."""
+    max_batches: int = 0
+    """Cap on batches per rank (0: the whole split)."""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    seed: int = 0
+
+    def validate(self) -> None:
+        if not self.init:
+            raise ValueError("init: set the checkpoint, run or model folder to evaluate")
+        if not self.data.path:
+            raise ValueError("data.path: set the shards of the split to evaluate")
+        if self.max_batches < 0:
+            raise ValueError("max_batches must be >= 0")
+
+
+def evaluate(cfg: EvalConfig) -> dict[str, Any]:
+    """Evaluate ``cfg.init`` on ``cfg.data`` for ``cfg.task``; returns the metrics (every rank) and
+    writes the report (rank 0)."""
+    from . import dist as distributed
+
+    info = distributed.init()
+    device = distributed.device(info)
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    src = resolve(cfg.init)
+    trained = source_task(src)
+    vocab = None
+    if task_class(cfg.task.name).needs_vocab:
+        if not trained or trained.get("task") != cfg.task.name:
+            found = trained.get("task") if trained else "none"
+            raise ValueError(f"init: {src.folder} was not finetuned for task {cfg.task.name!r} (it was: {found})")
+        vocab = trained["vocab"]
+    task = make_task(cfg.task, vocab, cfg.seed)
+    model = MuLTI(source_config(src))
+    load_weights(model, source_weights(src), str(src.folder))
+    model.to(device)
+    if bf16:
+        model.to(torch.bfloat16)
+    ctx = EvalContext(info.rank, info.world_size, device, bf16, cfg.data.batch_size)
+    metrics, predictions = evaluate_task(model, task, cfg.data, ctx, cfg.max_batches)
+    if info.rank == 0:
+        report = write_report(
+            cfg.out_dir,
+            task.name,
+            src.tag,
+            metrics,
+            predictions,
+            {"init": str(src.folder), "data": cfg.data.path, "world_size": info.world_size},
+        )
+        print(f"{task.name} on {cfg.data.path} ({src.folder}):", flush=True)
+        print("  " + ", ".join(f"{k} {v:.4f}" for k, v in scalars(metrics, "").items()), flush=True)
+        print(f"  report: {report}", flush=True)
+    if dist.is_initialized():
+        dist.barrier()
     return metrics

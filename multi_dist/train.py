@@ -28,10 +28,22 @@ from . import checkpoint
 from . import dist as distributed
 from .config import save_config, to_dict
 from .data.pipeline import DataConfig, VideoTextStream
-from .evaluate import evaluate_pretraining, to_device
+from .evaluate import (
+    TASK_FILE,
+    eval_data_config,
+    evaluate_task,
+    load_weights,
+    resolve,
+    scalars,
+    source_config,
+    source_weights,
+    to_device,
+    write_report,
+)
 from .metrics import MetricLogger, WandbConfig
 from .model.multi import ModelConfig, MuLTI
-from .objectives import LossConfig, PretrainLoss
+from .objectives import LossConfig
+from .tasks import EvalContext, Task, TaskConfig, make_task, task_class
 
 log = logging.getLogger("multi_dist.train")
 
@@ -94,6 +106,13 @@ class TrainConfig:
     """A non-finite loss: stop with an error naming the step, or skip that batch (no update)."""
     resume: bool = True
     """Continue from the latest complete checkpoint in ``run_dir/checkpoints`` when there is one."""
+    init: str = ""
+    """Start from these weights (finetuning): an exported model folder, a checkpoint or a run
+    folder (see ``launch/evaluate.py``). The architecture comes from there; ``model.checkpointing``
+    and ``model.heads.label_source`` apply, and the task adds its heads. A run's own checkpoints
+    take precedence when it resumes."""
+    task: TaskConfig = field(default_factory=TaskConfig)
+    """What to train: ``pretrain`` or a downstream task (qa, choice, retrieval, labels)."""
     data: DataConfig = field(default_factory=DataConfig)
     """Training shards; ``data.batch_size`` is the micro-batch per rank."""
     val: DataConfig | None = None
@@ -139,12 +158,13 @@ def build_ds_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
     }
 
 
-def param_groups(model: MuLTI, cfg: OptimConfig) -> list[dict[str, Any]]:
-    """Pretrained encoder weights at ``encoder_lr``, everything new at ``lr``; no weight decay on
-    biases, norms, embeddings' scale-free parameters."""
+def param_groups(model: MuLTI, cfg: OptimConfig, initialized: bool = False) -> list[dict[str, Any]]:
+    """Pretrained encoder weights (from the hub, or from ``init`` when ``initialized``) at
+    ``encoder_lr``, everything new at ``lr``; no weight decay on biases, norms, scale-free
+    parameters."""
     pretrained = set()
     for enc, enc_cfg in ((model.video, model.cfg.vision), (model.text, model.cfg.text)):
-        if enc_cfg.pretrained:
+        if enc_cfg.pretrained or initialized:
             pretrained |= {id(p) for p in enc.backbone.parameters()}
     groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
     for name, p in model.named_parameters():
@@ -209,12 +229,35 @@ def _check_start(cfg: TrainConfig) -> None:
         raise ValueError(f"data.num_frames={cfg.data.num_frames} exceeds model.max_frames={cfg.model.max_frames}")
 
 
-def _val_config(cfg: TrainConfig) -> DataConfig | None:
+def _val_config(cfg: TrainConfig, task: Task) -> DataConfig | None:
     if cfg.val is None or not cfg.val.path:
         return None
-    return dataclasses.replace(
-        cfg.val, resampled=False, frame_sampling="uniform", crop="center", shardshuffle=False, shuffle_buffer=0
-    )
+    return task.data_config(eval_data_config(cfg.val), training=False)
+
+
+def _task_vocab(cfg: TaskConfig, run_dir: Path, train_path: str) -> list[str] | None:
+    """The task's vocabulary: the one this run started with (resume), else from the training split."""
+    saved = run_dir / TASK_FILE
+    if saved.is_file():
+        data = json.loads(saved.read_text())
+        if data.get("task") == cfg.name:
+            return data["vocab"]
+    return task_class(cfg.name).build_vocab(cfg, train_path)
+
+
+def _build_model(cfg: TrainConfig, task: Task) -> MuLTI:
+    """The model as configured, or (``init``) rebuilt from the given weights with the task's heads."""
+    if not cfg.init:
+        cfg.model.heads = dataclasses.replace(cfg.model.heads, **task.heads())
+        return MuLTI(cfg.model)
+    src = resolve(cfg.init)
+    model_cfg = source_config(src)
+    model_cfg.checkpointing = cfg.model.checkpointing
+    model_cfg.heads = dataclasses.replace(model_cfg.heads, label_source=cfg.model.heads.label_source, **task.heads())
+    cfg.model = model_cfg  # the run's config records the architecture it really trains
+    model = MuLTI(model_cfg)
+    load_weights(model, source_weights(src), str(src.folder), new_heads=True)
+    return model
 
 
 def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
@@ -234,17 +277,22 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, float]], None] | No
     run_dir = Path(cfg.run_dir)
     ckpt_dir = run_dir / "checkpoints"
     _check_start(cfg)
-    stream = VideoTextStream(cfg.data, rank, world)  # fails here, named, on missing or unfit shards
-    val_cfg = _val_config(cfg)
+    vocab = _task_vocab(cfg.task, run_dir, cfg.data.path)
+    task = make_task(cfg.task, vocab, cfg.seed, loss=cfg.loss)
+    # fails here, named, on missing or unfit shards
+    stream = VideoTextStream(task.data_config(cfg.data, training=True), rank, world, task.collate_fn(training=True))
+    val_cfg = _val_config(cfg, task)
     if val_cfg is not None:
         VideoTextStream(val_cfg, rank, world)  # the same checks for the validation set, before training
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    model = _build_model(cfg, task)
+    task_state = {"task": task.name, "vocab": task.vocab}
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
-    random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    model = MuLTI(cfg.model)
-    groups = param_groups(model, cfg.optim)
+        (run_dir / TASK_FILE).write_text(json.dumps(task_state))
+    groups = param_groups(model, cfg.optim, initialized=bool(cfg.init))
     if cfg.zero.offload_optimizer:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
@@ -258,7 +306,7 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, float]], None] | No
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=build_ds_config(cfg, world)
     )
-    loss_fn = PretrainLoss(cfg.loss)
+    ctx = EvalContext(rank, world, device, bf16, val_cfg.batch_size if val_cfg else 1)
     state = TrainState()
     tag = checkpoint.latest_tag(ckpt_dir) if cfg.resume else None
     if tag is not None:
@@ -292,7 +340,7 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, float]], None] | No
                     batches = iter(stream)
                     batch = next(batches)
                 wait_window += time.perf_counter() - t0
-                out = engine(to_device(batch, device, bf16), loss_fn)
+                out = engine(to_device(batch, device, bf16), task.loss)
                 loss = out["loss"]
                 finite = torch.isfinite(loss.detach()).float()
                 if world > 1:
@@ -335,18 +383,16 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, float]], None] | No
                 window, t_window, wait_window, steps_window = {}, time.perf_counter(), 0.0, 0
             saved = state.step % cfg.ckpt_every == 0 or state.step == cfg.steps
             if saved:
-                _save(engine, ckpt_dir, state, cfg, stream, rank)
+                _save(engine, ckpt_dir, state, cfg, stream, rank, task)
             if _stop_agreed(world, device):
                 if not saved:
-                    _save(engine, ckpt_dir, state, cfg, stream, rank)
+                    _save(engine, ckpt_dir, state, cfg, stream, rank, task)
                 if rank == 0:
                     print(f"stopped at step {state.step} on request (signal {_STOP['signal']})", flush=True)
                 return {"stopped": True, "steps": state.step, "samples": state.samples}
             if val_cfg is not None and cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < cfg.steps:
-                emit(
-                    state.step,
-                    evaluate_pretraining(engine.module, val_cfg, rank, world, device, bf16, cfg.eval_batches),
-                )
+                metrics, _ = evaluate_task(engine.module, task, val_cfg, ctx, cfg.eval_batches)
+                emit(state.step, scalars(metrics))
         summary: dict[str, Any] = {
             "steps": state.step,
             "samples": state.samples,
@@ -355,11 +401,18 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, float]], None] | No
             "last_losses": logger.last_losses(),
         }
         if val_cfg is not None:
-            final = evaluate_pretraining(engine.module, val_cfg, rank, world, device, bf16, cfg.eval_batches)
+            metrics, predictions = evaluate_task(engine.module, task, val_cfg, ctx, cfg.eval_batches)
+            final = scalars(metrics)
             emit(state.step, final)
             summary["eval"] = final
+            if rank == 0:
+                info = {"init": str(run_dir), "data": val_cfg.path, "world_size": world}
+                report = write_report(
+                    run_dir / "eval", task.name, checkpoint.tag_of(state.step), metrics, predictions, info
+                )
+                summary["eval_report"] = str(report)
         export = run_dir / "model"
-        _export(engine, export, cfg, rank)
+        _export(engine, export, cfg, rank, task_state)
         summary["export"] = str(export)
         if rank == 0:
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -385,15 +438,23 @@ def _peak_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (peak RSS)
 
 
-def _save(engine: Any, ckpt_dir: Path, state: TrainState, cfg: TrainConfig, stream: VideoTextStream, rank: int) -> None:
-    trainer = {"state": dataclasses.asdict(state), "config": to_dict(cfg)}
+def _save(
+    engine: Any, ckpt_dir: Path, state: TrainState, cfg: TrainConfig, stream: VideoTextStream, rank: int, task: Task
+) -> None:
+    trainer = {
+        "state": dataclasses.asdict(state),
+        "config": to_dict(cfg),
+        "task": {"task": task.name, "vocab": task.vocab},
+    }
     rank_state = {"data": stream.state_dict(), "rng": checkpoint.rng_state()}
-    tag = checkpoint.save(engine, ckpt_dir, state.step, trainer, rank_state, cfg.keep_checkpoints)
+    # the model's self-contained config beside the weights: evaluation rebuilds it with no hub access
+    files = {"config.json": json.dumps(engine.module.config_dict(), indent=1)}
+    tag = checkpoint.save(engine, ckpt_dir, state.step, trainer, rank_state, cfg.keep_checkpoints, files)
     if rank == 0:
         print(f"checkpoint {ckpt_dir / tag}", flush=True)
 
 
-def _export(engine: Any, folder: Path, cfg: TrainConfig, rank: int) -> None:
+def _export(engine: Any, folder: Path, cfg: TrainConfig, rank: int, task_state: dict[str, Any]) -> None:
     """The final model as a folder that ``MuLTI.from_pretrained`` loads (ZeRO-3 parameters are
     gathered first), with the tokenizer beside it."""
     import deepspeed
@@ -411,6 +472,7 @@ def _export(engine: Any, folder: Path, cfg: TrainConfig, rank: int) -> None:
             if use_bf16(cfg):  # export fp32 weights, whatever the training precision
                 module = _fp32_copy(module)
             module.save_pretrained(folder, tokenizer=load_tokenizer(cfg.data.tokenizer))
+            (folder / TASK_FILE).write_text(json.dumps(task_state))
     if dist_.is_initialized():
         dist_.barrier()
 

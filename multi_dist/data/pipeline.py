@@ -87,6 +87,9 @@ class DataConfig:
     """BERT masking of the captions for MLM (``mlm_input_ids``/``mlm_labels``); 0 turns it off."""
     mcm: MCMConfig = field(default_factory=MCMConfig)
     """Multiple Choice Modeling questions built from the captions in the workers."""
+    require_caption: bool = True
+    """Skip samples without a caption (pretraining); tasks that read other fields (QA, labels)
+    turn this off."""
     video_exts: list[str] = field(default_factory=lambda: list(VIDEO_EXTS))
     prefetch_factor: int = 2
 
@@ -106,6 +109,10 @@ class DataConfig:
 
 # ----------------------------------------------------------------------------------------------
 # Per-worker stages
+
+TaskCollate = Callable[[list[dict[str, Any]], Any, int, int], dict[str, Any]]
+"""A task's batch fields, built in the workers: ``f(samples, tokenizer, max_len, epoch)``; each
+sample has ``key``, ``video``, ``caption`` and ``meta`` (the sample's json: the task fields)."""
 
 
 @dataclass
@@ -184,10 +191,12 @@ class _WorkerStream(IterableDataset):
     def __init__(
         self, cfg: DataConfig, shards: list[str], rank: int, world: int, epoch: int,
         positions: list[WorkerPosition], batches_per_worker: int | None, vocab: AnswerVocab | None,
+        task_collate: TaskCollate | None = None,
     ) -> None:
         super().__init__()
         self.cfg, self.shards, self.rank, self.world, self.epoch = cfg, shards, rank, world, epoch
         self.positions, self.batches_per_worker, self.vocab = positions, batches_per_worker, vocab
+        self.task_collate = task_collate
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -201,7 +210,7 @@ class _WorkerStream(IterableDataset):
             yield {"_stream": {**_position_info(worker, counters), "done": True}}
             return
         stages = worker_stages(self.cfg, self.shards, self.rank, self.world, worker, num_workers,
-                               self.epoch, pos, self.batches_per_worker, counters, self.vocab)
+                               self.epoch, pos, self.batches_per_worker, counters, self.vocab, self.task_collate)
         stream: Iterable[Any] = ()
         for stage in stages:
             stream = stage(stream)
@@ -212,7 +221,7 @@ class _WorkerStream(IterableDataset):
 def worker_stages(
     cfg: DataConfig, shards: list[str], rank: int, world: int, worker: int, num_workers: int,
     epoch: int, pos: WorkerPosition, batches_per_worker: int | None, counters: _Counters,
-    vocab: AnswerVocab | None = None,
+    vocab: AnswerVocab | None = None, task_collate: TaskCollate | None = None,
 ) -> list[Callable[[Iterable[Any]], Iterable[Any]]]:
     """The pipeline of one worker as an explicit list of stages (each: iterator -> iterator)."""
     seed = cfg.seed
@@ -236,6 +245,8 @@ def worker_stages(
         if vocab is not None:
             questions = [build_question(s["caption"], s["key"], vocab, lexicon, cfg.mcm) for s in group]
             batch.update(collate_mcm(questions, batch["caption"], tokenizer, cfg.max_text_len, cfg.mcm.num_options))
+        if task_collate is not None:
+            batch.update(task_collate(group, tokenizer, cfg.max_text_len, epoch))
         return batch
 
     def on_tar_error(exn: Exception) -> bool:
@@ -323,7 +334,7 @@ def _decode_sample(sample: dict, cfg: DataConfig, exts: tuple[str, ...], rng: ra
         caption = sample["txt"].decode("utf-8").strip()
     else:
         caption = str(meta.get("caption", "")).strip()
-    if not caption:
+    if not caption and cfg.require_caption:
         raise ValueError("empty caption")
     resize_to = None
     if meta.get("width") and meta.get("height"):
@@ -362,10 +373,13 @@ class VideoTextStream:
     ...     batch["input_ids"]            # (B, L) int64
     """
 
-    def __init__(self, cfg: DataConfig, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self, cfg: DataConfig, rank: int = 0, world_size: int = 1, task_collate: TaskCollate | None = None
+    ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.task_collate = task_collate
         self.shards = list_shards(cfg.path)
         self.sizes = shard_sizes(self.shards)
         self.num_workers = max(cfg.num_workers, 1)
@@ -452,7 +466,7 @@ class VideoTextStream:
     # -- iteration ----------------------------------------------------------------------------
     def _loader(self) -> Iterable[dict[str, Any]]:
         dataset = _WorkerStream(self.cfg, self.shards, self.rank, self.world_size, self.epoch,
-                                self.positions, self.batches_per_worker, self.vocab)
+                                self.positions, self.batches_per_worker, self.vocab, self.task_collate)
         if self.cfg.num_workers == 0:
             return dataset
         # its own generator: starting workers must not draw from the global torch RNG, whose state a

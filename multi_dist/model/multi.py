@@ -263,10 +263,12 @@ class MuLTI(nn.Module):
         text = self.encode_text(option_ids.reshape(b * o, seq), option_mask.reshape(b * o, seq))
         return self.mcm_head(self.fuse(text, video, groups=o).cls).view(b, o)
 
-    def qa_logits(self, text: TextOutput, video: VideoOutput) -> torch.Tensor:
+    def qa_logits(self, text: TextOutput, video: VideoOutput, groups: int = 1) -> torch.Tensor:
+        """Open-ended QA over the answer vocabulary: ``groups`` questions per clip (rows
+        ``b*groups + g``), the video encoded once. Returns (B*groups, answers)."""
         if self.qa_head is None:
             raise ValueError("this model has no QA head: set model.heads.qa_answers")
-        return self.qa_head(self.fuse(text, video).cls)
+        return self.qa_head(self.fuse(text, video, groups=groups).cls)
 
     def label_logits(self, video: VideoOutput, text: TextOutput | None = None) -> torch.Tensor:
         """Multi-label logits from the multimodal CLS (text: e.g. a title or a prompt) or, with
@@ -280,19 +282,24 @@ class MuLTI(nn.Module):
         return self.label_head(self.fuse(text, video).cls)
 
     # -- saving and loading ---------------------------------------------------------------------
-    def save_pretrained(self, folder: str | Path, tokenizer: Any = None) -> Path:
-        """``config.json`` (self-contained: encoder architectures inline, no hub needed to load)
-        + ``model.safetensors`` (+ the tokenizer's files when given)."""
-        from safetensors.torch import save_file
-
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
+    def config_dict(self) -> dict[str, Any]:
+        """The config as ``config.json`` holds it: self-contained (encoder architectures inline,
+        ``pretrained`` off), so the model can be rebuilt with no hub access before its weights load."""
         cfg = to_dict(self.cfg)
         cfg["preset"] = "custom"
         for name, enc in (("vision", self.video), ("text", self.text)):
             cfg[name]["pretrained"] = False
             cfg[name]["arch"] = _arch_of(enc.backbone.config)
-        (folder / "config.json").write_text(json.dumps({"model_type": "multi", **cfg}, indent=1))
+        return {"model_type": "multi", **cfg}
+
+    def save_pretrained(self, folder: str | Path, tokenizer: Any = None) -> Path:
+        """``config.json`` (see :meth:`config_dict`) + ``model.safetensors`` (+ the tokenizer's
+        files when given)."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.json").write_text(json.dumps(self.config_dict(), indent=1))
         # fresh contiguous copies: under DeepSpeed, parameters are views into flat buffers
         tensors = {k: v.detach().clone().contiguous() for k, v in self.state_dict().items() if k not in _TIED}
         save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
@@ -306,13 +313,7 @@ class MuLTI(nn.Module):
         from safetensors.torch import load_file
 
         folder = Path(folder)
-        config_file = folder / "config.json"
-        if not config_file.is_file():
-            raise FileNotFoundError(f"{folder} is not a saved MuLTI model (no config.json)")
-        data = json.loads(config_file.read_text())
-        if data.pop("model_type", None) != "multi":
-            raise ValueError(f"{config_file} is not a MuLTI config (model_type != 'multi')")
-        model = cls(from_dict(ModelConfig, data))
+        model = cls(read_config(folder))
         weights = folder / "model.safetensors"
         missing, unexpected = model.load_state_dict(load_file(str(weights)), strict=False)
         if set(missing) - _TIED or unexpected:
@@ -321,6 +322,17 @@ class MuLTI(nn.Module):
                 f"unexpected {sorted(unexpected)}"
             )
         return model
+
+
+def read_config(folder: str | Path) -> ModelConfig:
+    """The model config of a saved model (or of a training checkpoint, which holds the same file)."""
+    config_file = Path(folder) / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{folder} is not a saved MuLTI model or checkpoint (no config.json)")
+    data = json.loads(config_file.read_text())
+    if data.pop("model_type", None) != "multi":
+        raise ValueError(f"{config_file} is not a MuLTI config (model_type != 'multi')")
+    return from_dict(ModelConfig, data)
 
 
 _TIED = {"mlm_head.decoder.weight"}  # the text word embeddings, saved once under their own name

@@ -1,0 +1,239 @@
+"""What every task shares: its config, the interface the loop and the evaluation call, reading
+task fields from shards, and the evaluation driver that keeps ranks in step.
+
+A task is four pieces, each small:
+
+    collate(samples, tokenizer, max_len, epoch)   in the data workers: the task's batch fields
+    loss(model, batch)                             the training objective (a dict with ``loss``
+                                                   and ``objective``, plus per-task metrics)
+    eval_step(model, batch)                        per-sample records (gathered from every rank)
+    finish(records, ctx)                           metrics and predictions from all records
+
+Task fields live in each sample's json (and the parquet beside the shards), as written by
+``shards/convert.py`` and the demo corpus: ``qa`` (open-ended questions), ``mc`` or
+``options``/``answer`` (multiple choice), ``captions`` (retrieval) and ``labels``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import logging
+import os
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+
+from ..data.pipeline import DataConfig, VideoTextStream
+from ..data.shardlist import list_shards
+from ..model.multi import MuLTI
+
+log = logging.getLogger("multi_dist.tasks")
+TaskName = Literal["pretrain", "qa", "choice", "retrieval", "labels"]
+
+
+@dataclass
+class TaskConfig:
+    name: TaskName = "pretrain"
+    """``pretrain`` (VTC/VTM/MLM/MCM), ``qa`` (open-ended video QA), ``choice`` (multiple-choice
+    QA, scored by the MCM head), ``retrieval`` (text-video, VTC + VTM re-ranking) or ``labels``
+    (multi-label classification)."""
+    answers: int = 1000
+    """qa: the answer vocabulary is the top-K answers of the training split."""
+    labels: list[str] = field(default_factory=list)
+    """labels: the class names (empty: every label seen in the training split, sorted)."""
+    threshold: float = 0.5
+    """labels: a class is predicted when its probability is at least this."""
+    prompt: str = ""
+    """labels with ``model.heads.label_source: fusion``: the text fused with the video for every
+    clip (empty: the sample's caption, e.g. a title)."""
+    max_questions: int = 8
+    """qa/choice training: at most this many of a clip's questions per step (drawn per epoch);
+    evaluation always asks all of them."""
+    rerank_k: int = 16
+    """retrieval evaluation: re-rank each query's top-k VTC candidates with the VTM head (0: VTC only)."""
+
+    def validate(self) -> None:
+        if self.answers <= 0 or self.max_questions <= 0 or self.rerank_k < 0:
+            raise ValueError("answers and max_questions must be positive, rerank_k >= 0")
+        if not 0.0 < self.threshold < 1.0:
+            raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
+        if len(set(self.labels)) != len(self.labels):
+            raise ValueError("labels has duplicates")
+
+
+@dataclass
+class EvalContext:
+    """What evaluation code needs to know about the process it runs in."""
+
+    rank: int
+    world: int
+    device: torch.device
+    bf16: bool
+    batch_size: int
+
+
+def item_rng(*parts: Any) -> random.Random:
+    """Per-sample randomness (which questions, which caption) seeded like the pipeline's: the same
+    choice whatever the number of ranks and workers, and after a resume."""
+    return random.Random(":".join(str(p) for p in ("task", *parts)))
+
+
+def tokenize(tokenizer: Any, texts: list[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    tok = tokenizer(texts, padding="max_length", truncation=True, max_length=max_len, return_tensors="pt")
+    return tok["input_ids"], tok["attention_mask"]
+
+
+def field_values(path: str, name: str) -> Iterator[Any]:
+    """Every sample's value of a task field over a shard set (None where a sample lacks it): from
+    the parquet files beside local shards (fast: no tar is opened), else from the json members."""
+    shards = list_shards(path)
+    folder = os.path.dirname(shards[0])
+    parquets = sorted(glob.glob(os.path.join(folder, "*.parquet")))
+    if parquets and "://" not in shards[0] and not shards[0].startswith("pipe:"):
+        import pyarrow.parquet as pq
+
+        for file in parquets:
+            table = pq.read_table(file)
+            if "status" in table.column_names:
+                ok = [s == "success" for s in table.column("status").to_pylist()]
+            else:
+                ok = [True] * table.num_rows
+            values = table.column(name).to_pylist() if name in table.column_names else [None] * table.num_rows
+            for keep, value in zip(ok, values):
+                if keep:
+                    yield json.loads(value) if isinstance(value, str) and value[:1] in "[{" else value
+        return
+    from webdataset import tariterators
+
+    for sample in tariterators.tarfile_samples([{"url": u} for u in shards]):
+        meta = json.loads(sample["json"]) if "json" in sample else {}
+        yield meta.get(name)
+
+
+class Task:
+    """The interface; see the module docstring. ``vocab`` is the task's state that must travel
+    with the weights (QA answers, label names): saved in checkpoints and exported models."""
+
+    name = "task"
+    needs_vocab = False
+
+    def __init__(self, cfg: TaskConfig, vocab: list[str] | None = None, seed: int = 0) -> None:
+        self.cfg = cfg
+        self.seed = seed
+        if self.needs_vocab and not vocab:
+            raise ValueError(f"task {self.name}: empty vocabulary")
+        self.vocab = list(vocab or [])
+        self.index = {v: i for i, v in enumerate(self.vocab)}
+
+    # -- set-up ---------------------------------------------------------------------------------
+    @classmethod
+    def build_vocab(cls, cfg: TaskConfig, train_path: str) -> list[str] | None:
+        """The vocabulary from the training split (tasks that need one)."""
+        return None
+
+    def heads(self) -> dict[str, int]:
+        """``model.heads`` sizes this task needs."""
+        return {}
+
+    def data_config(self, data: DataConfig, training: bool) -> DataConfig:
+        """Downstream tasks do not need MLM masks or MCM questions in their batches."""
+        return dataclasses.replace(
+            data, mlm_probability=0.0, mcm=dataclasses.replace(data.mcm, enabled=False), require_caption=False
+        )
+
+    def collate_fn(self, training: bool) -> TaskCollate:
+        return TaskCollate(self, training)
+
+    # -- the four pieces ------------------------------------------------------------------------
+    def collate(
+        self, samples: list[dict[str, Any]], tokenizer: Any, max_len: int, epoch: int, training: bool
+    ) -> dict[str, Any]:
+        return {}
+
+    def loss(self, model: MuLTI, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def eval_step(self, model: MuLTI, batch: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """(records gathered from every rank: one per sample with its ``key``, local state kept
+        on this rank only)."""
+        raise NotImplementedError
+
+    def finish(
+        self, model: MuLTI, records: list[dict[str, Any]], local: dict[str, Any], ctx: EvalContext
+    ) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        """(metrics, predictions) from the records of every rank; the same on every rank."""
+        raise NotImplementedError
+
+
+class TaskCollate:
+    """A task's worker-side collate (picklable: a DataLoader worker may receive it by pickle)."""
+
+    def __init__(self, task: Task, training: bool) -> None:
+        self.task, self.training = task, training
+
+    def __call__(self, samples: list[dict[str, Any]], tokenizer: Any, max_len: int, epoch: int) -> dict[str, Any]:
+        return self.task.collate(samples, tokenizer, max_len, epoch, self.training)
+
+
+def zero_loss(like: torch.Tensor) -> torch.Tensor:
+    """A zero that keeps the graph (every rank must run backward, even with nothing to learn)."""
+    return like.float().sum() * 0.0
+
+
+@torch.no_grad()
+def run_evaluation(
+    model: MuLTI, task: Task, data: DataConfig, ctx: EvalContext, max_batches: int = 0
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Evaluate ``task`` on an epoch of ``data``: every rank runs the same number of forward passes
+    (ZeRO-3 gathers parameters collectively, so a rank that runs out of batches repeats its last
+    one and discards the result); records are gathered, samples seen twice counted once."""
+    from ..evaluate import to_device
+
+    was_training = model.training
+    model.eval()
+    stream = iter(VideoTextStream(data, ctx.rank, ctx.world, task.collate_fn(training=False)))
+    records: list[dict[str, Any]] = []
+    local: dict[str, Any] = {}
+    last = None
+    n = 0
+    while True:
+        batch = next(stream, None) if not (max_batches and n >= max_batches) else None
+        more = torch.tensor([batch is not None], dtype=torch.float32, device=ctx.device)
+        if ctx.world > 1:
+            dist.all_reduce(more, op=dist.ReduceOp.MAX)
+        if more.item() == 0:
+            break
+        n += 1
+        if batch is None:
+            if last is not None:
+                model(to_device(last, ctx.device, ctx.bf16), task.eval_step)  # keep step with the other ranks
+            else:
+                raise RuntimeError(f"rank {ctx.rank} got no evaluation batch from {data.path}")
+            continue
+        last = batch
+        recs, loc = model(to_device(batch, ctx.device, ctx.bf16), task.eval_step)
+        for r in recs:
+            r["rank"] = ctx.rank
+        records += recs
+        for k, v in loc.items():
+            local.setdefault(k, v)
+    parts: list[Any] = [None] * ctx.world
+    if ctx.world > 1:
+        dist.all_gather_object(parts, records)
+    else:
+        parts = [records]
+    merged: dict[str, dict[str, Any]] = {}
+    for part in parts:
+        for r in part:
+            merged.setdefault(r["key"], r)
+    # key order: the same matrices, ties and predictions whatever the number of ranks
+    merged = [merged[k] for k in sorted(merged)]
+    metrics, predictions = task.finish(model, merged, local, ctx)
+    model.train(was_training)
+    return metrics, predictions

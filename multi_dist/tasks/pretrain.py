@@ -1,0 +1,70 @@
+"""Pretraining as a task: the VTC/VTM/MLM/MCM losses, and zero-shot evaluation (text<->video
+retrieval by VTC, MCM accuracy) on held-out clips."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..data.pipeline import DataConfig
+from ..model.multi import MuLTI
+from ..objectives import LossConfig, PretrainLoss
+from .base import EvalContext, Task, TaskConfig
+from .metrics import retrieval_metrics
+
+
+class PretrainTask(Task):
+    name = "pretrain"
+
+    def __init__(
+        self, cfg: TaskConfig, vocab: list[str] | None = None, seed: int = 0, loss: LossConfig | None = None
+    ) -> None:
+        super().__init__(cfg, vocab, seed)
+        self.loss_fn = PretrainLoss(loss or LossConfig())
+
+    def data_config(self, data: DataConfig, training: bool) -> DataConfig:
+        return data  # MLM masks and MCM questions as configured
+
+    def loss(self, model: MuLTI, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return self.loss_fn(model, batch)
+
+    def eval_step(self, model: MuLTI, batch: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        video = model.encode_video(batch["video"], batch.get("frame_mask"))
+        text = model.encode_text(batch["input_ids"], batch["attention_mask"])
+        correct = None
+        if "mcm_input_ids" in batch:
+            logits = model.mcm_logits(video, batch["mcm_input_ids"], batch["mcm_attention_mask"])
+            answer = batch["mcm_answer"]
+            correct = torch.where(answer.ne(-100), (logits.argmax(1) == answer).long(), -1).tolist()
+        records = []
+        for i, key in enumerate(batch["key"]):
+            r = {
+                "key": key,
+                "caption": batch["caption"][i],
+                "text": text.embed[i].float().cpu(),
+                "video": video.embed[i].float().cpu(),
+            }
+            if correct is not None and correct[i] >= 0:
+                r["mcm_correct"] = bool(correct[i])
+            records.append(r)
+        return records, {}
+
+    def finish(
+        self, model: MuLTI, records: list[dict[str, Any]], local: dict[str, Any], ctx: EvalContext
+    ) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        text = torch.stack([r["text"] for r in records])
+        video = torch.stack([r["video"] for r in records])
+        sim = text @ video.t()
+        m = retrieval_metrics(sim, torch.arange(len(records)))
+        metrics = {k: v for k, v in m.items() if k.startswith(("t2v_", "v2t_"))}
+        metrics["clips"] = float(len(records))
+        metrics["chance_r1"] = 1.0 / len(records)
+        mcm = [r["mcm_correct"] for r in records if "mcm_correct" in r]
+        if mcm:
+            metrics["mcm_acc"] = sum(mcm) / len(mcm)
+        best = sim.argmax(1).tolist()
+        predictions = [
+            {"key": r["key"], "caption": r["caption"], "t2v_top1": records[j]["key"]} for r, j in zip(records, best)
+        ]
+        return metrics, predictions

@@ -1,0 +1,239 @@
+"""Video question answering: open-ended (a classifier over the training split's top-K answers)
+and multiple choice (each candidate scored by the MCM head, as in pretraining).
+
+A sample carries all its questions (``qa``: ``[{"question", "answer", "type"}]``; ``mc``:
+``[{"question", "options", "answer", "type"}]`` or the demo's single ``options``/``answer``). The
+video is encoded once and fused with each question (``groups``); a batch pads clips to the same
+question count, and padding rows carry the ignore index.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..model.multi import MuLTI
+from .base import EvalContext, Task, TaskConfig, field_values, item_rng, tokenize, zero_loss
+from .metrics import accuracy_by_type
+
+log = logging.getLogger("multi_dist.tasks")
+IGNORE = -100
+OUT_OF_VOCAB = -1  # evaluation: a real question whose answer the head cannot give (always wrong)
+OPTION_PAD = -1e4  # logit of a padding option (finite: no NaN in the masked-out rows' gradients)
+
+
+def qa_items(meta: dict[str, Any], key: str) -> list[dict[str, str]]:
+    """The open-ended questions of a sample; malformed items are logged with the key and dropped."""
+    items = []
+    for i, item in enumerate(meta.get("qa") or []):
+        if not isinstance(item, dict) or not isinstance(item.get("question"), str) or "answer" not in item:
+            log.warning("sample %s: qa item %d is malformed (needs question and answer): %r", key, i, item)
+            continue
+        items.append(
+            {"question": item["question"], "answer": str(item["answer"]), "type": str(item.get("type", "all"))}
+        )
+    return items
+
+
+def mc_items(meta: dict[str, Any], key: str) -> list[dict[str, Any]]:
+    """The multiple-choice questions of a sample (``mc``, or top-level ``options``/``answer``)."""
+    raw = meta.get("mc")
+    if raw is None and "options" in meta:
+        raw = [{"question": meta.get("question", ""), "options": meta["options"], "answer": meta.get("answer")}]
+    items = []
+    for i, item in enumerate(raw or []):
+        options = item.get("options") if isinstance(item, dict) else None
+        answer = item.get("answer") if isinstance(item, dict) else None
+        if (
+            not isinstance(options, list)
+            or len(options) < 2
+            or not isinstance(answer, int)
+            or not 0 <= answer < len(options)
+        ):
+            log.warning("sample %s: multiple-choice item %d is malformed (options, answer index): %r", key, i, item)
+            continue
+        items.append(
+            {
+                "question": str(item.get("question") or ""),
+                "options": [str(o) for o in options],
+                "answer": answer,
+                "type": str(item.get("type", "all")),
+            }
+        )
+    return items
+
+
+def _choose(items: list[Any], limit: int, training: bool, seed: int, epoch: int, key: str) -> list[Any]:
+    if training and len(items) > limit:
+        return item_rng(seed, epoch, key).sample(items, limit)
+    return items
+
+
+class OpenQATask(Task):
+    name = "qa"
+    needs_vocab = True
+
+    @classmethod
+    def build_vocab(cls, cfg: TaskConfig, train_path: str) -> list[str]:
+        counts: Counter[str] = Counter()
+        for value in field_values(train_path, "qa"):
+            for item in value or []:
+                if isinstance(item, dict) and "answer" in item:
+                    counts[str(item["answer"])] += 1
+        if not counts:
+            raise ValueError(f"{train_path}: no 'qa' answers in the training split (is it a QA corpus?)")
+        # most frequent first, ties alphabetical: the same vocabulary on every rank and rerun
+        return [a for a, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[: cfg.answers]]
+
+    def heads(self) -> dict[str, int]:
+        return {"qa_answers": len(self.vocab)}
+
+    def collate(
+        self, samples: list[dict[str, Any]], tokenizer: Any, max_len: int, epoch: int, training: bool
+    ) -> dict[str, Any]:
+        rows = []
+        for s in samples:
+            items = qa_items(s["meta"], s["key"])
+            if training:  # an answer outside the vocabulary teaches the head nothing
+                items = [it for it in items if it["answer"] in self.index]
+            rows.append(_choose(items, self.cfg.max_questions, training, self.seed, epoch, s["key"]))
+        q = max(1, max(len(r) for r in rows))
+        texts, answers = [], []
+        for items in rows:
+            for i in range(q):
+                if i < len(items):
+                    texts.append(items[i]["question"])
+                    answers.append(self.index.get(items[i]["answer"], OUT_OF_VOCAB))
+                else:
+                    texts.append("")
+                    answers.append(IGNORE)
+        ids, mask = tokenize(tokenizer, texts, max_len)
+        b = len(samples)
+        return {
+            "qa_input_ids": ids.view(b, q, -1),
+            "qa_attention_mask": mask.view(b, q, -1),
+            "qa_answer": torch.tensor(answers).view(b, q),
+            "qa_items": rows,
+        }
+
+    def _logits(self, model: MuLTI, batch: dict[str, Any]) -> torch.Tensor:
+        video = model.encode_video(batch["video"], batch.get("frame_mask"))
+        b, q, seq = batch["qa_input_ids"].shape
+        text = model.encode_text(batch["qa_input_ids"].view(b * q, seq), batch["qa_attention_mask"].view(b * q, seq))
+        return model.qa_logits(text, video, groups=q)
+
+    def loss(self, model: MuLTI, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        logits = self._logits(model, batch)
+        answer = batch["qa_answer"].view(-1)
+        valid = answer >= 0
+        if valid.any():
+            loss = F.cross_entropy(logits[valid].float(), answer[valid])
+            acc = (logits[valid].argmax(1) == answer[valid]).float().mean()
+        else:
+            loss, acc = zero_loss(logits), logits.new_zeros((), dtype=torch.float32)
+        return {"loss": loss, "objective": loss, "loss_qa": loss, "acc_qa": acc}
+
+    def eval_step(self, model: MuLTI, batch: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        logits = self._logits(model, batch)
+        q = batch["qa_input_ids"].shape[1]
+        pred = logits.argmax(1).view(-1, q).tolist()
+        records = []
+        for i, key in enumerate(batch["key"]):
+            items = [
+                {**item, "prediction": self.vocab[pred[i][j]], "correct": self.vocab[pred[i][j]] == item["answer"]}
+                for j, item in enumerate(batch["qa_items"][i])
+            ]
+            records.append({"key": key, "items": items})
+        return records, {}
+
+    def finish(
+        self, model: MuLTI, records: list[dict[str, Any]], local: dict[str, Any], ctx: EvalContext
+    ) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        return _accuracy_report(records)
+
+
+class ChoiceTask(Task):
+    name = "choice"
+
+    def collate(
+        self, samples: list[dict[str, Any]], tokenizer: Any, max_len: int, epoch: int, training: bool
+    ) -> dict[str, Any]:
+        rows = [
+            _choose(mc_items(s["meta"], s["key"]), self.cfg.max_questions, training, self.seed, epoch, s["key"])
+            for s in samples
+        ]
+        q = max(1, max(len(r) for r in rows))
+        o = max([2] + [len(it["options"]) for r in rows for it in r])
+        texts, valid, answers = [], [], []
+        for items in rows:
+            for i in range(q):
+                item = items[i] if i < len(items) else None
+                answers.append(item["answer"] if item else IGNORE)
+                for j in range(o):
+                    option = item["options"][j] if item and j < len(item["options"]) else None
+                    valid.append(option is not None)
+                    # the question and a candidate as one text, the way MCM saw its filled-in questions
+                    texts.append(f"{item['question']} {option}".strip() if option is not None else "")
+        ids, mask = tokenize(tokenizer, texts, max_len)
+        b = len(samples)
+        return {
+            "mc_input_ids": ids.view(b, q * o, -1),
+            "mc_attention_mask": mask.view(b, q * o, -1),
+            "mc_option_mask": torch.tensor(valid).view(b, q, o),
+            "mc_answer": torch.tensor(answers).view(b, q),
+            "mc_items": rows,
+        }
+
+    def _logits(self, model: MuLTI, batch: dict[str, Any]) -> torch.Tensor:
+        video = model.encode_video(batch["video"], batch.get("frame_mask"))
+        b, q, o = batch["mc_option_mask"].shape
+        logits = model.mcm_logits(video, batch["mc_input_ids"], batch["mc_attention_mask"]).view(b, q, o)
+        return logits.float().masked_fill(~batch["mc_option_mask"], OPTION_PAD)
+
+    def loss(self, model: MuLTI, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        logits = self._logits(model, batch)
+        o = logits.shape[2]
+        logits, answer = logits.view(-1, o), batch["mc_answer"].view(-1)
+        valid = answer >= 0
+        if valid.any():
+            loss = F.cross_entropy(logits[valid], answer[valid])
+            acc = (logits[valid].argmax(1) == answer[valid]).float().mean()
+        else:
+            loss, acc = zero_loss(logits), logits.new_zeros(())
+        return {"loss": loss, "objective": loss, "loss_choice": loss, "acc_choice": acc}
+
+    def eval_step(self, model: MuLTI, batch: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        pred = self._logits(model, batch).argmax(2).tolist()
+        records = []
+        for i, key in enumerate(batch["key"]):
+            items = [
+                {**item, "prediction": pred[i][j], "correct": pred[i][j] == item["answer"]}
+                for j, item in enumerate(batch["mc_items"][i])
+            ]
+            records.append({"key": key, "items": items})
+        return records, {}
+
+    def finish(
+        self, model: MuLTI, records: list[dict[str, Any]], local: dict[str, Any], ctx: EvalContext
+    ) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        metrics, predictions = _accuracy_report(records)
+        options = [len(p["options"]) for p in predictions]
+        if options:
+            metrics["chance"] = sum(1 / n for n in options) / len(options)
+        return metrics, predictions
+
+
+def _accuracy_report(records: list[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    predictions = [{"key": r["key"], **item} for r in records for item in r["items"]]
+    if not predictions:
+        raise ValueError("no questions in the evaluation split (do its samples carry the task's fields?)")
+    report = accuracy_by_type([p["correct"] for p in predictions], [p["type"] for p in predictions])
+    metrics: dict[str, Any] = {"acc": report["acc"], "questions": float(report["count"])}
+    by_type = report.get("acc_by_type") or {}
+    if len(by_type) > 1:
+        metrics.update({f"acc_{t}": v for t, v in sorted(by_type.items())})
+    return metrics, predictions

@@ -1,0 +1,188 @@
+"""Text-video retrieval: finetuned with VTC (+ VTM hard negatives) on one caption per clip and
+epoch; evaluated by ranking everything with VTC, then re-ranking each query's top-k with VTM.
+
+A sample carries all its captions (``captions``; else its ``caption``): MSR-VTT has 20 per video,
+DiDeMo's paragraph is one. Evaluation ranks every caption against every video (t2v: the rank of
+the caption's video) and every video against every caption (v2t: the best rank among the video's
+own captions), ties counted against the model.
+
+Re-ranking across ranks: text embeddings, token ids and video embeddings are gathered (small);
+video tokens stay on the rank that encoded them. For each query's top-k pairs, the rank owning
+the video fuses it with the re-encoded text; the VTM scores are summed over ranks. Every rank
+runs the same number of fusion chunks (ZeRO-3 gathers weights collectively).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ..data.pipeline import DataConfig
+from ..model.multi import MuLTI, VideoOutput
+from ..objectives import LossConfig, PretrainLoss
+from .base import EvalContext, Task, TaskConfig, item_rng, tokenize
+from .metrics import retrieval_metrics
+
+TOP = 10  # rankings written per query
+
+
+def captions_of(sample: dict[str, Any]) -> list[str]:
+    caps = sample["meta"].get("captions")
+    if isinstance(caps, list) and caps:
+        return [str(c) for c in caps if str(c).strip()] or [sample["caption"]]
+    return [sample["caption"]]
+
+
+class RetrievalTask(Task):
+    name = "retrieval"
+
+    def __init__(
+        self, cfg: TaskConfig, vocab: list[str] | None = None, seed: int = 0, loss: LossConfig | None = None
+    ) -> None:
+        super().__init__(cfg, vocab, seed)
+        w = loss or LossConfig()
+        self.loss_fn = PretrainLoss(LossConfig(vtc=w.vtc, vtm=w.vtm, mlm=0.0, mcm=0.0))
+
+    def data_config(self, data: DataConfig, training: bool) -> DataConfig:
+        cfg = super().data_config(data, training)
+        cfg.require_caption = True
+        return cfg
+
+    def collate(
+        self, samples: list[dict[str, Any]], tokenizer: Any, max_len: int, epoch: int, training: bool
+    ) -> dict[str, Any]:
+        if training:  # one caption per clip, drawn per (key, epoch): VTC/VTM read input_ids
+            chosen = [item_rng(self.seed, epoch, s["key"]).choice(captions_of(s)) for s in samples]
+            ids, mask = tokenize(tokenizer, chosen, max_len)
+            return {"input_ids": ids, "attention_mask": mask, "caption": chosen}
+        texts, owner = [], []
+        for i, s in enumerate(samples):
+            caps = captions_of(s)
+            texts += caps
+            owner += [i] * len(caps)
+        ids, mask = tokenize(tokenizer, texts, max_len)
+        return {"ret_input_ids": ids, "ret_attention_mask": mask, "ret_owner": torch.tensor(owner), "ret_texts": texts}
+
+    def loss(self, model: MuLTI, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return self.loss_fn(model, batch)
+
+    def eval_step(self, model: MuLTI, batch: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        video = model.encode_video(batch["video"], batch.get("frame_mask"))
+        text = model.encode_text(batch["ret_input_ids"], batch["ret_attention_mask"])
+        owner = batch["ret_owner"].tolist()
+        records, local = [], {}
+        for i, key in enumerate(batch["key"]):
+            rows = [j for j, o in enumerate(owner) if o == i]
+            records.append(
+                {
+                    "key": key,
+                    "video": video.embed[i].float().cpu(),
+                    "texts": batch["ret_texts"][rows[0] : rows[-1] + 1],
+                    "text": text.embed[rows].float().cpu(),
+                    "ids": batch["ret_input_ids"][rows].cpu(),
+                    "mask": batch["ret_attention_mask"][rows].cpu(),
+                }
+            )
+            # what fusion needs of this clip later, kept on this rank only
+            local[key] = (video.tokens[i].cpu(), video.mask[i].cpu())
+        return records, local
+
+    def finish(
+        self, model: MuLTI, records: list[dict[str, Any]], local: dict[str, Any], ctx: EvalContext
+    ) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        videos = torch.stack([r["video"] for r in records])
+        text = torch.cat([r["text"] for r in records])
+        text_video = torch.cat([torch.full((len(r["texts"]),), i) for i, r in enumerate(records)])
+        texts = [t for r in records for t in r["texts"]]
+        sim = text @ videos.t()
+        vtc = retrieval_metrics(sim, text_video)
+        metrics: dict[str, float] = {f"vtc_{k}": v for k, v in vtc.items() if k.startswith(("t2v_", "v2t_"))}
+        t2v, v2t = sim, sim
+        k = min(self.cfg.rerank_k, sim.shape[1])
+        if k > 1:
+            vtm = self._vtm_scores(model, records, local, sim, k, ctx)
+            # re-ranked candidates ahead of the rest (cosine < 2 <= 2 + VTM probability), in VTM order
+            in_t2v = torch.zeros_like(sim, dtype=torch.bool).scatter_(1, sim.topk(k, dim=1).indices, True)
+            kv = min(self.cfg.rerank_k, sim.shape[0])
+            in_v2t = torch.zeros_like(sim, dtype=torch.bool).scatter_(0, sim.topk(kv, dim=0).indices, True)
+            t2v = torch.where(in_t2v, 2 + vtm, sim)
+            v2t = torch.where(in_v2t, 2 + vtm, sim)
+        m_t2v = retrieval_metrics(t2v, text_video)
+        m_v2t = retrieval_metrics(v2t, text_video)
+        metrics.update({k_: v for k_, v in m_t2v.items() if k_.startswith("t2v_")})
+        metrics.update({k_: v for k_, v in m_v2t.items() if k_.startswith("v2t_")})
+        metrics["texts"], metrics["videos"] = float(len(texts)), float(len(records))
+        metrics["chance_r1"] = 1.0 / len(records)
+        top = t2v.topk(min(TOP, t2v.shape[1]), dim=1)
+        keys = [r["key"] for r in records]
+        rankings = [
+            {
+                "text": texts[i],
+                "video": keys[int(text_video[i])],
+                "ranking": [keys[j] for j in top.indices[i].tolist()],
+                "scores": [round(float(s), 5) for s in top.values[i]],
+            }
+            for i in range(len(texts))
+        ]
+        return metrics, rankings
+
+    def _vtm_scores(
+        self,
+        model: MuLTI,
+        records: list[dict[str, Any]],
+        local: dict[str, Any],
+        sim: torch.Tensor,
+        k: int,
+        ctx: EvalContext,
+    ) -> torch.Tensor:
+        """VTM match probabilities for the union of every text's top-k videos and every video's
+        top-k texts (zeros elsewhere), computed where the videos live and summed over ranks."""
+        pairs = set(
+            zip(torch.arange(sim.shape[0]).repeat_interleave(k).tolist(), sim.topk(k, 1).indices.flatten().tolist())
+        )
+        kv = min(self.cfg.rerank_k, sim.shape[0])
+        cols = sim.topk(kv, 0).indices  # (kv, n_video)
+        pairs |= set(zip(cols.flatten().tolist(), torch.arange(sim.shape[1]).repeat(kv).tolist()))
+        mine = sorted((t, v) for t, v in pairs if records[v]["rank"] == ctx.rank)
+        ids = torch.cat([r["ids"] for r in records])
+        mask = torch.cat([r["mask"] for r in records])
+        chunk = max(1, ctx.batch_size * 4)
+        n_chunks = torch.tensor([math.ceil(len(mine) / chunk)], device=ctx.device)
+        if ctx.world > 1:
+            dist.all_reduce(n_chunks, op=dist.ReduceOp.MAX)
+        scores = torch.zeros_like(sim)
+        width = model.cfg.fusion.width
+        for c in range(int(n_chunks.item())):
+            part = mine[c * chunk : (c + 1) * chunk]
+            if part:
+                t_idx = [t for t, _ in part]
+                tokens = torch.stack([local[records[v]["key"]][0] for _, v in part])
+                vmask = torch.stack([local[records[v]["key"]][1] for _, v in part])
+            else:  # nothing left here: a dummy pass keeps step with the other ranks
+                t_idx = [0]
+                tokens, vmask = torch.zeros(1, 1, width), torch.ones(1, 1, dtype=torch.bool)
+            batch = {
+                "input_ids": ids[t_idx].to(ctx.device),
+                "attention_mask": mask[t_idx].to(ctx.device),
+                "tokens": tokens.to(ctx.device, torch.bfloat16 if ctx.bf16 else torch.float32),
+                "video_mask": vmask.to(ctx.device),
+            }
+            prob = model(batch, _vtm_match).float().cpu()
+            for (t, v), p in zip(part, prob.tolist()):
+                scores[t, v] = p
+        if ctx.world > 1:
+            scores = scores.to(ctx.device)
+            dist.all_reduce(scores)
+            scores = scores.cpu()
+        return scores
+
+
+def _vtm_match(model: MuLTI, batch: dict[str, Any]) -> torch.Tensor:
+    text = model.encode_text(batch["input_ids"], batch["attention_mask"])
+    b = batch["tokens"].shape[0]
+    empty = batch["tokens"].new_zeros(b, 1)
+    video = VideoOutput(batch["tokens"], batch["video_mask"], empty, empty)
+    return model.vtm_head(model.fuse(text, video).cls).float().softmax(-1)[:, 1]
