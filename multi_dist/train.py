@@ -270,6 +270,7 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, float]], None] | No
     config again resumes from that checkpoint."""
     import deepspeed
 
+    _STOP["signal"] = None  # a stop belongs to the run it was asked of
     info = distributed.init()
     rank, world = info.rank, info.world_size
     device = distributed.device(info)

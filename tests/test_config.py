@@ -9,6 +9,8 @@ import pytest
 from multi_dist.config import ConfigError, from_dict, load_config, save_config, to_dict
 from multi_dist.data.pipeline import DataConfig
 from multi_dist.demo import DemoConfig
+from multi_dist.evaluate import EvalConfig
+from multi_dist.sweep import SweepConfig
 from multi_dist.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,7 +89,14 @@ def test_missing_config_file_is_named(tmp_path: Path) -> None:
 
 
 # Every config file in configs/ parses into the config class it is for.
-CONFIG_CLASSES = {"demo.yaml": DemoConfig, "data": DataConfig, "pretrain": TrainConfig}
+CONFIG_CLASSES = {
+    "demo.yaml": DemoConfig,
+    "data": DataConfig,
+    "pretrain": TrainConfig,
+    "finetune": TrainConfig,
+    "eval": EvalConfig,
+    "sweep": SweepConfig,
+}
 
 
 @pytest.mark.parametrize("path", sorted(p.relative_to(ROOT / "configs") for p in (ROOT / "configs").rglob("*.yaml")))

@@ -1,0 +1,192 @@
+"""Ray Tune sweeps (multi_dist.sweep, launch/sweep.py) for real: a local Ray, ASHA, Ray Train's
+TorchTrainer, DeepSpeed on CPU, the tiny preset on the demo corpus."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import ray
+
+from multi_dist import cli, sweep
+from multi_dist.config import ConfigError
+
+from .conftest import ROOT
+
+# token auth would write a token into the home folder; usage stats are not needed
+RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+@pytest.fixture(autouse=True)
+def ray_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Paths in the configs are relative to the repository, as for a user who runs the scripts there."""
+    monkeypatch.chdir(ROOT)
+    for key, value in RAY_ENV.items():
+        monkeypatch.setenv(key, value)
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A folder with a path short enough to hold Ray's temp dir (and its unix sockets) itself."""
+    path = Path(tempfile.mkdtemp(prefix="sw", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def run_overrides(corpus: Path, *extra: str) -> str:
+    """The sweep's ``overrides`` list: short runs, no validation, no DataLoader processes."""
+    items = [f"data.path={corpus / 'train'}", "val=null", "data.num_workers=0", "data.batch_size=2", *extra]
+    return f"overrides=[{', '.join(items)}]"
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_asha_stops_the_worse_trials_early_and_writes_the_results(demo_corpus: Path, tmp_path: Path) -> None:
+    """Four one-worker trials, two at a time on 2 CPUs. The MLM weight scales ``train/loss`` (MLM is
+    about 10 of the initial 12.9), so the order of the trials is known before they run: the two
+    heavier weights start after the first two and are judged at their first report (step 1, ASHA's
+    first rung) against better values, so ASHA stops them there; one-worker trials wait for each
+    verdict, so they stop at exactly that step, with a checkpoint."""
+    sweep_dir = tmp_path / "sweep"  # too long a path for Ray's sockets: the temp dir goes to /tmp
+    cfg = sweep.load(
+        "configs/sweep/tiny.yaml",
+        [
+            f"sweep_dir={sweep_dir}",
+            "num_cpus=2",
+            run_overrides(demo_corpus, "steps=6", "log_every=1", "ckpt_every=100"),
+            "space={loss.mlm: {grid: [0.25, 0.5, 1.0, 2.0]}}",
+            "search=grid",
+            "num_samples=1",
+            "asha={grace_period: 1, reduction_factor: 2}",
+        ],
+    )
+    try:
+        outcome = sweep.run_sweep(cfg)
+    finally:
+        temp = sweep_dir / "tmp"
+        if temp.is_symlink():
+            shutil.rmtree(temp.resolve(), ignore_errors=True)
+    assert not ray.is_initialized()  # the sweep shut down the Ray it started
+    assert temp.is_symlink()
+
+    rows = {r["loss.mlm"]: r for r in outcome.rows}
+    assert sorted(rows) == [0.25, 0.5, 1.0, 2.0] and outcome.unfinished == 0
+    best = outcome.rows[0]
+    assert best["loss.mlm"] == 0.25 and best["status"] == "completed" and best["step"] == 6
+    for weight in (1.0, 2.0):
+        assert rows[weight]["status"] == "stopped" and rows[weight]["step"] == 1, rows[weight]
+    # a stopped trial's run checkpointed at the step it was stopped and ended without an export
+    for weight in (1.0, 2.0):
+        run = Path(rows[weight]["run_dir"])
+        assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000001"
+        assert not (run / "summary.json").exists()
+    best_run = Path(best["run_dir"])
+    assert best_run.parent.parent == sweep_dir / "tune" and best_run.name == "run"
+    assert json.loads((best_run / "summary.json").read_text())["steps"] == 6
+    assert (best_run / "model").is_dir()
+
+    table = read_rows(sweep_dir / "results.csv")
+    assert [r["trial"] for r in table] == [r["trial"] for r in outcome.rows]
+    assert {"status", "step", "train/loss", "best train/loss", "loss.mlm", "run_dir", "overrides"} <= set(table[0])
+    assert "loss.mlm=0.25" in table[0]["overrides"]
+
+    best_cfg = cli.load("pretrain", str(outcome.best_config))  # a full run config, as the CLI loads it
+    assert best_cfg.loss.mlm == 0.25 and best_cfg.steps == 6
+    assert best_cfg.data.path == str(demo_corpus / "train") and best_cfg.run_dir == "runs/tiny"
+
+    with pytest.raises(ConfigError, match="already holds a sweep: pass --resume"):
+        sweep.run_sweep(cfg)
+
+
+def _sweep_command(sweep_dir: Path, corpus: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "launch/sweep.py",
+        "--config",
+        "configs/sweep/tiny.yaml",
+        f"sweep_dir={sweep_dir}",
+        "num_cpus=2",
+        "workers_per_trial=2",
+        "space={}",
+        "num_samples=1",
+        run_overrides(corpus, "steps=24", "log_every=2", "ckpt_every=100"),
+        *extra,
+    ]
+
+
+def test_a_two_worker_trial_trains_in_one_group_and_an_interrupted_sweep_resumes(
+    demo_corpus: Path, short_dir: Path
+) -> None:
+    """One trial of two Ray Train workers (TorchTrainer, gloo, DeepSpeed ZeRO-2). Ctrl+C once its
+    run has logged: Tune stops the trial, whose workers checkpoint at the next step boundary and
+    exit. ``--resume`` restarts the trial in its folder and the run resumes from that checkpoint."""
+    sweep_dir = short_dir / "sweep"
+    env = {**os.environ, **RAY_ENV}
+    cmd = _sweep_command(sweep_dir, demo_corpus)
+    first = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    deadline = time.time() + 300
+    while not any(p.stat().st_size for p in sweep_dir.glob("tune/trial_*/run/metrics.jsonl")):
+        assert first.poll() is None, first.communicate()[1][-3000:]
+        assert time.time() < deadline, "the trial never logged"
+        time.sleep(0.2)
+    first.send_signal(signal.SIGINT)
+    out, err = first.communicate(timeout=300)
+    assert first.returncode == 1 and "interrupted: 1 trial(s) unfinished; continue with --resume" in err, err[-3000:]
+    assert (sweep_dir / "tmp").is_dir() and not (sweep_dir / "tmp").is_symlink()  # a short path: Ray's temp is here
+    (run,) = sweep_dir.glob("tune/trial_*/run")
+    assert "stopped at step" in out  # the workers stopped at a step boundary, with a checkpoint
+    stopped_at = int((run / "checkpoints" / "latest").read_text().strip().removeprefix("step_"))
+    assert 2 <= stopped_at < 24 and not (run / "summary.json").exists()
+    assert read_rows(sweep_dir / "results.csv")[0]["status"] == "unfinished"
+
+    again = subprocess.run([*cmd, "--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resumed from {run / 'checkpoints'}/step_{stopped_at:08d} at step {stopped_at}" in again.stdout
+    (row,) = read_rows(sweep_dir / "results.csv")
+    assert row["status"] == "completed" and row["step"] == "24"
+    assert row["world_size"] == "2"  # both ranks in one group: torch.distributed's world size
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 24 and summary["samples"] == 24 * 2 * 2  # 2 clips per rank, 2 ranks
+    assert cli.load("pretrain", str(sweep_dir / "best.yaml")).steps == 24
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("space={optim.lrr: {grid: [0.1]}}", "space 'optim.lrr' = 0.1: unknown config key 'optim.lrr'"),
+        ("space={optim.lr: {grdi: [0.1]}}", "unknown config key 'space.optim.lr.grdi'; did you mean 'grid'?"),
+        ("space={zero.stage: {choice: [2, 4]}}", "space 'zero.stage' = 4: zero.stage must be 0, 1, 2 or 3"),
+        ("overrides=[steps=4, optim.warmup=2]", "overrides: unknown config key 'optim.warmup'"),
+        ("metrc=train/loss", "unknown config key 'metrc'; did you mean 'metric'?"),
+    ],
+)
+def test_a_bad_key_or_value_fails_before_ray_starts(tmp_path: Path, override: str, message: str) -> None:
+    sweep_dir = tmp_path / "sweep"
+    with pytest.raises(ConfigError) as err:
+        sweep.run_sweep(sweep.load("configs/sweep/tiny.yaml", [f"sweep_dir={sweep_dir}", override]))
+    assert message in str(err.value)
+    assert not ray.is_initialized() and not sweep_dir.exists()
+
+
+def test_the_example_sweep_checks() -> None:
+    """configs/sweep/tiny.yaml: every trial config it can produce loads (base + overrides, then
+    each value or range end of each space key)."""
+    cfg = sweep.load("configs/sweep/tiny.yaml")
+    configs = sweep.check(cfg)
+    assert len(configs) == 1 + 2 + 3 + 2 and {c.steps for c in configs} == {30}
+    assert {c.optim.warmup_steps for c in configs} == {5, 2, 10}  # tiny.yaml's 5, then the choices
