@@ -74,12 +74,14 @@ def lines(path: Path) -> list[dict[str, Any]]:
 
 def test_open_ended_qa(demo_pretrained: Path, tmp_root: Path) -> None:
     """5 questions per clip (colour, shape, size, direction twice). Chance, answering uniformly
-    within the right type: (1/5 + 1/3 + 1/2 + 1/4 + 1/4) / 5 = 0.31; bar: 0.45 overall."""
+    within the right type: (1/5 + 1/3 + 1/2 + 1/4 + 1/4) / 5 = 0.31 (0.32 always giving each
+    type's most frequent answer). Bars: 0.40 overall, and colour (5 values, chance 0.2) >= 0.6,
+    which only reading the frames gives (measured: 0.47 overall, 0.97 colour)."""
     run_dir = finetuned("qa", demo_pretrained, tmp_root)
     report = report_of(run_dir, "qa")
     m = report["metrics"]
     assert m["questions"] == 500  # all 5 questions of each of the 100 held-out clips
-    assert m["acc"] >= 0.45, m
+    assert m["acc"] >= 0.40 and m["acc_color"] >= 0.6, m
     assert set(m) >= {"acc_color", "acc_shape", "acc_size", "acc_direction"}
     preds = lines(run_dir / "eval" / report["predictions"])
     assert len(preds) == 500 and {"question", "answer", "prediction", "type", "correct"} <= set(preds[0])
@@ -89,16 +91,17 @@ def test_open_ended_qa(demo_pretrained: Path, tmp_root: Path) -> None:
 
 def test_multiple_choice(demo_pretrained: Path, tmp_root: Path) -> None:
     """The true caption among 4 that differ in one attribute or in temporal order (chance 25%);
-    bar: 45%."""
+    bar: 38%, 3 binomial standard deviations above chance on 100 questions (measured: 46%)."""
     run_dir = finetuned("choice", demo_pretrained, tmp_root)
     m = report_of(run_dir, "choice")["metrics"]
     assert m["questions"] == 100 and m["chance"] == pytest.approx(0.25)
-    assert m["acc"] >= 0.45, m
+    assert m["acc"] >= 0.38, m
 
 
 def test_retrieval(demo_pretrained: Path, tmp_root: Path) -> None:
     """100 held-out clips, one caption each: chance R@1 is 1%; bar: VTC R@1 >= 5x chance and
-    R@10 >= 30% (chance 10%) both ways; the VTM re-ranked ranking is reported beside it."""
+    R@10 >= 30% (chance 10%) both ways (measured: 13% and 97%); the VTM re-ranked ranking is
+    reported beside it."""
     run_dir = finetuned("retrieval", demo_pretrained, tmp_root)
     report = report_of(run_dir, "retrieval")
     m = report["metrics"]
@@ -112,8 +115,8 @@ def test_retrieval(demo_pretrained: Path, tmp_root: Path) -> None:
 
 def test_multi_label(demo_pretrained: Path, tmp_root: Path) -> None:
     """15 labels (colour, shape, size, directions, turns), fused with a fixed prompt so the caption
-    cannot leak them. Chance mAP is the mean base rate of the classes (about 0.29); bar: mAP >=
-    0.5 and micro F1 >= 0.4."""
+    cannot leak them. Chance mAP is the mean base rate of the classes (about 0.33); bar: mAP >=
+    0.5 and micro F1 >= 0.4 (measured: 0.68 and 0.52)."""
     run_dir = finetuned("labels", demo_pretrained, tmp_root)
     m = report_of(run_dir, "labels")["metrics"]
     assert m["clips"] == 100

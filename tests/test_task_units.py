@@ -1,0 +1,188 @@
+"""The tasks' pieces in one process: vocabularies from a real shard set, worker-side collation
+(padding, out-of-vocabulary answers, several questions and captions per clip, reproducible draws),
+and losses on the tiny model (padding never changes a loss)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from multi_dist.data.text import load_tokenizer
+from multi_dist.model import MuLTI, model_config
+from multi_dist.tasks import TaskConfig, make_task
+from multi_dist.tasks.base import field_values
+from multi_dist.tasks.labels import LabelsTask
+from multi_dist.tasks.qa import IGNORE, OUT_OF_VOCAB, OpenQATask
+
+from .conftest import TOKENIZER
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Any:
+    return load_tokenizer(TOKENIZER)
+
+
+def sample(key: str, meta: dict[str, Any], caption: str = "a clip", frames: int = 4) -> dict[str, Any]:
+    return {"key": key, "video": torch.randn(frames, 3, 32, 32), "caption": caption, "meta": meta}
+
+
+def qa(question: str, answer: str, kind: str = "what") -> dict[str, str]:
+    return {"question": question, "answer": answer, "type": kind}
+
+
+def test_vocabularies_come_from_the_training_split(demo_corpus: Path) -> None:
+    answers = OpenQATask.build_vocab(TaskConfig(name="qa", answers=6), str(demo_corpus / "train"))
+    counts: dict[str, int] = {}
+    for items in field_values(str(demo_corpus / "train"), "qa"):
+        for it in items:
+            counts[it["answer"]] = counts.get(it["answer"], 0) + 1
+    expected = sorted(counts, key=lambda a: (-counts[a], a))[:6]
+    assert answers == expected  # most frequent first, ties alphabetical, top-K
+    labels = LabelsTask.build_vocab(TaskConfig(name="labels"), str(demo_corpus / "train"))
+    assert labels == sorted(labels) and {"red", "circle", "turns"} <= set(labels)
+    assert LabelsTask.build_vocab(TaskConfig(name="labels", labels=["b", "a"]), "unused") == ["b", "a"]
+    with pytest.raises(ValueError, match="no 'qa' answers"):
+        OpenQATask.build_vocab(TaskConfig(name="qa"), str(demo_corpus / "real"))
+
+
+def test_qa_collate_pads_questions_and_marks_unknown_answers(tokenizer: Any) -> None:
+    task = make_task(TaskConfig(name="qa", max_questions=8), ["red", "blue", "circle"])
+    batch = [
+        sample("a", {"qa": [qa("what color?", "red"), qa("what shape?", "circle"), qa("how big?", "huge")]}),
+        sample("b", {"qa": [qa("what color?", "blue")]}),
+    ]
+    ev = task.collate(batch, tokenizer, 12, epoch=0, training=False)
+    assert ev["qa_input_ids"].shape == (2, 3, 12)
+    assert ev["qa_answer"].tolist() == [[0, 2, OUT_OF_VOCAB], [1, IGNORE, IGNORE]]
+    train = task.collate(batch, tokenizer, 12, epoch=0, training=True)
+    assert train["qa_answer"].tolist() == [[0, 2], [1, IGNORE]]  # an answer the head cannot give is dropped
+    assert [len(r) for r in train["qa_items"]] == [2, 1]
+
+
+def test_training_draws_questions_per_epoch_reproducibly(tokenizer: Any) -> None:
+    task = make_task(TaskConfig(name="qa", max_questions=2), [str(i) for i in range(10)])
+    clip = [sample("k1", {"qa": [qa(f"question {i}?", str(i)) for i in range(10)]})]
+    draws = [task.collate(clip, tokenizer, 8, epoch=e, training=True)["qa_answer"].tolist() for e in (0, 0, 1, 2)]
+    assert draws[0] == draws[1]  # same (seed, epoch, key): same questions
+    assert len({str(d) for d in draws}) > 1  # another epoch: other questions
+    assert all(len(d[0]) == 2 for d in draws)
+
+
+def test_choice_collate_masks_padding_options_and_skips_malformed_items(
+    tokenizer: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    task = make_task(TaskConfig(name="choice"))
+    batch = [
+        sample(
+            "a",
+            {
+                "mc": [
+                    {"question": "what?", "options": ["x", "y", "z"], "answer": 2, "type": "action"},
+                    {"question": "bad", "options": ["x"], "answer": 0},
+                ]
+            },
+        ),
+        sample("b", {"options": ["p", "q", "r", "s", "t"], "answer": 4}),
+    ]
+    with caplog.at_level(logging.WARNING, logger="multi_dist.tasks"):
+        out = task.collate(batch, tokenizer, 8, epoch=0, training=False)
+    assert "sample a: multiple-choice item 1 is malformed" in caplog.text
+    assert out["mc_option_mask"].tolist() == [[[True, True, True, False, False]], [[True] * 5]]
+    assert out["mc_answer"].tolist() == [[2], [4]]
+    assert out["mc_input_ids"].shape == (2, 5, 8)
+    assert tokenizer.decode(out["mc_input_ids"][0, 2], skip_special_tokens=True) == "what? z"
+
+
+def test_retrieval_collate_keeps_every_caption_for_evaluation(tokenizer: Any) -> None:
+    task = make_task(TaskConfig(name="retrieval"))
+    batch = [sample("a", {"captions": ["one", "two", "three"]}, "one"), sample("b", {}, "only caption")]
+    ev = task.collate(batch, tokenizer, 8, epoch=0, training=False)
+    assert ev["ret_texts"] == ["one", "two", "three", "only caption"]
+    assert ev["ret_owner"].tolist() == [0, 0, 0, 1]
+    picks = {task.collate(batch, tokenizer, 8, epoch=e, training=True)["caption"][0] for e in range(12)}
+    assert picks <= {"one", "two", "three"} and len(picks) > 1  # one caption per clip and epoch
+    again = task.collate(batch, tokenizer, 8, epoch=3, training=True)["caption"]
+    assert again == task.collate(batch, tokenizer, 8, epoch=3, training=True)["caption"]
+
+
+def test_label_targets_are_multi_hot_and_ignore_unknown_labels(tokenizer: Any) -> None:
+    task = make_task(TaskConfig(name="labels", prompt="what is in the video?"), ["cat", "dog", "red"])
+    out = task.collate([sample("a", {"labels": ["red", "cat", "zebra"]}), sample("b", {})], tokenizer, 8, 0, True)
+    assert out["label_targets"].tolist() == [[1, 0, 1], [0, 0, 0]]
+    assert tokenizer.decode(out["label_input_ids"][1], skip_special_tokens=True) == "what is in the video?"
+
+
+def test_losses_train_every_head_and_padding_changes_nothing(tokenizer: Any) -> None:
+    """Each task's loss on the tiny model: finite, with gradient to its head; adding a padding
+    question (QA) or a padding option slot (choice) leaves the loss as it was (to 1e-5)."""
+    torch.manual_seed(0)
+    vocab = ["red", "blue", "green"]
+    model = MuLTI(model_config("tiny", heads={"qa_answers": 3, "num_labels": 3}))
+    model.eval()  # no dropout: compare exactly
+    clips = [
+        sample(
+            "a",
+            {
+                "qa": [qa("what color?", "red")],
+                "options": ["a red cube", "a blue cube"],
+                "answer": 0,
+                "labels": ["red"],
+            },
+        ),
+        sample(
+            "b",
+            {
+                "qa": [qa("what color?", "blue")],
+                "options": ["a green ball", "a blue ball"],
+                "answer": 1,
+                "labels": ["blue", "green"],
+            },
+        ),
+    ]
+    padded = [dict(c) for c in clips]
+    padded[1] = {
+        **clips[1],
+        "meta": {
+            **clips[1]["meta"],
+            "qa": [qa("what color?", "blue"), qa("other?", "nope")],
+            "options": ["a green ball", "a blue ball", "a red ball"],
+        },
+    }
+    for name, head in (("qa", "qa_head"), ("choice", "mcm_head"), ("labels", "label_head"), ("retrieval", "vtm_head")):
+        task = make_task(TaskConfig(name=name, prompt="what is it?"), vocab if name in ("qa", "labels") else None)
+        batch = {"video": torch.stack([c["video"] for c in clips]), "key": ["a", "b"], "caption": ["x", "y"]}
+        tok = tokenizer(["a red cube", "a blue ball"], padding="max_length", max_length=8, return_tensors="pt")
+        batch.update(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"])
+        batch.update(task.collate(clips, tokenizer, 8, 0, training=True))
+        model.zero_grad()
+        out = task.loss(model, batch)
+        assert torch.isfinite(out["loss"]) and out["loss"] > 0, name
+        out["objective"].backward()
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in getattr(model, head).parameters()), name
+        if name == "qa":  # the second clip's out-of-vocabulary question is dropped, then padded
+            more = task.collate(padded, tokenizer, 8, 0, training=False)
+            base = task.collate(clips, tokenizer, 8, 0, training=False)
+            with torch.no_grad():
+                a = task.loss(model, {**batch, **base})["loss"]
+                b = task.loss(model, {**batch, **more})["loss"]
+            assert more["qa_answer"].tolist() == [[0, IGNORE], [1, OUT_OF_VOCAB]]
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+        if name == "choice":  # the first clip gets a padding option slot
+            more = task.collate(padded, tokenizer, 8, 0, training=False)
+            base = task.collate(clips, tokenizer, 8, 0, training=False)
+            with torch.no_grad():
+                a = task.loss(model, {**batch, **base})["loss"]
+                b = task.loss(model, {**batch, **{**more, "mc_answer": more["mc_answer"]}})["loss"]
+            assert more["mc_option_mask"][0].tolist() == [[True, True, False]]
+            # the second clip has a third real option now, so compare the first clip alone
+            first = {k: v[:1] if isinstance(v, torch.Tensor) else v[:1] for k, v in {**batch, **base}.items()}
+            first_padded = {k: v[:1] if isinstance(v, torch.Tensor) else v[:1] for k, v in {**batch, **more}.items()}
+            with torch.no_grad():
+                torch.testing.assert_close(
+                    task.loss(model, first)["loss"], task.loss(model, first_padded)["loss"], atol=1e-5, rtol=0
+                )
+            assert torch.isfinite(a) and torch.isfinite(b)
