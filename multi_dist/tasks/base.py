@@ -16,6 +16,7 @@ Task fields live in each sample's json (and the parquet beside the shards), as w
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import glob
 import json
@@ -118,7 +119,7 @@ def field_values(path: str, name: str) -> Iterator[Any]:
         yield meta.get(name)
 
 
-class Task:
+class Task(abc.ABC):
     """The interface; see the module docstring. ``vocab`` is the task's state that must travel
     with the weights (QA answers, label names): saved in checkpoints and exported models."""
 
@@ -158,19 +159,20 @@ class Task:
     ) -> dict[str, Any]:
         return {}
 
+    @abc.abstractmethod
     def loss(self, model: MuLTI, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        """The training objective: ``loss`` (logged), ``objective`` (backpropagated), metrics."""
 
+    @abc.abstractmethod
     def eval_step(self, model: MuLTI, batch: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """(records gathered from every rank: one per sample with its ``key``, local state kept
         on this rank only)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def finish(
         self, model: MuLTI, records: list[dict[str, Any]], local: dict[str, Any], ctx: EvalContext
     ) -> tuple[dict[str, float], list[dict[str, Any]]]:
         """(metrics, predictions) from the records of every rank; the same on every rank."""
-        raise NotImplementedError
 
 
 class TaskCollate:
