@@ -41,8 +41,15 @@ def to_device(batch: dict[str, Any], device: torch.device, bf16: bool) -> dict[s
 
 def eval_data_config(data: DataConfig) -> DataConfig:
     """Every sample exactly once, the same frames and crops every time."""
+    corpora = [dataclasses.replace(c, frame_sampling="uniform" if c.frame_sampling else None) for c in data.corpora]
     return dataclasses.replace(
-        data, resampled=False, frame_sampling="uniform", crop="center", shardshuffle=False, shuffle_buffer=0
+        data,
+        corpora=corpora,
+        resampled=False,
+        frame_sampling="uniform",
+        crop="center",
+        shardshuffle=False,
+        shuffle_buffer=0,
     )
 
 
@@ -189,7 +196,7 @@ class EvalConfig:
     def validate(self) -> None:
         if not self.init:
             raise ValueError("init: set the checkpoint, run or model folder to evaluate")
-        if not self.data.path:
+        if not (self.data.path or self.data.corpora):
             raise ValueError("data.path: set the shards of the split to evaluate")
         if self.max_batches < 0:
             raise ValueError("max_batches must be >= 0")

@@ -225,17 +225,23 @@ def _stop_agreed(world: int, device: torch.device) -> bool:
 
 def _check_start(cfg: TrainConfig) -> None:
     """Clear start-up errors for settings the loop cannot honour, before any heavy work."""
-    if cfg.data.num_frames > cfg.model.max_frames:
-        raise ValueError(f"data.num_frames={cfg.data.num_frames} exceeds model.max_frames={cfg.model.max_frames}")
+    for split in ("data", "val"):
+        data = getattr(cfg, split)
+        if data is None:
+            continue
+        for i, corpus in enumerate(data.corpus_configs()):
+            if corpus.num_frames > cfg.model.max_frames:
+                where = f"{split}.corpora[{i}].num_frames" if data.corpora else f"{split}.num_frames"
+                raise ValueError(f"{where}={corpus.num_frames} exceeds model.max_frames={cfg.model.max_frames}")
 
 
 def _val_config(cfg: TrainConfig, task: Task) -> DataConfig | None:
-    if cfg.val is None or not cfg.val.path:
+    if cfg.val is None or not (cfg.val.path or cfg.val.corpora):
         return None
     return task.data_config(eval_data_config(cfg.val), training=False)
 
 
-def _task_vocab(cfg: TaskConfig, run_dir: Path, train_path: str) -> list[str] | None:
+def _task_vocab(cfg: TaskConfig, run_dir: Path, train_path: list[str]) -> list[str] | None:
     """The task's vocabulary: the one this run started with (resume), else from the training split."""
     saved = run_dir / TASK_FILE
     if saved.is_file():
@@ -278,7 +284,7 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, float]], None] | No
     run_dir = Path(cfg.run_dir)
     ckpt_dir = run_dir / "checkpoints"
     _check_start(cfg)
-    vocab = _task_vocab(cfg.task, run_dir, cfg.data.path)
+    vocab = _task_vocab(cfg.task, run_dir, [c.path for c in cfg.data.corpus_configs()])
     task = make_task(cfg.task, vocab, cfg.seed, loss=cfg.loss)
     # fails here, named, on missing or unfit shards
     stream = VideoTextStream(task.data_config(cfg.data, training=True), rank, world, task.collate_fn(training=True))
@@ -320,7 +326,6 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, float]], None] | No
     logger = MetricLogger(
         run_dir, cfg.wandb, to_dict(cfg), total_steps=cfg.steps, enabled=rank == 0, resume_step=state.step
     )
-    frames_per_clip = cfg.data.num_frames
     global_batch = cfg.data.batch_size * world * cfg.grad_accum
     batches = iter(stream)
 
@@ -330,7 +335,7 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, float]], None] | No
             on_log(step, metrics)
 
     window: dict[str, list[float]] = {}
-    t_window, wait_window, steps_window = time.perf_counter(), 0.0, 0
+    t_window, wait_window, steps_window, frames_window = time.perf_counter(), 0.0, 0, 0
     try:
         while state.step < cfg.steps:
             engine.train()
@@ -341,6 +346,10 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, float]], None] | No
                     batches = iter(stream)
                     batch = next(batches)
                 wait_window += time.perf_counter() - t0
+                mask = batch.get("frame_mask")  # real frames only (images and short clips are padded)
+                frames_window += (
+                    int(mask.sum()) if mask is not None else batch["video"].shape[0] * batch["video"].shape[1]
+                )
                 out = engine(to_device(batch, device, bf16), task.loss)
                 loss = out["loss"]
                 finite = torch.isfinite(loss.detach()).float()
@@ -365,14 +374,18 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, float]], None] | No
                 state.first_losses = {k: v[0] for k, v in window.items() if k.startswith("loss")}
             if state.step % cfg.log_every == 0 or state.step == cfg.steps:
                 elapsed = time.perf_counter() - t_window
-                metrics = _reduce_means({f"train/{k}": sum(v) / len(v) for k, v in window.items()}, world, device)
+                means = {f"train/{k}": sum(v) / len(v) for k, v in window.items()}
+                if len(stream.corpora) > 1:  # each corpus's share of the samples seen so far (all ranks)
+                    means.update({f"data/share_{k}": v for k, v in stream.corpus_shares().items()})
+                means["perf/frames_per_s"] = frames_window / elapsed  # this rank's; x world after the mean
+                metrics = _reduce_means(means, world, device)
+                metrics["perf/frames_per_s"] *= world
                 clips = global_batch * steps_window / elapsed
                 metrics.update(
                     {
                         "optim/lr": max(scheduler.get_last_lr()),  # the new modules' (peak) rate
                         "optim/grad_norm": float(engine.get_global_grad_norm() or 0.0),
                         "perf/clips_per_s": clips,
-                        "perf/frames_per_s": clips * frames_per_clip,
                         "perf/step_s": elapsed / steps_window,
                         "data/wait_frac": wait_window / elapsed,
                         "data/skipped": stream.totals["skipped"],
@@ -381,7 +394,7 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, float]], None] | No
                     }
                 )
                 emit(state.step, metrics)
-                window, t_window, wait_window, steps_window = {}, time.perf_counter(), 0.0, 0
+                window, t_window, wait_window, steps_window, frames_window = {}, time.perf_counter(), 0.0, 0, 0
             saved = state.step % cfg.ckpt_every == 0 or state.step == cfg.steps
             if saved:
                 _save(engine, ckpt_dir, state, cfg, stream, rank, task)

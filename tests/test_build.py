@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import shutil
 import tarfile
@@ -206,3 +207,134 @@ def test_cli_names_the_missing_column(tmp_path: Path) -> None:
     proc = run_script("shards/build.py", "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "o"))
     assert proc.returncode != 0
     assert "no column 'video'" in proc.stderr and "--video-col" in proc.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# Image-text shards (img2dataset's layout)
+
+
+@pytest.fixture()
+def image_input(tmp_path: Path) -> Path:
+    """Real photos as jpg, png, webp and gif, and every kind of bad image file, in a JSONL manifest."""
+    from PIL import Image
+
+    from .test_mixing import sklearn_photos
+
+    imgs = tmp_path / "images"
+    imgs.mkdir()
+    photos = sklearn_photos()
+    china, flower = photos["china.jpg"], photos["flower.jpg"]
+    shutil.copy(china, imgs / "china.jpg")
+    Image.open(flower).save(imgs / "flower.png")
+    Image.open(china).crop((100, 100, 260, 220)).save(imgs / "roof.webp")
+    Image.open(flower).crop((200, 100, 360, 260)).save(imgs / "petal.gif")
+    (imgs / "zero.jpg").write_bytes(b"")
+    (imgs / "text.jpg").write_text("this is a text file, not an image\n" * 20)
+    data = china.read_bytes()
+    (imgs / "truncated.jpg").write_bytes(data[: len(data) // 2])  # a download cut half-way
+    rows = [
+        {"image": "images/china.jpg", "caption": "a chinese temple", "source_id": "china"},
+        {"image": "images/missing.jpg", "caption": "gone", "source_id": "missing"},
+        {"image": "images/flower.png", "caption": "a pink flower", "source_id": "flower"},
+        {"image": "images/zero.jpg", "caption": "empty", "source_id": "zero"},
+        {"image": "images/roof.webp", "caption": "a temple roof", "source_id": "roof"},
+        {"image": "images/text.jpg", "caption": "not an image", "source_id": "text"},
+        {"image": "images/petal.gif", "caption": "a petal", "source_id": "petal"},
+        {"image": "images/truncated.jpg", "caption": "cut", "source_id": "truncated"},
+        {"image": "images/china.jpg", "caption": "  ", "source_id": "no caption"},
+        {"image": "", "caption": "no file", "source_id": "no image"},
+    ]
+    manifest = tmp_path / "images.jsonl"
+    manifest.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return manifest
+
+
+def test_image_rows_are_written_as_img2dataset_shards_or_recorded_as_failed(image_input: Path, tmp_path: Path) -> None:
+    from multi_dist.data.images import decode_image, probe_image
+
+    out = tmp_path / "cc"
+    summary = build(
+        read_rows(image_input), BuildOptions(output=str(out), kind="image", samples_per_shard=4, progress=False)
+    )
+    rows = parquet_rows(out)
+    assert len(rows) == 10 == summary["rows"] and summary["kind"] == "image"
+    status = {r["source_id"]: r["status"] for r in rows}
+    assert status == {
+        "china": "success",
+        "missing": "missing_file",
+        "flower": "success",
+        "zero": "empty_file",
+        "roof": "success",
+        "text": "failed_to_decode",
+        "petal": "success",
+        "truncated": "failed_to_decode",
+        "no caption": "invalid_row",
+        "no image": "invalid_row",
+    }
+    assert summary["written"] == 4 and summary["failed"] == {
+        "missing_file": 1,
+        "empty_file": 1,
+        "failed_to_decode": 2,
+        "invalid_row": 2,
+    }
+    assert all(r["error_message"] for r in rows if r["status"] != "success")
+    assert "truncated" in next(r for r in rows if r["source_id"] == "truncated")["error_message"]
+
+    # KEY.<image ext> + KEY.txt + KEY.json per sample; jpg/png/webp kept byte for byte, gif stored as png
+    sizes = json.loads((out / "sizes.json").read_text())
+    exts, originals = {}, {"china": "china.jpg", "flower": "flower.png", "roof": "roof.webp"}
+    for shard in sorted(out.glob("*.tar")):
+        tar = tar_members(shard)
+        keys = {name.split(".")[0] for name in tar}
+        assert sizes[shard.name] == len(keys)
+        for key in keys:
+            meta = json.loads(tar[f"{key}.json"])
+            (ext,) = {n.split(".", 1)[1] for n in tar if n.startswith(key)} - {"txt", "json"}
+            data = tar[f"{key}.{ext}"]
+            exts[meta["source_id"]] = ext
+            assert meta["key"] == key and meta["status"] == "success" and meta["error_message"] is None
+            assert tar[f"{key}.txt"].decode() == meta["caption"]
+            info = probe_image(data)
+            assert (info.width, info.height) == (meta["width"], meta["height"])
+            assert (meta["original_width"], meta["original_height"]) == (meta["width"], meta["height"])
+            assert decode_image(data).shape == (1, meta["height"], meta["width"], 3)
+            assert meta["sha256"] == hashlib.sha256(data).hexdigest() and meta["bytes"] == len(data)
+            if meta["source_id"] in originals:
+                assert data == (image_input.parent / "images" / originals[meta["source_id"]]).read_bytes()
+    assert exts == {"china": "jpg", "flower": "png", "roof": "webp", "petal": "png"}
+    china = next(r for r in rows if r["source_id"] == "china")
+    assert (china["width"], china["height"]) == (640, 427) and china["source"] == "images/china.jpg"
+    stats = json.loads((out / "00000_stats.json").read_text())
+    assert stats["count"] == 4 and stats["successes"] == 2 and stats["failed"] == {"missing_file": 1, "empty_file": 1}
+
+
+def test_images_shrink_to_the_short_side_and_keep_their_original_size(image_input: Path, tmp_path: Path) -> None:
+    rows = [r for r in read_rows(image_input) if r["source_id"] in ("china", "roof")]
+    out = tmp_path / "small"
+    build(rows, BuildOptions(output=str(out), kind="image", short_side=96, progress=False))
+    metas = {
+        json.loads(v)["source_id"]: (k, json.loads(v))
+        for k, v in tar_members(out / "00000.tar").items()
+        if k.endswith(".json")
+    }
+    china, roof = metas["china"][1], metas["roof"][1]
+    assert (china["width"], china["height"], china["original_width"], china["original_height"]) == (144, 96, 640, 427)
+    assert (roof["width"], roof["height"]) == (128, 96)  # 160x120 crop, shrunk
+    assert {k.split(".")[1] for k in tar_members(out / "00000.tar")} == {"jpg", "webp", "txt", "json"}
+
+
+def test_cli_builds_images_from_a_folder_with_sidecar_captions(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from multi_dist.shards.build import main, rows_from_dir
+
+    from .test_mixing import photo_folder
+
+    src = photo_folder(tmp_path / "photos", crops=3)
+    (src / "flower_2.txt").unlink()  # one image without a caption
+    out = tmp_path / "out"
+    summary = main(["--input-dir", str(src), "--kind", "image", "--output", str(out), "--no-progress"])
+    assert "7/8 images written" in capsys.readouterr().out and summary["failed"] == {"invalid_row": 1}
+    rows = {Path(r["source"]).name: r for r in parquet_rows(out)}
+    assert rows["flower_2.webp"]["status"] == "invalid_row"
+    assert rows["china_1.png"]["caption"].startswith("a close view of")
+    with pytest.raises(FileNotFoundError, match=r"no videos .* \(images\? build them with --kind image\)"):
+        rows_from_dir(src)

@@ -161,14 +161,69 @@ def test_the_text_guides_the_video_sampler(tiny: MuLTI) -> None:
 
 
 def test_padding_frames_do_not_change_the_clip(tiny: MuLTI) -> None:
+    """Float32 rounding apart (atol 1e-5; measured about 1e-6), whatever the padding frames hold."""
     tiny.eval()
     video = torch.randn(1, 4, 3, 32, 32)
     padded = torch.cat([video, torch.randn(1, 4, 3, 32, 32)], 1)
     frame_mask = torch.tensor([[1, 1, 1, 1, 0, 0, 0, 0]], dtype=torch.bool)
+    text = tiny.encode_text(torch.randint(1000, 2000, (1, 10)), torch.ones(1, 10, dtype=torch.long))
     with torch.no_grad():
         short, long = tiny.encode_video(video), tiny.encode_video(padded, frame_mask)
         torch.testing.assert_close(short.embed, long.embed, atol=1e-5, rtol=1e-5)
         assert long.mask[0, : short.mask.shape[1]].all() and not long.mask[0, short.mask.shape[1] :].any()
+        torch.testing.assert_close(tiny.fuse(text, short).states, tiny.fuse(text, long).states, atol=1e-5, rtol=1e-5)
+
+
+def test_an_image_padded_to_8_frames_beside_a_clip_is_the_image_alone(tiny: MuLTI) -> None:
+    """An image (a clip of one frame) padded to T=8 in a batch with an 8-frame clip: its tokens,
+    global feature, VTC embedding, sampler weights and fused states equal those of the image
+    alone at T=1 (atol 1e-5, float32 rounding); the vision tower runs on its one real frame only."""
+    tiny.eval()
+    g = torch.Generator().manual_seed(3)
+    image, clip = torch.randn(1, 1, 3, 32, 32, generator=g), torch.randn(1, 8, 3, 32, 32, generator=g)
+    batch = torch.cat([torch.cat([image, torch.zeros(1, 7, 3, 32, 32)], 1), clip])
+    frame_mask = torch.tensor([[True] + [False] * 7, [True] * 8])
+    ids = torch.randint(1000, 2000, (2, 12), generator=g)
+    text = tiny.encode_text(ids, torch.ones(2, 12, dtype=torch.long))
+    frames_seen = []
+    hook = tiny.video._tower.embeddings.register_forward_hook(lambda m, args, out: frames_seen.append(len(args[0])))
+    with torch.no_grad():
+        both = tiny.encode_video(batch, frame_mask)
+        hook.remove()
+        alone = [tiny.encode_video(image), tiny.encode_video(clip)]
+        fused = tiny.fuse(text, both)
+        fused_alone = [tiny.fuse(text.select(torch.tensor([i])), alone[i]) for i in range(2)]
+    assert frames_seen == [1 + 8]  # not 2 x 8: padding frames never enter the vision transformer
+    p = alone[0].tokens.shape[1]  # tokens of one frame
+    tol = {"atol": 1e-5, "rtol": 1e-5}
+    for i in range(2):
+        n = alone[i].tokens.shape[1]
+        torch.testing.assert_close(both.tokens[i, :n], alone[i].tokens[0], **tol)
+        torch.testing.assert_close(both.glob[i], alone[i].glob[0], **tol)
+        torch.testing.assert_close(both.embed[i], alone[i].embed[0], **tol)
+        torch.testing.assert_close(fused.states[i], fused_alone[i].states[0], **tol)
+        torch.testing.assert_close(fused.video_weights[i, :, :n], fused_alone[i].video_weights[0], **tol)
+    assert not both.mask[0, p:].any() and fused.video_weights[0, :, p:].eq(0).all()
+    # repeat mode is a different input on purpose: a still clip of 8 real frames
+    with torch.no_grad():
+        still = tiny.encode_video(image.expand(1, 8, -1, -1, -1))
+    assert (still.embed - alone[0].embed).abs().max() > 1e-3
+
+
+def test_the_temporal_embedding_numbers_real_frames(tiny: MuLTI) -> None:
+    """Real frames get temporal embeddings 0, 1, ... in order, wherever they sit among padding."""
+    tiny.eval()
+    clip = torch.randn(1, 3, 3, 32, 32)
+    scattered = torch.zeros(1, 6, 3, 32, 32)
+    scattered[0, [1, 2, 4]] = clip[0]
+    frame_mask = torch.tensor([[False, True, True, False, True, False]])
+    with torch.no_grad():
+        a, b = tiny.encode_video(clip), tiny.encode_video(scattered, frame_mask)
+    torch.testing.assert_close(a.embed, b.embed, atol=1e-5, rtol=1e-5)
+    n = a.tokens.shape[1] // 3
+    torch.testing.assert_close(
+        a.tokens.view(1, 3, n, -1), b.tokens.view(1, 6, n, -1)[:, [1, 2, 4]], atol=1e-5, rtol=1e-5
+    )
 
 
 def test_save_and_load_round_trip(tiny: MuLTI, tmp_path: Path) -> None:

@@ -44,6 +44,9 @@ def test_batches_have_the_right_shapes_dtypes_and_normalisation(demo_corpus: Pat
     assert batch["video"].shape == (4, 6, 3, 48, 48) and batch["video"].dtype == torch.float32
     assert batch["input_ids"].shape == (4, 16) and batch["input_ids"].dtype == torch.int64
     assert batch["attention_mask"].shape == (4, 16)
+    # one video corpus: every frame is real, every sample from the corpus named after its folder
+    assert batch["frame_mask"].shape == (4, 6) and batch["frame_mask"].all()
+    assert batch["corpus"] == ["val"] * 4
     # the same clip decoded by hand with the same functions gives the same tensor
     key = batch["key"][0]
     with tarfile.open(demo_corpus / "val" / f"{key[:5]}.tar") as tar:  # key = shard id + index

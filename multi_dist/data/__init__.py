@@ -8,6 +8,7 @@ from importlib import import_module
 from typing import Any
 
 _EXPORTS = {
+    "CorpusConfig": "pipeline",
     "DataConfig": "pipeline",
     "VideoTextStream": "pipeline",
     "list_shards": "shardlist",
@@ -15,6 +16,7 @@ _EXPORTS = {
     "load_tokenizer": "text",
     "resolve_pretrained": "text",
     "frames_to_tensor": "transforms",
+    "decode_image": "images",
     "DecodeError": "video",
     "decode_frames": "video",
     "probe": "video",

@@ -1,4 +1,5 @@
-"""Frame transforms: square crop, resize, normalise, done in one pass on the crop only."""
+"""Frame transforms: square crop, resize, normalise, done in one pass on the crop only; fitting
+clips (and images, clips of one frame) to a batch's frame count with a frame mask."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import torch.nn.functional as F
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 Crop = Literal["center", "random"]
+ImageFrames = Literal["pad", "repeat"]
+"""How an image (or any clip shorter than the batch) fills the batch's frames: see :func:`fit_frames`."""
 
 
 def decode_size(width: int, height: int, size: int) -> tuple[int, int] | None:
@@ -55,3 +58,29 @@ def frames_to_tensor(
     scale = 1.0 / (torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0)
     shift = -torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) / torch.tensor(std).view(1, 3, 1, 1)
     return x.mul_(scale).add_(shift)
+
+
+def fit_frames(video: torch.Tensor, frames: int, fill: ImageFrames = "pad") -> tuple[torch.Tensor, torch.Tensor]:
+    """A clip of ``t <= frames`` frames ``(t, 3, S, S)`` -> ``(frames, 3, S, S)`` and its frame mask
+    ``(frames,)`` (True for real frames), so that clips of different lengths (an image is a clip
+    of one frame) batch together.
+
+    - ``pad``: zero frames after the real ones, masked: the model ignores them, so the clip's
+      output is the same at any batch frame count.
+    - ``repeat``: the frames stretched over the length, every one real (an image becomes a still
+      clip; the model sees ``frames`` frames of it).
+    """
+    t = video.shape[0]
+    if not 0 < t <= frames:
+        raise ValueError(f"cannot fit a clip of {t} frames into {frames}")
+    if t == frames:
+        return video, torch.ones(frames, dtype=torch.bool)
+    if fill == "repeat":
+        return video[torch.arange(frames) * t // frames], torch.ones(frames, dtype=torch.bool)
+    if fill != "pad":
+        raise ValueError(f"unknown frame fill {fill!r} (pad or repeat)")
+    out = video.new_zeros((frames, *video.shape[1:]))
+    out[:t] = video
+    mask = torch.zeros(frames, dtype=torch.bool)
+    mask[:t] = True
+    return out, mask

@@ -188,8 +188,14 @@ class VideoEncoder(_LayeredEncoder):
     """Per-frame vision transformer + learned temporal embedding.
 
     ``(B, T, 3, H, W)`` -> tokens ``(B, T, 1+P, Dv)`` and the video global feature (mean of the
-    real frames' CLS tokens). ``frame_mask`` (B, T) marks real frames (padding frames of short
-    clips or images are ignored by the temporal adapter and the global feature).
+    real frames' CLS tokens). ``frame_mask`` (B, T) marks real frames; padding frames (of images,
+    clips of one frame, and of clips shorter than the batch) are left out entirely: the vision
+    transformer runs on the real frames only (an image padded to 8 frames costs one frame), the
+    temporal adapter does not attend to them, the temporal embedding numbers the real frames
+    0, 1, ... and is not added to padding, the global feature averages real frames only, and
+    their tokens come out as zeros (masked by :class:`~multi_dist.model.multi.MuLTI` downstream).
+    So a clip's outputs do not depend on how many padding frames its batch adds. Every sample
+    needs at least one real frame.
     """
 
     def __init__(self, cfg: EncoderConfig, max_frames: int = 128) -> None:
@@ -220,6 +226,11 @@ class VideoEncoder(_LayeredEncoder):
         if t > self.max_frames:
             raise ValueError(f"{t} frames exceed the model's max_frames={self.max_frames}")
         x = video.flatten(0, 1)
+        real = None
+        if frame_mask is not None:
+            frame_mask = frame_mask.bool()
+            real = frame_mask.flatten().nonzero().squeeze(1)  # (R,) the real frames of all clips
+            x = x[real]
         tower = self._tower
         with self._frozen_context():
             h = tower.embeddings(x)
@@ -228,29 +239,45 @@ class VideoEncoder(_LayeredEncoder):
             for layer in self.layers[: self.frozen]:
                 h = _layer_out(layer(h, None))
         if self.adapter is not None:
-            h = self._adapt(h, b, t, frame_mask)
+            h = self._adapt(h, b, t, frame_mask, real)
         h = self._run_layers(h, None, self.frozen)
         h = self._final_norm()(h)
         n, d = h.shape[1:]
-        h = h.view(b, t, n, d) + self.temporal[:t].view(1, t, 1, d).to(h.dtype)
-        cls = h[:, :, 0]
+        h = _unpack_frames(h, b * t, real).view(b, t, n, d)
         if frame_mask is None:
-            glob = cls.mean(1)
-        else:
-            w = frame_mask.to(cls.dtype).unsqueeze(-1)
-            glob = (cls * w).sum(1) / w.sum(1).clamp_min(1)
+            h = h + self.temporal[:t].view(1, t, 1, d).to(h.dtype)
+            return h, h[:, :, 0].mean(1)
+        # real frame i of a clip gets temporal embedding i, however its frames sit in the batch
+        order = (frame_mask.long().cumsum(1) - 1).clamp_min(0)
+        w = frame_mask.to(h.dtype).unsqueeze(-1)
+        h = h + (self.temporal[order].to(h.dtype) * w).unsqueeze(2)
+        glob = (h[:, :, 0] * w).sum(1) / w.sum(1).clamp_min(1)
         return h, glob
 
-    def _adapt(self, h: torch.Tensor, b: int, t: int, frame_mask: torch.Tensor | None) -> torch.Tensor:
+    def _adapt(
+        self, h: torch.Tensor, b: int, t: int, frame_mask: torch.Tensor | None, real: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The adapter on the (real) frames' tokens ``(R, n, d)``; the temporal one attends across
+        each clip's real frames at the same patch position."""
         if not self.cfg.adapter.temporal:
             return self.adapter(h)
         n, d = h.shape[1:]
-        x = h.view(b, t, n, d).transpose(1, 2).reshape(b * n, t, d)  # attend across frames per patch
+        full = _unpack_frames(h, b * t, real)
+        x = full.view(b, t, n, d).transpose(1, 2).reshape(b * n, t, d)  # attend across frames per patch
         pad = None
         if frame_mask is not None:
-            pad = (~frame_mask.bool()).repeat_interleave(n, dim=0)
+            pad = (~frame_mask).repeat_interleave(n, dim=0)
         x = self.adapter(x, key_padding_mask=pad)
-        return x.view(b, n, t, d).transpose(1, 2).reshape(b * t, n, d)
+        x = x.view(b, n, t, d).transpose(1, 2).reshape(b * t, n, d)
+        return x if real is None else x[real]
+
+
+def _unpack_frames(h: torch.Tensor, frames: int, real: torch.Tensor | None) -> torch.Tensor:
+    """The real frames' tokens ``(R, n, d)`` back at their places among ``frames`` frames, padding
+    frames zero."""
+    if real is None:
+        return h
+    return h.new_zeros((frames, *h.shape[1:])).index_copy(0, real, h)
 
 
 class TextEncoder(_LayeredEncoder):

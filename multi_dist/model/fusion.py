@@ -89,10 +89,15 @@ class AdaptPooling(nn.Module):
         self.key = nn.Linear(width, width, bias=False)
 
     def forward(
-        self, s: torch.Tensor, mask: torch.Tensor, guide: torch.Tensor
+        self, s: torch.Tensor, mask: torch.Tensor, guide: torch.Tensor, packed: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``s`` (B, N, D), ``mask`` (B, N) real tokens, ``guide`` (B, G, D): G guides per sequence
         (e.g. the 4 MCM options of one video) share one pass over ``s``.
+
+        ``packed``: the blocks are cut from each row's real tokens alone (``ceil(n_real / K)``
+        per block, in order), so padding - the frames an image or a short clip is padded with -
+        changes nothing: a row pools as it would alone at its own length. Otherwise the blocks
+        are fixed positions of the padded sequence.
 
         Returns pooled ``(B, G, K, D)``, their mask ``(B, K)`` and the weights ``(B, G, N)``.
         """
@@ -100,20 +105,49 @@ class AdaptPooling(nn.Module):
         k = self.tokens
         block = math.ceil(n / k)
         pad = k * block - n
+        mask = mask.bool()
+        slot = None
+        if packed:
+            s, mask, slot = _pack(s, mask, k, block)
+        elif pad:
+            s = F.pad(s, (0, 0, 0, pad))
+            mask = F.pad(mask, (0, pad), value=False)
         u = self.query(guide) @ self.key.weight  # (B, G, D): Wk^T Wq g
         scores = torch.einsum("bnd,bgd->bgn", s, u) / math.sqrt(d)
-        if pad:
-            s = F.pad(s, (0, 0, 0, pad))
-            scores = F.pad(scores, (0, pad))
-            mask = F.pad(mask, (0, pad), value=False)
-        mask = mask.bool()
         scores = scores.float().masked_fill(~mask[:, None, :], torch.finfo(torch.float32).min)
         weights = scores.view(b, -1, k, block).softmax(-1) * mask.view(b, 1, k, block)
         # blocks with no real token (short clips, padding) pool to zero and are masked out
         weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-6)
         weights = weights.to(s.dtype)
         pooled = torch.einsum("bgkj,bkjd->bgkd", weights, s.view(b, k, block, d))
-        return pooled, mask.view(b, k, block).any(-1), weights.flatten(2)[..., :n]
+        weights = weights.flatten(2)
+        if slot is None:
+            weights = weights[..., :n]
+        else:  # back to the tokens' own positions (padding tokens: weight 0)
+            weights = F.pad(weights, (0, n)).gather(2, slot[:, None, :].expand(-1, weights.shape[1], -1))
+        return pooled, mask.view(b, k, block).any(-1), weights
+
+
+def _pack(s: torch.Tensor, mask: torch.Tensor, k: int, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Lay each row's real tokens out in K blocks of ``ceil(n_real / K)`` (the first slots of
+    blocks ``block`` wide): the layout that row would have alone, padded to the batch's block
+    width. Returns the packed ``s`` (B, K*block, D) (empty slots zero), its mask, and each
+    token's slot (B, N) (padding token j: slot K*block + j, past the end, dropped; every slot is
+    written once, so the scatter is deterministic). One ``index_select`` on the flattened
+    tokens: backward keeps a (B*K*block,) index, not one per feature."""
+    b, n, d = s.shape
+    size = k * block
+    real = mask.long()
+    rank = real.cumsum(1) - 1  # place among the row's real tokens
+    per = ((real.sum(1, keepdim=True) + k - 1) // k).clamp_min(1)  # the row's own block length (<= block)
+    position = torch.arange(n, device=s.device)
+    slot = torch.where(mask, (rank // per) * block + rank % per, size + position)
+    # which flat token fills each slot: b*n (an appended zero row) where none does
+    source = torch.full((b, size + n), b * n, dtype=torch.long, device=s.device)
+    source = source.scatter(1, slot, position + n * torch.arange(b, device=s.device)[:, None])[:, :size]
+    flat = torch.cat([s.reshape(b * n, d), s.new_zeros(1, d)])
+    packed = flat.index_select(0, source.flatten()).view(b, size, d)
+    return packed, source.ne(b * n), slot
 
 
 class SamplerLayer(nn.Module):

@@ -228,7 +228,8 @@ class MuLTI(nn.Module):
             tokens = video.tokens.repeat_interleave(g, 0) if g > 1 else video.tokens
             mask = video.mask.repeat_interleave(g, 0) if g > 1 else video.mask
             return tokens, mask, None
-        pooled, pmask, weights = self.video_pool(video.tokens, video.mask, guides)
+        # packed: blocks over each clip's real frames, so padding frames (images, short clips) change nothing
+        pooled, pmask, weights = self.video_pool(video.tokens, video.mask, guides, packed=True)
         k = pooled.shape[2]
         p = pooled.flatten(1, 2)  # (B, G*K, D): the G guides' queries attend to S together
         for layer in self.sampler:

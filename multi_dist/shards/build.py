@@ -1,4 +1,6 @@
-"""Build video2dataset-compatible webdataset shards from a table of videos and captions.
+"""Build webdataset shards from a table of videos (or images) and captions: video2dataset's
+layout for videos, img2dataset's for images (``KEY.jpg``/``.png``/``.webp`` + ``KEY.txt`` +
+``KEY.json``), so that shards built here and shards those tools wrote read alike.
 
 Row ``i`` of the input goes to shard ``i // samples_per_shard`` under key
 ``{shard:05d}{index:0Nd}``, so a rerun rebuilds exactly the shards that did not finish (a shard
@@ -25,10 +27,11 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from tqdm import tqdm
 
+from ..data.images import IMAGE_EXTS, KEPT_FORMATS, ImageInfo, decode_image, probe_image
 from ..data.video import HAVE_DECORD, VIDEO_EXTS, DecodeError, VideoInfo, decode_frames, probe
 
 # Failure statuses recorded in the parquet and stats (video2dataset uses the same field names).
@@ -38,6 +41,10 @@ EMPTY_FILE = "empty_file"
 FAILED_TO_DECODE = "failed_to_decode"
 FAILED_TO_REENCODE = "failed_to_reencode"
 INVALID_ROW = "invalid_row"
+
+IMAGE_INPUT_EXTS = (*IMAGE_EXTS, "bmp", "gif", "tif", "tiff")
+"""Image files a folder input picks up; formats other than JPEG, PNG and WebP are stored as PNG."""
+JPEG_QUALITY = 95  # images resized by --short-side are re-encoded in their own format at this quality
 
 
 class SampleError(Exception):
@@ -51,7 +58,10 @@ class BuildOptions:
     output: str
     samples_per_shard: int = 1000
     processes: int = 1
+    kind: Literal["video", "image"] = "video"
+    """What the rows point at: videos (``video_col``) or images (``image_col``)."""
     video_col: str = "video"
+    image_col: str = "image"
     caption_col: str = "caption"
     start_col: str = "start"
     end_col: str = "end"
@@ -64,6 +74,11 @@ class BuildOptions:
     @property
     def reencode(self) -> bool:
         return self.fps is not None or self.short_side is not None
+
+    @property
+    def path_col(self) -> str:
+        """The column holding each row's media file."""
+        return self.image_col if self.kind == "image" else self.video_col
 
 
 # ----------------------------------------------------------------------------------------------
@@ -102,29 +117,36 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-def rows_from_dir(folder: str | Path, video_col: str = "video", caption_col: str = "caption") -> list[dict[str, Any]]:
-    """A folder of videos, each with a sidecar ``.txt`` caption of the same stem."""
+def rows_from_dir(
+    folder: str | Path, video_col: str = "video", caption_col: str = "caption", kind: str = "video"
+) -> list[dict[str, Any]]:
+    """A folder of videos (``kind="image"``: images), each with a sidecar ``.txt`` caption of the
+    same stem; the file's path goes in column ``video_col`` (pass the image column for images)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"input folder not found: {folder}")
+    exts = IMAGE_INPUT_EXTS if kind == "image" else VIDEO_EXTS
     rows = []
-    for video in sorted(p for p in folder.rglob("*") if p.suffix.lower().lstrip(".") in VIDEO_EXTS):
-        side = video.with_suffix(".txt")
+    for media in sorted(p for p in folder.rglob("*") if p.suffix.lower().lstrip(".") in exts):
+        side = media.with_suffix(".txt")
         caption = side.read_text().strip() if side.is_file() else None
-        rows.append({video_col: str(video), caption_col: caption, "_base_dir": str(folder)})
+        rows.append({video_col: str(media), caption_col: caption, "_base_dir": str(folder)})
     if not rows:
-        raise FileNotFoundError(f"no videos ({', '.join(VIDEO_EXTS)}) under {folder}")
+        other = "images" if kind == "video" else "videos"
+        hint = " (images? build them with --kind image)" if kind == "video" else ""
+        raise FileNotFoundError(f"no {kind}s ({', '.join(exts)}) under {folder}{hint}; {other} are not picked up")
     return rows
 
 
 def check_columns(rows: list[dict[str, Any]], opts: BuildOptions, source: str) -> None:
     if not rows:
         raise ValueError(f"{source}: no rows")
-    for col in (opts.video_col, opts.caption_col):
+    for col in (opts.path_col, opts.caption_col):
         if col not in rows[0]:
             cols = [c for c in rows[0] if not c.startswith("_")]
+            flag = "--image-col" if opts.kind == "image" else "--video-col"
             raise ValueError(
-                f"{source}: no column '{col}' (columns: {', '.join(cols)}); name it with --video-col / --caption-col"
+                f"{source}: no column '{col}' (columns: {', '.join(cols)}); name it with {flag} / --caption-col"
             )
 
 
@@ -148,11 +170,12 @@ def _clip_window(row: dict[str, Any], opts: BuildOptions) -> tuple[float | None,
     return start, end
 
 
-def prepare_video(row: dict[str, Any], opts: BuildOptions) -> tuple[bytes, str, VideoInfo]:
-    """Read, optionally re-encode, and validate one row's video. Raises :class:`SampleError`."""
-    raw = row.get(opts.video_col)
+def _read_media(row: dict[str, Any], opts: BuildOptions) -> tuple[Path, bytes]:
+    """The row's file and its bytes. Raises :class:`SampleError` (invalid_row, missing_file, empty_file)."""
+    col = opts.path_col
+    raw = row.get(col)
     if not raw:
-        raise SampleError(INVALID_ROW, f"empty '{opts.video_col}' column")
+        raise SampleError(INVALID_ROW, f"empty '{col}' column")
     path = Path(str(raw)).expanduser()
     if not path.is_absolute():
         path = Path(row.get("_base_dir", ".")) / path
@@ -161,6 +184,12 @@ def prepare_video(row: dict[str, Any], opts: BuildOptions) -> tuple[bytes, str, 
     data = path.read_bytes()
     if not data:
         raise SampleError(EMPTY_FILE, f"zero-byte file: {path}")
+    return path, data
+
+
+def prepare_video(row: dict[str, Any], opts: BuildOptions) -> tuple[bytes, str, VideoInfo]:
+    """Read, optionally re-encode, and validate one row's video. Raises :class:`SampleError`."""
+    path, data = _read_media(row, opts)
     start, end = _clip_window(row, opts)
     ext = path.suffix.lower().lstrip(".") or "mp4"
     if opts.reencode or start is not None or end is not None:
@@ -173,6 +202,45 @@ def prepare_video(row: dict[str, Any], opts: BuildOptions) -> tuple[bytes, str, 
     except DecodeError as err:
         raise SampleError(FAILED_TO_DECODE, f"{path}: {err}") from err
     return data, ext, info
+
+
+def prepare_image(row: dict[str, Any], opts: BuildOptions) -> tuple[bytes, str, ImageInfo, ImageInfo]:
+    """Read, validate (a full decode, then the training decoder) and, where asked, shrink one
+    row's image. JPEG, PNG and WebP bytes are stored as they are unless ``short_side`` shrinks
+    them; other formats are stored as PNG. Returns (bytes, extension, stored info, original info).
+    Raises :class:`SampleError`."""
+    path, data = _read_media(row, opts)
+    try:
+        original = probe_image(data)
+        decode_image(data)  # what training runs
+    except DecodeError as err:
+        raise SampleError(FAILED_TO_DECODE, f"{path}: {err}") from err
+    ext = KEPT_FORMATS.get(original.format)
+    shrink = opts.short_side is not None and min(original.width, original.height) > opts.short_side
+    if ext is not None and not shrink:
+        return data, ext, original, original
+    ext = ext or "png"
+    try:
+        data = _encode_image(data, ext, opts.short_side if shrink else None)
+        stored = probe_image(data)
+    except (DecodeError, OSError, ValueError) as err:
+        raise SampleError(FAILED_TO_REENCODE, f"{path}: {type(err).__name__}: {err}") from err
+    return data, ext, stored, original
+
+
+def _encode_image(data: bytes, ext: str, short_side: int | None) -> bytes:
+    """Re-encode as ``ext`` (jpg, png or webp), with the shorter side scaled down to ``short_side``."""
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(data))
+    img = img.convert("RGB") if ext == "jpg" or img.mode not in ("RGB", "RGBA", "L", "LA") else img
+    if short_side is not None:
+        scale = short_side / min(img.size)
+        img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.BICUBIC)
+    out = io.BytesIO()
+    fmt = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}[ext]
+    img.save(out, format=fmt, **({"quality": JPEG_QUALITY} if fmt in ("JPEG", "WEBP") else {}))
+    return out.getvalue()
 
 
 def reencode(data: bytes, path: Path, opts: BuildOptions, start: float | None, end: float | None) -> bytes:
@@ -244,7 +312,7 @@ def _jsonable(value: Any) -> Any:
 
 def _metadata(row: dict[str, Any], key: str, opts: BuildOptions) -> dict[str, Any]:
     meta = {k: _jsonable(v) for k, v in row.items() if not k.startswith("_")}
-    meta["source"] = meta.pop(opts.video_col, None)
+    meta["source"] = meta.pop(opts.path_col, None)
     meta.update(key=key, caption=row.get(opts.caption_col), status=SUCCESS, error_message=None)
     return meta
 
@@ -271,18 +339,30 @@ def build_shard(shard_id: int, rows: list[dict[str, Any]], opts: BuildOptions, p
                 caption = row.get(opts.caption_col)
                 if caption is None or not str(caption).strip():
                     raise SampleError(INVALID_ROW, f"empty caption in column '{opts.caption_col}'")
-                data, ext, info = prepare_video(row, opts)
-                meta.update(
-                    duration=round(info.duration, 3),
-                    fps=round(info.fps, 3),
-                    num_frames=info.num_frames,
-                    width=info.width,
-                    height=info.height,
-                    bytes=len(data),
-                )
+                if opts.kind == "image":
+                    data, ext, stored, original = prepare_image(row, opts)
+                    # img2dataset's fields: the stored size, and the size before any resizing
+                    meta.update(
+                        width=stored.width,
+                        height=stored.height,
+                        original_width=original.width,
+                        original_height=original.height,
+                        sha256=hashlib.sha256(data).hexdigest(),
+                        bytes=len(data),
+                    )
+                else:
+                    data, ext, info = prepare_video(row, opts)
+                    meta.update(
+                        duration=round(info.duration, 3),
+                        fps=round(info.fps, 3),
+                        num_frames=info.num_frames,
+                        width=info.width,
+                        height=info.height,
+                        bytes=len(data),
+                    )
+                    total_duration += info.duration
                 sink.write({"__key__": key, ext: data, "txt": str(caption).strip(), "json": meta})
                 total_bytes += len(data)
-                total_duration += info.duration
             except SampleError as err:
                 meta.update(status=err.status, error_message=str(err))
             statuses[meta["status"]] += 1
@@ -348,6 +428,8 @@ def _shard_task(args: tuple[int, list[dict[str, Any]], BuildOptions]) -> dict[st
 def _fingerprint(rows: list[dict[str, Any]], opts: BuildOptions) -> str:
     h = hashlib.sha256()
     settings = {k: v for k, v in asdict(opts).items() if k not in ("output", "processes", "progress")}
+    if opts.kind == "video":  # a video build's fingerprint is the one it had before image builds existed
+        del settings["kind"], settings["image_col"]
     h.update(json.dumps(settings, sort_keys=True).encode())
     for row in rows:
         h.update(json.dumps(row, sort_keys=True, default=str).encode())
@@ -416,6 +498,7 @@ def build(rows: list[dict[str, Any]], opts: BuildOptions) -> dict[str, Any]:
         failed.update(s["failed"])
     summary = {
         "output": str(out),
+        "kind": opts.kind,
         "rows": len(rows),
         "written": sum(s["successes"] for s in stats.values()),
         "failed": dict(failed),
@@ -431,28 +514,36 @@ def build(rows: list[dict[str, Any]], opts: BuildOptions) -> dict[str, Any]:
 
 def format_summary(summary: dict[str, Any]) -> str:
     failed = ", ".join(f"{k}: {v}" for k, v in sorted(summary["failed"].items())) or "none"
+    kind = summary.get("kind", "video")
+    minutes = f", {summary['video_duration_s'] / 60:.1f} min of video" if kind == "video" else ""
     return (
-        f"{summary['output']}: {summary['written']}/{summary['rows']} videos written in "
-        f"{summary['shards']} shard(s) ({summary['bytes'] / 1e6:.1f} MB, "
-        f"{summary['video_duration_s'] / 60:.1f} min of video; {summary['shards_resumed']} shard(s) "
-        f"already done); failed: {failed}; {summary['seconds']} s"
+        f"{summary['output']}: {summary['written']}/{summary['rows']} {kind}s written in "
+        f"{summary['shards']} shard(s) ({summary['bytes'] / 1e6:.1f} MB{minutes}; {summary['shards_resumed']} "
+        f"shard(s) already done); failed: {failed}; {summary['seconds']} s"
     )
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="shards/build.py")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--input", help="JSONL, CSV/TSV or Parquet with a video path and a caption per row")
-    src.add_argument("--input-dir", help="folder of videos, each with a sidecar .txt caption")
+    src.add_argument("--input", help="JSONL, CSV/TSV or Parquet with a video (or image) path and a caption per row")
+    src.add_argument("--input-dir", help="folder of videos (or images), each with a sidecar .txt caption")
+    p.add_argument(
+        "--kind",
+        choices=["video", "image"],
+        default="video",
+        help="image: the rows (or the folder) hold images; written in img2dataset's layout",
+    )
     p.add_argument("--output", required=True, help="dataset folder to write (or finish writing)")
     p.add_argument("--samples-per-shard", type=int, default=1000)
     p.add_argument("--processes", type=int, default=1)
     p.add_argument("--video-col", default="video")
+    p.add_argument("--image-col", default="image", help="the image path column (--kind image)")
     p.add_argument("--caption-col", default="caption")
     p.add_argument("--start-col", default="start", help="clip start seconds (optional column)")
     p.add_argument("--end-col", default="end", help="clip end seconds (optional column)")
     p.add_argument("--fps", type=float, help="re-encode to this frame rate (e.g. 4)")
-    p.add_argument("--short-side", type=int, help="re-encode with this shorter side (e.g. 224)")
+    p.add_argument("--short-side", type=int, help="re-encode with this shorter side (e.g. 224; images: shrink only)")
     p.add_argument("--crf", type=int, default=23, help="x264 quality when re-encoding")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
@@ -460,7 +551,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         output=args.output,
         samples_per_shard=args.samples_per_shard,
         processes=args.processes,
+        kind=args.kind,
         video_col=args.video_col,
+        image_col=args.image_col,
         caption_col=args.caption_col,
         start_col=args.start_col,
         end_col=args.end_col,
@@ -473,7 +566,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rows = read_rows(args.input)
         check_columns(rows, opts, args.input)
     else:
-        rows = rows_from_dir(args.input_dir, opts.video_col, opts.caption_col)
+        rows = rows_from_dir(args.input_dir, opts.path_col, opts.caption_col, opts.kind)
     summary = build(rows, opts)
     print(format_summary(summary))
     return summary

@@ -92,9 +92,14 @@ def tokenize(tokenizer: Any, texts: list[str], max_len: int) -> tuple[torch.Tens
     return tok["input_ids"], tok["attention_mask"]
 
 
-def field_values(path: str, name: str) -> Iterator[Any]:
-    """Every sample's value of a task field over a shard set (None where a sample lacks it): from
-    the parquet files beside local shards (fast: no tar is opened), else from the json members."""
+def field_values(path: str | list[str], name: str) -> Iterator[Any]:
+    """Every sample's value of a task field over a shard set, or several (None where a sample
+    lacks it): from the parquet files beside local shards (fast: no tar is opened), else from the
+    json members."""
+    if isinstance(path, list):
+        for p in path:
+            yield from field_values(p, name)
+        return
     shards = list_shards(path)
     folder = os.path.dirname(shards[0])
     parquets = sorted(glob.glob(os.path.join(folder, "*.parquet")))
@@ -136,8 +141,8 @@ class Task(abc.ABC):
 
     # -- set-up ---------------------------------------------------------------------------------
     @classmethod
-    def build_vocab(cls, cfg: TaskConfig, train_path: str) -> list[str] | None:
-        """The vocabulary from the training split (tasks that need one)."""
+    def build_vocab(cls, cfg: TaskConfig, train_path: str | list[str]) -> list[str] | None:
+        """The vocabulary from the training split, one shard set or several (tasks that need one)."""
         return None
 
     def heads(self) -> dict[str, int]:

@@ -26,7 +26,7 @@ class LabelsTask(Task):
     needs_vocab = True
 
     @classmethod
-    def build_vocab(cls, cfg: TaskConfig, train_path: str) -> list[str]:
+    def build_vocab(cls, cfg: TaskConfig, train_path: str | list[str]) -> list[str]:
         if cfg.labels:
             return list(cfg.labels)
         names = {str(x) for value in field_values(train_path, "labels") for x in (value or [])}

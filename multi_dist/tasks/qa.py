@@ -78,7 +78,7 @@ class OpenQATask(Task):
     needs_vocab = True
 
     @classmethod
-    def build_vocab(cls, cfg: TaskConfig, train_path: str) -> list[str]:
+    def build_vocab(cls, cfg: TaskConfig, train_path: str | list[str]) -> list[str]:
         counts: Counter[str] = Counter()
         for value in field_values(train_path, "qa"):
             for item in value or []:
