@@ -43,7 +43,8 @@ def latest_tag(ckpt_dir: str | Path) -> str | None:
     return tag
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, text: str) -> None:
+    """Write under a temporary name, then rename: readers see the old file or the whole new one."""
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
@@ -84,9 +85,9 @@ def save(
         dist.barrier()
     if rank == 0:
         for name, text in (files or {}).items():
-            _atomic_write(ckpt_dir / tag / name, text)
-        _atomic_write(ckpt_dir / tag / COMPLETE, json.dumps(trainer, indent=1))
-        _atomic_write(ckpt_dir / LATEST, tag)
+            atomic_write(ckpt_dir / tag / name, text)
+        atomic_write(ckpt_dir / tag / COMPLETE, json.dumps(trainer, indent=1))
+        atomic_write(ckpt_dir / LATEST, tag)
         _prune(ckpt_dir, keep, tag)
     if dist.is_initialized():
         dist.barrier()

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from .data.pipeline import DataConfig
-from .model.multi import _TIED, ModelConfig, MuLTI, read_config
+from .model.multi import _TIED, MuLTI, read_config
 from .tasks import EvalContext, Task, TaskConfig, make_task, run_evaluation, task_class
 
 TASK_FILE = "task.json"  # beside exported weights: the task and its vocabulary (QA answers, label names)
@@ -78,20 +78,18 @@ def write_report(
 ) -> Path:
     """``{out_dir}/{task}-{tag}.json`` and its predictions (``.predictions.jsonl``; retrieval:
     ``.rankings.jsonl``), each written whole under a temporary name, then renamed."""
+    from .checkpoint import atomic_write
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{task}-{tag}"
     kind = "rankings" if task == "retrieval" else "predictions"
     pred_file = out / f"{stem}.{kind}.jsonl"
-    tmp = pred_file.with_name(f".{pred_file.name}.tmp")
-    with tmp.open("w") as f:
-        for p in predictions:
-            f.write(json.dumps(p) + "\n")
-    tmp.replace(pred_file)
+    atomic_write(pred_file, "".join(json.dumps(p) + "\n" for p in predictions))
     report = out / f"{stem}.json"
-    tmp = report.with_name(f".{report.name}.tmp")
-    tmp.write_text(json.dumps({"task": task, "tag": tag, **info, "metrics": metrics, kind: pred_file.name}, indent=1))
-    tmp.replace(report)
+    atomic_write(
+        report, json.dumps({"task": task, "tag": tag, **info, "metrics": metrics, kind: pred_file.name}, indent=1)
+    )
     return report
 
 
@@ -128,13 +126,6 @@ def resolve(path: str | Path) -> Source:
         f"init: {p} is neither a model folder (model.safetensors), a checkpoint (trainer.json) nor a run "
         "or checkpoints folder with a 'latest' checkpoint"
     )
-
-
-def source_config(src: Source) -> ModelConfig:
-    cfg = read_config(src.folder)
-    if src.kind == "checkpoint" and not (src.folder / "config.json").is_file():
-        raise FileNotFoundError(f"{src.folder} has no config.json (written with every checkpoint)")
-    return cfg
 
 
 def source_task(src: Source) -> dict[str, Any] | None:
@@ -219,7 +210,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
             raise ValueError(f"init: {src.folder} was not finetuned for task {cfg.task.name!r} (it was: {found})")
         vocab = trained["vocab"]
     task = make_task(cfg.task, vocab, cfg.seed)
-    model = MuLTI(source_config(src))
+    model = MuLTI(read_config(src.folder))
     load_weights(model, source_weights(src), str(src.folder))
     model.to(device)
     if bf16:

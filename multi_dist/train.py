@@ -14,7 +14,6 @@ import logging
 import math
 import os
 import random
-import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,13 +34,12 @@ from .evaluate import (
     load_weights,
     resolve,
     scalars,
-    source_config,
     source_weights,
     to_device,
     write_report,
 )
 from .metrics import MetricLogger, WandbConfig
-from .model.multi import ModelConfig, MuLTI
+from .model.multi import ModelConfig, MuLTI, read_config
 from .objectives import LossConfig
 from .tasks import EvalContext, Task, TaskConfig, make_task, task_class
 
@@ -210,11 +208,6 @@ def request_stop(signum: int | None = None, frame: Any = None) -> None:
     _STOP["signal"] = signum if signum is not None else -1
 
 
-def install_stop_handler(signals: tuple[int, ...] = (signal.SIGUSR2, signal.SIGTERM)) -> None:
-    for sig in signals:
-        signal.signal(sig, request_stop)
-
-
 def _stop_agreed(world: int, device: torch.device) -> bool:
     """True on every rank once any rank was asked to stop (signals reach ranks at different steps)."""
     flag = torch.tensor([1.0 if _STOP["signal"] is not None else 0.0], device=device)
@@ -257,7 +250,7 @@ def _build_model(cfg: TrainConfig, task: Task) -> MuLTI:
         cfg.model.heads = dataclasses.replace(cfg.model.heads, **task.heads())
         return MuLTI(cfg.model)
     src = resolve(cfg.init)
-    model_cfg = source_config(src)
+    model_cfg = read_config(src.folder)
     model_cfg.checkpointing = cfg.model.checkpointing
     model_cfg.heads = dataclasses.replace(model_cfg.heads, label_source=cfg.model.heads.label_source, **task.heads())
     cfg.model = model_cfg  # the run's config records the architecture it really trains

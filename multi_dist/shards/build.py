@@ -523,6 +523,31 @@ def format_summary(summary: dict[str, Any]) -> str:
     )
 
 
+def add_writing_options(p: argparse.ArgumentParser) -> None:
+    """How shards are written: shared by ``shards/build.py`` and ``shards/convert.py``."""
+    p.add_argument("--output", required=True, help="dataset folder to write (or finish writing)")
+    p.add_argument("--samples-per-shard", type=int, default=1000)
+    p.add_argument("--processes", type=int, default=1)
+    p.add_argument("--fps", type=float, help="re-encode to this frame rate (e.g. 4)")
+    p.add_argument("--short-side", type=int, help="re-encode with this shorter side (e.g. 224; images: shrink only)")
+    p.add_argument("--crf", type=int, default=23, help="x264 quality when re-encoding")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def writing_options(args: argparse.Namespace, **fields: Any) -> BuildOptions:
+    """:class:`BuildOptions` from :func:`add_writing_options`' arguments (plus ``fields``)."""
+    return BuildOptions(
+        output=args.output,
+        samples_per_shard=args.samples_per_shard,
+        processes=args.processes,
+        fps=args.fps,
+        short_side=args.short_side,
+        crf=args.crf,
+        progress=not args.no_progress,
+        **fields,
+    )
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="shards/build.py")
     src = p.add_mutually_exclusive_group(required=True)
@@ -534,33 +559,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         default="video",
         help="image: the rows (or the folder) hold images; written in img2dataset's layout",
     )
-    p.add_argument("--output", required=True, help="dataset folder to write (or finish writing)")
-    p.add_argument("--samples-per-shard", type=int, default=1000)
-    p.add_argument("--processes", type=int, default=1)
+    add_writing_options(p)
     p.add_argument("--video-col", default="video")
     p.add_argument("--image-col", default="image", help="the image path column (--kind image)")
     p.add_argument("--caption-col", default="caption")
     p.add_argument("--start-col", default="start", help="clip start seconds (optional column)")
     p.add_argument("--end-col", default="end", help="clip end seconds (optional column)")
-    p.add_argument("--fps", type=float, help="re-encode to this frame rate (e.g. 4)")
-    p.add_argument("--short-side", type=int, help="re-encode with this shorter side (e.g. 224; images: shrink only)")
-    p.add_argument("--crf", type=int, default=23, help="x264 quality when re-encoding")
-    p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    opts = BuildOptions(
-        output=args.output,
-        samples_per_shard=args.samples_per_shard,
-        processes=args.processes,
+    opts = writing_options(
+        args,
         kind=args.kind,
         video_col=args.video_col,
         image_col=args.image_col,
         caption_col=args.caption_col,
         start_col=args.start_col,
         end_col=args.end_col,
-        fps=args.fps,
-        short_side=args.short_side,
-        crf=args.crf,
-        progress=not args.no_progress,
     )
     if args.input:
         rows = read_rows(args.input)

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from ..data.video import VIDEO_EXTS
-from .build import BuildOptions, build, format_summary
+from .build import BuildOptions, add_writing_options, build, format_summary, writing_options
 
 log = logging.getLogger(__name__)
 
@@ -619,7 +619,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     p.add_argument("format", choices=FORMATS)
     p.add_argument("--videos", required=True, help="folder holding the benchmark's video files")
-    p.add_argument("--output", required=True, help="dataset folder to write (or finish writing)")
+    add_writing_options(p)
     p.add_argument("--annotations", required=True, help="the annotation file, or the folder holding the standard files")
     p.add_argument(
         "--split", choices=SPLITS, help="which split's file to take from a folder (default train; test for msrvtt-mc)"
@@ -630,24 +630,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--label-col", default="labels", help="labels-csv: the label column")
     p.add_argument("--video-col", default="video", help="labels-csv: the video column")
     p.add_argument("--delimiter", default="|", help="labels-csv: what separates labels in a cell")
-    p.add_argument("--samples-per-shard", type=int, default=1000)
-    p.add_argument("--processes", type=int, default=1)
-    p.add_argument("--fps", type=float, help="re-encode to this frame rate (e.g. 4)")
-    p.add_argument("--short-side", type=int, help="re-encode with this shorter side (e.g. 224)")
-    p.add_argument("--crf", type=int, default=23, help="x264 quality when re-encoding")
-    p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    opts = BuildOptions(
-        output=args.output,
-        samples_per_shard=args.samples_per_shard,
-        processes=args.processes,
-        fps=args.fps,
-        short_side=args.short_side,
-        crf=args.crf,
-        progress=not args.no_progress,
-    )
+    opts = writing_options(args)
     try:
         summary = convert(
             args.format,

@@ -111,10 +111,11 @@ class RetrievalTask(Task):
         t2v, v2t = sim, sim
         k = min(self.cfg.rerank_k, sim.shape[1])
         if k > 1:
-            vtm = self._vtm_scores(model, records, local, sim, k, ctx)
+            # each text's top-k videos, each video's top-k texts
             in_t2v = torch.zeros_like(sim, dtype=torch.bool).scatter_(1, sim.topk(k, dim=1).indices, True)
             kv = min(self.cfg.rerank_k, sim.shape[0])
             in_v2t = torch.zeros_like(sim, dtype=torch.bool).scatter_(0, sim.topk(kv, dim=0).indices, True)
+            vtm = self._vtm_scores(model, records, local, in_t2v | in_v2t, ctx)
             scaled = records[0]["scale"] * sim
             t2v = torch.where(in_t2v, RERANKED + scaled + vtm, scaled)
             v2t = torch.where(in_v2t, RERANKED + scaled + vtm, scaled)
@@ -142,26 +143,19 @@ class RetrievalTask(Task):
         model: MuLTI,
         records: list[dict[str, Any]],
         local: dict[str, Any],
-        sim: torch.Tensor,
-        k: int,
+        chosen: torch.Tensor,
         ctx: EvalContext,
     ) -> torch.Tensor:
-        """VTM match log-odds for the union of every text's top-k videos and every video's
-        top-k texts (zeros elsewhere), computed where the videos live and summed over ranks."""
-        pairs = set(
-            zip(torch.arange(sim.shape[0]).repeat_interleave(k).tolist(), sim.topk(k, 1).indices.flatten().tolist())
-        )
-        kv = min(self.cfg.rerank_k, sim.shape[0])
-        cols = sim.topk(kv, 0).indices  # (kv, n_video)
-        pairs |= set(zip(cols.flatten().tolist(), torch.arange(sim.shape[1]).repeat(kv).tolist()))
-        mine = sorted((t, v) for t, v in pairs if records[v]["rank"] == ctx.rank)
+        """VTM match log-odds of the ``chosen`` (text, video) pairs (zeros elsewhere), computed
+        where the videos live and summed over ranks."""
+        mine = [(t, v) for t, v in chosen.nonzero().tolist() if records[v]["rank"] == ctx.rank]
         ids = torch.cat([r["ids"] for r in records])
         mask = torch.cat([r["mask"] for r in records])
         chunk = max(1, ctx.batch_size * 4)
         n_chunks = torch.tensor([math.ceil(len(mine) / chunk)], device=ctx.device)
         if ctx.world > 1:
             dist.all_reduce(n_chunks, op=dist.ReduceOp.MAX)
-        scores = torch.zeros_like(sim)
+        scores = torch.zeros(chosen.shape)
         width = model.cfg.fusion.width
         for c in range(int(n_chunks.item())):
             part = mine[c * chunk : (c + 1) * chunk]
