@@ -18,7 +18,7 @@ from multi_dist.tasks.base import field_values
 from multi_dist.tasks.labels import LabelsTask
 from multi_dist.tasks.qa import IGNORE, OUT_OF_VOCAB, OpenQATask
 
-from .conftest import TOKENIZER
+from .conftest import ROOT, TOKENIZER
 
 
 @pytest.fixture(scope="module")
@@ -186,3 +186,27 @@ def test_losses_train_every_head_and_padding_changes_nothing(tokenizer: Any) -> 
                     task.loss(model, first)["loss"], task.loss(model, first_padded)["loss"], atol=1e-5, rtol=0
                 )
             assert torch.isfinite(a) and torch.isfinite(b)
+
+
+def test_finetune_needs_a_downstream_task() -> None:
+    from multi_dist import cli
+
+    with pytest.raises(ValueError, match="finetune: set task.name"):
+        cli.load("finetune", str(ROOT / "configs/pretrain/tiny.yaml"))
+    assert cli.load("finetune", str(ROOT / "configs/finetune/demo_qa.yaml")).task.name == "qa"
+
+
+def test_choice_can_score_with_the_mcm_head_alone(tokenizer: Any) -> None:
+    """``choice_score: mcm`` drops the similarity term: the scores are the head's alone."""
+    torch.manual_seed(0)
+    model = MuLTI(model_config("tiny")).eval()
+    clips = [sample("a", {"options": ["a red cube", "a blue cube", "a green cube"], "answer": 1})]
+    with_vtc = make_task(TaskConfig(name="choice"))
+    head_only = make_task(TaskConfig(name="choice", choice_score="mcm"))
+    batch = {"video": torch.stack([c["video"] for c in clips]), **with_vtc.collate(clips, tokenizer, 8, 0, False)}
+    with torch.no_grad():
+        both, alone = with_vtc._logits(model, batch), head_only._logits(model, batch)
+        video = model.encode_video(batch["video"])
+        expected = model.mcm_logits(video, batch["mc_input_ids"], batch["mc_attention_mask"]).view(1, 1, 3)
+    torch.testing.assert_close(alone, expected.float())
+    assert not torch.allclose(both, alone)

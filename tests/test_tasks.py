@@ -186,3 +186,20 @@ def test_evaluating_weights_not_finetuned_for_the_task_fails_clearly(demo_pretra
     )
     assert proc.returncode != 0
     assert "was not finetuned for task 'qa' (it was: pretrain)" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_init_names_a_run_its_checkpoints_a_checkpoint_or_an_export(demo_pretrained: Path, tmp_root: Path) -> None:
+    """``init`` accepts the four ways users point at weights; each resolves to what it names."""
+    from multi_dist.evaluate import resolve
+
+    run_dir = finetuned("retrieval", demo_pretrained, tmp_root)
+    step = run_dir / "checkpoints" / f"step_{STEPS:08d}"
+    for path in (run_dir, run_dir / "checkpoints", step):
+        src = resolve(path)
+        assert (src.kind, src.folder, src.tag) == ("checkpoint", step, step.name), path
+    src = resolve(run_dir / "model")
+    assert (src.kind, src.folder, src.tag) == ("model", run_dir / "model", f"{run_dir.name}-model")
+    with pytest.raises(FileNotFoundError, match="init: .* does not exist"):
+        resolve(run_dir / "nope")
+    with pytest.raises(FileNotFoundError, match="neither a model folder"):
+        resolve(run_dir / "eval")
