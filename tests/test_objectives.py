@@ -194,7 +194,7 @@ def _learn_the_toy_task() -> None:
         opt.zero_grad()
         out["loss"].backward()
         opt.step()
-        history.append({k: float(v) for k, v in out.items()})
+        history.append({k: float(v.detach()) for k, v in out.items()})
 
     def avg(key: str, part: slice) -> float:
         values = [h[key] for h in history[part]]
