@@ -106,9 +106,9 @@ class TrainConfig:
     """Continue from the latest complete checkpoint in ``run_dir/checkpoints`` when there is one."""
     init: str = ""
     """Start from these weights (finetuning): an exported model folder, a checkpoint or a run
-    folder (see ``launch/evaluate.py``). The architecture comes from there; ``model.checkpointing``
-    and ``model.heads.label_source`` apply, and the task adds its heads. A run's own checkpoints
-    take precedence when it resumes."""
+    folder (see ``launch/evaluate.py``). The architecture comes from there; ``model.checkpointing``,
+    ``model.checkpoint_frames`` and ``model.heads.label_source`` apply, and the task adds its heads.
+    A run's own checkpoints take precedence when it resumes."""
     task: TaskConfig = field(default_factory=TaskConfig)
     """What to train: ``pretrain`` or a downstream task (qa, choice, retrieval, labels)."""
     data: DataConfig = field(default_factory=DataConfig)
@@ -252,6 +252,7 @@ def _build_model(cfg: TrainConfig, task: Task) -> MuLTI:
     src = resolve(cfg.init)
     model_cfg = read_config(src.folder)
     model_cfg.checkpointing = cfg.model.checkpointing
+    model_cfg.checkpoint_frames = cfg.model.checkpoint_frames
     model_cfg.heads = dataclasses.replace(model_cfg.heads, label_source=cfg.model.heads.label_source, **task.heads())
     cfg.model = model_cfg  # the run's config records the architecture it really trains
     model = MuLTI(model_cfg)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from multi_dist.config import ConfigError
+from multi_dist.memory import LiveBytes
 from multi_dist.model import MuLTI, model_config
 from multi_dist.objectives import LossConfig, PretrainLoss
 
@@ -129,15 +130,28 @@ def test_frozen_layers_save_activation_memory() -> None:
     assert saved_bytes(1) < 0.85 * saved_bytes(0)
 
 
-def test_checkpointing_gives_the_same_loss_and_gradients() -> None:
+@pytest.mark.parametrize(
+    ("frozen", "chunk", "padded"),
+    [(1, 0, False), (1, 3, False), (0, 3, True), (1, 5, True)],
+    ids=["per-layer", "chunks-adapter", "chunks-whole-tower-padded", "chunks-adapter-padded"],
+)
+def test_checkpointing_gives_the_same_loss_and_gradients(frozen: int, chunk: int, padded: bool) -> None:
     """Non-reentrant checkpointing recomputes the same fp32 ops: equal to 1e-6 (float rounding
-    of a recomputation that takes the same kernels; in practice bit-identical)."""
+    of a recomputation that takes the same kernels; in practice bit-identical). Per layer, or
+    (``checkpoint_frames``) in chunks of frames that do not divide the batch's frames, above the
+    adapter or over the whole tower, with padding frames left out."""
+    batch = make_batch(t=4)
+    if padded:
+        batch["frame_mask"] = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 0]], dtype=torch.bool)
     results = []
     for checkpointing in (False, True):
         torch.manual_seed(0)
-        model = MuLTI(model_config("tiny", checkpointing=checkpointing)).train()
+        cfg = model_config(
+            "tiny", checkpointing=checkpointing, checkpoint_frames=chunk, vision={"adapter": {"frozen_layers": frozen}}
+        )
+        model = MuLTI(cfg).train()
         torch.manual_seed(1)  # the same hard negatives in both runs
-        out = PretrainLoss(LossConfig())(model, make_batch())
+        out = PretrainLoss(LossConfig())(model, batch)
         out["loss"].backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         results.append((out, grads))
@@ -147,6 +161,29 @@ def test_checkpointing_gives_the_same_loss_and_gradients() -> None:
     assert ga.keys() == gb.keys() and len(ga) > 50
     for name in ga:
         torch.testing.assert_close(ga[name], gb[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("frozen", [0, 1])
+def test_checkpointing_in_chunks_of_frames_lowers_peak_memory(frozen: int) -> None:
+    """At 64 frames a clip, per-layer checkpointing keeps every layer's input for all frames and
+    its backward holds one layer's activations for all frames at once; chunks of 4 frames keep
+    each frame's tower input and output only. Peak tensor bytes of forward + backward, counted
+    by :class:`LiveBytes` (measured: 8.3 vs 17.1 MiB with nothing frozen, 11.5 vs 18.7 MiB
+    with the adapter over a frozen layer)."""
+    batch = make_batch(b=4, t=64)
+    peaks = {}
+    for chunk in (0, 4):
+        torch.manual_seed(0)
+        cfg = model_config(
+            "tiny", checkpointing=True, checkpoint_frames=chunk, vision={"adapter": {"frozen_layers": frozen}}
+        )
+        model = MuLTI(cfg).train()
+        with LiveBytes(exclude=[*model.parameters(), *batch.values()]) as mem:
+            torch.manual_seed(1)
+            PretrainLoss(LossConfig())(model, batch)["loss"].backward()
+        assert 0 < mem.live < mem.peak  # the gradients stay, the activations are gone
+        peaks[chunk] = mem.peak
+    assert peaks[4] < (0.6 if frozen == 0 else 0.75) * peaks[0], peaks
 
 
 def test_the_text_guides_the_video_sampler(tiny: MuLTI) -> None:

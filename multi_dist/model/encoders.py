@@ -9,6 +9,7 @@ Supported: CLIP and ViT vision towers; BERT-like text encoders (BERT, RoBERTa, M
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -150,6 +151,7 @@ class _LayeredEncoder(nn.Module):
         self.width = self.backbone.config.hidden_size
         self.adapter = Adapter(self.width, cfg.adapter) if k > 0 else None
         self.checkpointing = False
+        self.checkpoint_frames = 0  # video only, see ModelConfig.checkpoint_frames
         if k > 0:
             for module in self._frozen_modules():
                 module.requires_grad_(False)
@@ -165,9 +167,14 @@ class _LayeredEncoder(nn.Module):
     def _frozen_modules(self) -> list[nn.Module]:
         raise NotImplementedError
 
-    def _run_layers(self, h: torch.Tensor, mask: torch.Tensor | None, start: int) -> torch.Tensor:
+    def _checkpoint_now(self) -> bool:
+        return self.checkpointing and self.training and torch.is_grad_enabled()
+
+    def _run_layers(
+        self, h: torch.Tensor, mask: torch.Tensor | None, start: int, per_layer: bool = True
+    ) -> torch.Tensor:
         for layer in self.layers[start:]:
-            if self.checkpointing and self.training and torch.is_grad_enabled():
+            if per_layer and self._checkpoint_now():
                 h = _layer_out(checkpoint(layer, h, mask, use_reentrant=False))
             else:
                 h = _layer_out(layer(h, mask))
@@ -231,17 +238,14 @@ class VideoEncoder(_LayeredEncoder):
             frame_mask = frame_mask.bool()
             real = frame_mask.flatten().nonzero().squeeze(1)  # (R,) the real frames of all clips
             x = x[real]
-        tower = self._tower
-        with self._frozen_context():
-            h = tower.embeddings(x)
-            if self.cfg.kind == "clip":
-                h = tower.pre_layrnorm(h)
-            for layer in self.layers[: self.frozen]:
-                h = _layer_out(layer(h, None))
-        if self.adapter is not None:
-            h = self._adapt(h, b, t, frame_mask, real)
-        h = self._run_layers(h, None, self.frozen)
-        h = self._final_norm()(h)
+        if self.adapter is None:  # nothing frozen: the whole tower is per frame
+            h = self._per_frame(self._whole, x)
+        else:
+            with torch.no_grad():  # in chunks too, which bounds its transient memory
+                chunks = x.split(self.checkpoint_frames) if self._chunking() else [x]
+                h = torch.cat([self._frozen_part(chunk) for chunk in chunks])
+            h = self._adapt(h, b, t, frame_mask, real)  # mixes frames: runs on all of them at once
+            h = self._per_frame(self._trainable, h)
         n, d = h.shape[1:]
         h = _unpack_frames(h, b * t, real).view(b, t, n, d)
         if frame_mask is None:
@@ -253,6 +257,39 @@ class VideoEncoder(_LayeredEncoder):
         h = h + (self.temporal[order].to(h.dtype) * w).unsqueeze(2)
         glob = (h[:, :, 0] * w).sum(1) / w.sum(1).clamp_min(1)
         return h, glob
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        h = self._tower.embeddings(x)
+        return self._tower.pre_layrnorm(h) if self.cfg.kind == "clip" else h
+
+    def _frozen_part(self, x: torch.Tensor) -> torch.Tensor:
+        h = self._embed(x)
+        for layer in self.layers[: self.frozen]:
+            h = _layer_out(layer(h, None))
+        return h
+
+    def _chunking(self) -> bool:
+        return self.checkpoint_frames > 0 and self._checkpoint_now()
+
+    def _trainable(self, h: torch.Tensor, per_layer: bool = True) -> torch.Tensor:
+        """The layers above the adapter and the final norm, on ``(frames, n, d)``."""
+        return self._final_norm()(self._run_layers(h, None, self.frozen, per_layer))
+
+    def _whole(self, x: torch.Tensor, per_layer: bool = True) -> torch.Tensor:
+        """The whole tower (nothing frozen) on ``(frames, 3, H, W)``."""
+        return self._trainable(self._embed(x), per_layer)
+
+    def _per_frame(self, fn: Callable[..., torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """``fn`` over the frames ``x``: as is (each layer checkpointed when checkpointing is on),
+        or with ``checkpoint_frames`` set, in chunks of that many frames, each checkpointed whole.
+        A chunk keeps only its input and output; its backward recomputes the chunk (one forward,
+        as per-layer checkpointing does) and holds that chunk's activations alone. Per-layer
+        checkpointing instead keeps every layer's input for all frames, and its backward holds
+        one layer's activations for all frames: at 64 frames x 8 clips, ~100k tokens at once."""
+        if not self._chunking():
+            return fn(x)
+        chunks = x.split(self.checkpoint_frames)
+        return torch.cat([checkpoint(fn, chunk, False, use_reentrant=False) for chunk in chunks])
 
     def _adapt(
         self, h: torch.Tensor, b: int, t: int, frame_mask: torch.Tensor | None, real: torch.Tensor | None

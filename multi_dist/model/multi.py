@@ -60,6 +60,11 @@ class ModelConfig:
     """Initial VTC temperature (learned)."""
     checkpointing: bool = False
     """Non-reentrant activation checkpointing of every trainable encoder, sampler and fusion layer."""
+    checkpoint_frames: int = 0
+    """With ``checkpointing``: run the vision tower in chunks of this many frames (of the whole
+    batch), each chunk checkpointed whole instead of layer by layer. Same recomputation (one
+    forward), far less memory on long clips: only each frame's tower input and output are kept,
+    and the backward holds one chunk's activations at a time. 0: per-layer checkpointing."""
 
     @staticmethod
     def expand_preset(data: dict[str, Any]) -> dict[str, Any]:
@@ -76,6 +81,8 @@ class ModelConfig:
             raise ValueError("vision.kind must be 'clip' or 'vit'")
         if self.text.kind != "bert":
             raise ValueError("text.kind must be 'bert' (any BERT-like encoder)")
+        if self.checkpoint_frames < 0:
+            raise ValueError(f"checkpoint_frames must be >= 0, got {self.checkpoint_frames}")
 
 
 def model_config(preset: str, **overrides: Any) -> ModelConfig:
@@ -167,7 +174,7 @@ class MuLTI(nn.Module):
         self.label_head = (
             nn.Sequential(nn.Linear(label_in, d), nn.GELU(), nn.Linear(d, hc.num_labels)) if hc.num_labels else None
         )
-        self.set_checkpointing(cfg.checkpointing)
+        self.set_checkpointing(cfg.checkpointing, cfg.checkpoint_frames)
 
     def forward(self, batch: dict[str, Any], objective: Callable[[MuLTI, dict[str, Any]], Any]) -> Any:
         """A training step's forward: ``objective(self, batch)``. Running objectives as this
@@ -176,9 +183,11 @@ class MuLTI(nn.Module):
         return objective(self, batch)
 
     # -- configuration --------------------------------------------------------------------------
-    def set_checkpointing(self, enabled: bool) -> None:
+    def set_checkpointing(self, enabled: bool, frames: int = 0) -> None:
+        """Activation checkpointing on or off; ``frames``: see ``ModelConfig.checkpoint_frames``."""
         self.checkpointing = enabled
         self.video.checkpointing = enabled
+        self.video.checkpoint_frames = frames
         self.text.checkpointing = enabled
 
     def _maybe_checkpoint(self, fn: Any, *args: Any) -> Any:
