@@ -174,10 +174,8 @@ class PretrainLoss(nn.Module):
         pos_neg = model.fuse(text.select(rows), video, groups=2).cls.view(b, 2, -1)
         neg = model.fuse(text, video.select(torch.where(ok_v, neg_video, idx))).cls
         logits = model.vtm_head(torch.cat([pos_neg[:, 0], pos_neg[:, 1][ok_t], neg[ok_v]]))
-        labels = torch.cat(
-            [torch.ones(b, dtype=torch.long), torch.zeros(int(ok_t.sum() + ok_v.sum()), dtype=torch.long)]
-        )
-        labels = labels.to(logits.device)
+        zeros = torch.zeros(b, dtype=torch.long, device=logits.device)
+        labels = torch.cat([torch.ones_like(zeros), zeros[ok_t], zeros[ok_v]])
         loss = F.cross_entropy(logits.float(), labels)
         return loss, (logits.argmax(1) == labels).float().mean()
 
