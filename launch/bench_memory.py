@@ -15,12 +15,14 @@ MLM is skipped by the loss when MuLTI condenses the text (text longer than ``fus
 at those lengths the dense baseline still runs MLM, so it does one more loss than MuLTI (each
 result lists the losses it computed).
 
-The grid: frames {8, 16, 32, 64} x text {32, 128, 512} for both samplers with checkpointing on;
-then at two frame counts (CUDA 16 and 64, CPU 16 and 32) and the shortest text, the memory levers
-of model.md section 6: checkpointing off, and the adapter with half of each encoder's layers
-frozen; on CUDA also 128 frames at the shortest text. ``--frames``, ``--text``, ``--lever-frames``,
-``--big-frames`` change it; ``--quick`` is a smoke run. Every configuration runs in a fresh process
-(so peaks never leak from one to the next); an out-of-memory configuration is a result (OOM), not
+The grid: frames {8, 16, 32, 64} x text {32, 128, 512} for both samplers with checkpointing on (the
+vision tower in chunks of ``--checkpoint-frames`` frames, default 8; 0 = layer by layer); then at
+two frame counts (CUDA 16 and 64, CPU 16 and 32) and the shortest text, the memory levers of
+model.md section 6: checkpointing layer by layer, checkpointing off, and the adapter with half of
+each encoder's layers frozen; on CUDA also 128 frames at the shortest text. ``--frames``,
+``--text``, ``--lever-frames``, ``--big-frames`` change it; ``--quick`` is a smoke run. Every
+configuration runs in a fresh process (so peaks never leak from one to the next); an out-of-memory
+configuration is a result (OOM), not
 a crash. The goal's pair runs first; ``--max-minutes`` (CUDA 5.5, CPU 15) skips what is left when
 time runs out (recorded as skipped), a running configuration is killed at the limit (timeout).
 
@@ -45,6 +47,17 @@ On the GPU machine (repo copied, package not installed; no matplotlib there: plo
   shortest text one more step after the timed ones runs under the profiler's memory tracking: the
   live-tensor peak (weights + optimizer state + batch + the step's activations and gradients),
   independent of the allocator (``--no-tensor-peak`` skips it).
+
+- ``--device estimate`` (no GPU needed): the CUDA grid's peaks estimated on CPU without computing
+  anything. Model, batch and optimizer are fake tensors (shapes and dtypes only), bf16 comes from
+  CPU autocast (the same casts as CUDA's for matmuls, attention and norms), and
+  ``multi_dist.memory.LiveBytes`` counts live tensor bytes through forward, backward and AdamW.
+  Ops whose result depends on values take every mask as all true (an upper bound: MLM then
+  predicts every text position). Checked against the H200 measurements (per-layer
+  checkpointing): MuLTI at 64 frames 12.64 vs 12.71 GiB; dense 27.52 vs 31.03 GiB (the estimate
+  has no allocator rounding, cuBLAS workspaces or attention-kernel scratch). Defaults: frames
+  16 and 64, text 32, levers at 64 frames. Estimates say where memory goes; the goals are
+  judged by a GPU run.
 
 Step time is the median of the timed steps (after warm-up); clips/s = batch / step time. Ratios:
 memory dense/MuLTI (higher = MuLTI lighter), speed MuLTI/dense in clips/s (higher = MuLTI faster).
@@ -198,6 +211,7 @@ def build_config(spec: dict[str, Any]) -> Any:
                 over[enc] = {"pretrained": False}
     over.setdefault("fusion", {})["sampler"] = spec["sampler"]
     over["checkpointing"] = spec["checkpointing"]
+    over["checkpoint_frames"] = spec.get("chunk", 0) if spec["checkpointing"] else 0
     over["max_frames"] = max(spec["frames"], 128)
     cfg = model_config(base, **over)
     frozen = spec["frozen"]
@@ -291,8 +305,95 @@ def profiled_step(step: Any) -> tuple[float, int | None]:
         return t, None
 
 
+def _fake_data_dependent_ops() -> None:
+    """Fake tensors hold no values: let the ops whose output shape or value depends on the data
+    assume every mask is all true (``nonzero`` returns every index: the largest shapes, an upper
+    bound) and every scalar read is 1 (``if mask.any()`` takes the branch that computes)."""
+    import torch
+    import torch._subclasses.fake_impls as impls
+
+    aten = torch.ops.aten
+
+    def nonzero(mode: Any, func: Any, arg: Any) -> Any:
+        with mode:
+            return torch.empty((arg.numel(), arg.dim()), dtype=torch.long, device=arg.device)
+
+    impls.op_implementations_dict[aten.nonzero.default] = nonzero
+    impls.op_implementations_dict[aten._local_scalar_dense.default] = lambda mode, func, arg: (
+        1.0 if arg.dtype.is_floating_point else 1
+    )
+
+
+def estimate_one(spec: dict[str, Any]) -> dict[str, Any]:
+    """The CUDA peak of one training step, estimated on CPU without computing anything: the
+    model, batch and optimizer as fake tensors (shapes and dtypes only), bf16 autocast by CPU's
+    autocast (the same casts for matmuls, attention and norms as CUDA's), and
+    :class:`multi_dist.memory.LiveBytes` counting live tensor bytes through forward, backward
+    and the optimizer step. Peak = weights + optimizer state + batch + the step's peak, as
+    ``max_memory_allocated`` counts them (without the allocator's rounding, cuBLAS workspaces and
+    the attention kernels' scratch)."""
+    t0 = time.perf_counter()
+    import_model_only()
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from multi_dist.memory import LiveBytes
+    from multi_dist.model import MuLTI
+    from multi_dist.objectives import LossConfig, PretrainLoss
+
+    _fake_data_dependent_ops()
+    weights = {k: (1.0 if k in spec["objectives"] else 0.0) for k in OBJECTIVES}
+    loss_fn = PretrainLoss(LossConfig(**weights))
+    losses: list[str] = []
+    with FakeTensorMode():
+        torch.manual_seed(0)
+        cfg = build_config(spec)
+        model = MuLTI(cfg).train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-5, foreach=True)
+        size = int(cfg.vision.arch.get("image_size", 224))
+        batch = make_batch(spec["batch"], spec["frames"], size, spec["text"], "cpu")
+
+        def step() -> None:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = loss_fn(model, batch)
+            out["objective"].backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses[:] = sorted(k[5:] for k in out if k.startswith("loss_"))
+
+        step()  # creates the optimizer state
+        static = [*model.parameters(), *model.buffers(), *_state_tensors(opt)]
+        with LiveBytes(exclude=[*static, *batch.values()]) as mem:
+            step()
+
+    def nbytes(tensors: list[Any]) -> int:
+        return sum(t.untyped_storage().nbytes() for t in {id(t): t for t in tensors}.values())
+
+    res = {
+        "params": sum(p.numel() for p in model.parameters()),
+        "trainable_params": sum(p.numel() for p in params),
+        "frozen_layers": [cfg.vision.adapter.frozen_layers, cfg.text.adapter.frozen_layers],
+        "image_size": size,
+        "static_bytes": nbytes(static),
+        "batch_bytes": nbytes(list(batch.values())),
+        "step_peak_bytes": mem.peak,
+    }
+    res.update(
+        status="ok",
+        peak_bytes=res["static_bytes"] + res["batch_bytes"] + mem.peak,
+        step_s=None,
+        clips_per_s=None,
+        losses=losses,
+        total_s=round(time.perf_counter() - t0, 2),
+    )
+    return res
+
+
 def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     """Build the model and a batch, warm up, then time steps and measure the peak."""
+    if spec["device"] == "estimate":
+        return estimate_one(spec)
     t0 = time.perf_counter()
     import_model_only()
     import torch
@@ -435,11 +536,20 @@ def _child(arg: str) -> int:
 
 
 def config_key(c: dict[str, Any]) -> tuple[Any, ...]:
-    return (c["frames"], c["text"], c["checkpointing"], c["frozen"])
+    return (c["frames"], c["text"], c["checkpointing"], c["frozen"], c.get("chunk", 0))
+
+
+def is_main(c: dict[str, Any]) -> bool:
+    """A row of the main grid (the run's checkpointing setting), not a lever (JSONs from before
+    chunked checkpointing have no ``main``: their main rows are the checkpointed, unfrozen ones)."""
+    return c.get("main", bool(c["checkpointing"] and not c["frozen"]))
 
 
 def variant(c: dict[str, Any]) -> str:
-    parts = ["ckpt" if c["checkpointing"] else "no-ckpt"]
+    if not c["checkpointing"]:
+        parts = ["no-ckpt"]
+    else:
+        parts = [f"ckpt/{c['chunk']}f" if c.get("chunk") else "ckpt/layer"]
     if c["frozen"]:
         parts.append(f"frozen={c['frozen']}")
     return ",".join(parts)
@@ -450,23 +560,27 @@ def build_grid(args: argparse.Namespace, cuda: bool) -> list[dict[str, Any]]:
     then the main grid by size, then the memory levers, then the largest frame counts."""
     frames, texts = sorted(args.frames), sorted(args.text)
     goal_frames = 64 if cuda else 32
-    main = [(f, t, True, 0) for f in frames for t in texts]
+    chunk = args.checkpoint_frames
+    main = [(f, t, True, 0, chunk) for f in frames for t in texts]
     lever_frames = [f for f in args.lever_frames if f in frames] or frames[:1]
     levers = []
     if not args.no_levers:
         for f in lever_frames:
-            levers += [(f, texts[0], False, 0), (f, texts[0], True, "half")]
-    big = [(f, t, True, 0) for f in sorted(args.big_frames) if f not in frames for t in texts[:1]]
+            levers += [(f, texts[0], False, 0, 0), (f, texts[0], True, "half", chunk)]
+            if chunk:  # what chunking saves against checkpointing layer by layer
+                levers.insert(len(levers) - 2, (f, texts[0], True, 0, 0))
+    big = [(f, t, True, 0, chunk) for f in sorted(args.big_frames) if f not in frames for t in texts[:1]]
     order: list[tuple[Any, ...]] = []
-    first = (goal_frames, texts[0], True, 0)
+    first = (goal_frames, texts[0], True, 0, chunk)
     if first in main:
         order.append(first)
     order += sorted((c for c in main if c != first), key=lambda c: (c[0] * (1 + c[1] / 256), c[1]))
     order += levers + big
     grid = []
-    for f, t, ckpt, frozen in order:
+    for f, t, ckpt, frozen, ch in order:
         for s in SAMPLERS:
-            grid.append({"frames": f, "text": t, "checkpointing": ckpt, "frozen": frozen, "sampler": s})
+            row = {"frames": f, "text": t, "checkpointing": ckpt, "frozen": frozen, "chunk": ch, "sampler": s}
+            grid.append({**row, "main": (ckpt, frozen, ch) == (True, 0, chunk)})
     return grid
 
 
@@ -568,6 +682,8 @@ def pair_ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "text": key[1],
             "checkpointing": key[2],
             "frozen": key[3],
+            "chunk": key[4],
+            "main": is_main(m or d or {}),
             "multi_status": m["status"] if m else "missing",
             "dense_status": d["status"] if d else "missing",
             "mem_ratio_dense_over_multi": None,
@@ -578,7 +694,8 @@ def pair_ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if m and d and m["status"] == "ok" and d["status"] == "ok":
             row["mem_ratio_dense_over_multi"] = d["peak_bytes"] / m["peak_bytes"]
             row["mem_ratio_multi_over_dense"] = m["peak_bytes"] / d["peak_bytes"]
-            row["speed_ratio_multi_over_dense"] = m["clips_per_s"] / d["clips_per_s"]
+            if m.get("clips_per_s") and d.get("clips_per_s"):  # estimates have no time
+                row["speed_ratio_multi_over_dense"] = m["clips_per_s"] / d["clips_per_s"]
             if m.get("tensor_peak_bytes") and d.get("tensor_peak_bytes"):
                 row["tensor_ratio_dense_over_multi"] = d["tensor_peak_bytes"] / m["tensor_peak_bytes"]
         elif m and d and m["status"] == "ok" and d["status"] == "oom":
@@ -588,17 +705,19 @@ def pair_ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def format_table(results: list[dict[str, Any]], cuda: bool) -> str:
-    ratios = {(r["frames"], r["text"], r["checkpointing"], r["frozen"]): r for r in pair_ratios(results)}
+    ratios = {config_key(r): r for r in pair_ratios(results)}
     tensors = not cuda and any(r.get("tensor_peak_bytes") for r in results)
     head = (
-        f"{'frames':>6} {'text':>5} {'variant':<16} {'model':<6} {'status':<7} {'peak':>10} "
+        f"{'frames':>6} {'text':>5} {'variant':<22} {'model':<6} {'status':<7} {'peak':>10} "
         + (f"{'tensors':>10} " if tensors else "")
         + f"{'step s':>8} {'clips/s':>8} {'losses':<16} {'mem d/m':>8} "
         + (f"{'tens d/m':>8} " if tensors else "")
         + f"{'speed m/d':>9}"
     )
     lines = [head, "-" * len(head)]
-    order = sorted(results, key=lambda r: (r["frozen"] != 0, not r["checkpointing"], r["text"], r["frames"]))
+    order = sorted(
+        results, key=lambda r: (not is_main(r), r["frozen"] != 0, not r["checkpointing"], r["text"], r["frames"])
+    )
     for r in order:
         ok = r["status"] == "ok"
         rat = ratios[config_key(r)]
@@ -607,10 +726,11 @@ def format_table(results: list[dict[str, Any]], cuda: bool) -> str:
         def ratio(name: str, rat: dict[str, Any] = rat, last: bool = last) -> str:
             return f"{rat[name]:.2f}x" if last and rat.get(name) else ""
 
-        step = (f"{r['step_s']:.3f}" + ("*" if r.get("contended") else "")) if ok else "-"
-        clips = f"{r['clips_per_s']:.2f}" if ok else "-"
+        timed = ok and r.get("step_s") is not None  # estimates have no time
+        step = (f"{r['step_s']:.3f}" + ("*" if r.get("contended") else "")) if timed else "-"
+        clips = f"{r['clips_per_s']:.2f}" if timed else "-"
         lines.append(
-            f"{r['frames']:>6} {r['text']:>5} {variant(r):<16} {LABEL[r['sampler']]:<6} {r['status']:<7} "
+            f"{r['frames']:>6} {r['text']:>5} {variant(r):<22} {LABEL[r['sampler']]:<6} {r['status']:<7} "
             f"{fmt_mem(r.get('peak_bytes') if ok else None, cuda):>10} "
             + (f"{fmt_mem(r.get('tensor_peak_bytes') if ok else None, cuda):>10} " if tensors else "")
             + f"{step:>8} {clips:>8} {('+'.join(r.get('losses', [])) or '-'):<16} "
@@ -621,14 +741,16 @@ def format_table(results: list[dict[str, Any]], cuda: bool) -> str:
     return "\n".join(lines)
 
 
-def judge_goals(results: list[dict[str, Any]], cuda: bool, preset: str, texts: list[int]) -> dict[str, Any]:
+def judge_goals(
+    results: list[dict[str, Any]], cuda: bool, preset: str, texts: list[int], estimate: bool = False
+) -> dict[str, Any]:
     ratios = pair_ratios(results)
     t0 = min(texts)
     goals: dict[str, Any] = {}
 
     def find(frames: int, text: int) -> dict[str, Any] | None:
         return next(
-            (r for r in ratios if (r["frames"], r["text"], r["checkpointing"], r["frozen"]) == (frames, text, True, 0)),
+            (r for r in ratios if is_main(r) and (r["frames"], r["text"]) == (frames, text)),
             None,
         )
 
@@ -656,6 +778,9 @@ def judge_goals(results: list[dict[str, Any]], cuda: bool, preset: str, texts: l
                 "note": "" if applies else f"goal is for the base preset, this run used {preset!r}",
             }
         goals["cuda_mem_64_frames"]["what"] = "MuLTI peak / dense peak"
+        if estimate:
+            goals["cuda_mem_64_frames"].update(estimated=True, note="on CPU with fake tensors: a GPU run decides")
+            goals["cuda_speed_64_frames"]["note"] = "an estimate has no time"
         goals["cuda_speed_64_frames"]["what"] = "MuLTI clips/s / dense clips/s"
     else:
         row = find(32, t0)
@@ -678,6 +803,8 @@ def format_goals(goals: dict[str, Any]) -> str:
     lines = []
     for name, g in goals.items():
         state = {True: "MET", False: "NOT MET", None: "NOT MEASURED"}[g["met"]]
+        if g.get("estimated") and g["met"] is not None:
+            state += " BY ESTIMATE"
         value = "n/a" if g["value"] is None else f"{g['value']:.3f}"
         extra = f" ({g['note']})" if g.get("note") else ""
         lines.append(
@@ -698,10 +825,10 @@ def plot(results: list[dict[str, Any]], cuda: bool, title: str, path: str) -> bo
     if not any(r["status"] == "ok" for r in results):
         print("no plot: no configuration completed")
         return False
-    main = [r for r in results if r["checkpointing"] and not r["frozen"]]
+    main = [r for r in results if is_main(r)]
     texts = sorted({r["text"] for r in main})
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    levers = [r for r in results if not r["checkpointing"] or r["frozen"]]
+    levers = [r for r in results if not is_main(r)]
     ncols = 3 if levers else 2
     fig, axes = plt.subplots(1, ncols, figsize=(5.6 * ncols, 4.8))
     ratios = {config_key(r): r for r in pair_ratios(results)}
@@ -713,7 +840,7 @@ def plot(results: list[dict[str, Any]], cuda: bool, title: str, path: str) -> bo
             ok = [r for r in rows if r["status"] == "ok"]
             label = f"{LABEL[sampler]}, text {text}"
             for ax, field, sc in ((axes[0], "peak_bytes", scale), (axes[1], "clips_per_s", 1.0)):
-                xs, ys = [r["frames"] for r in ok], [r[field] / sc for r in ok]
+                xs, ys = [r["frames"] for r in ok if r.get(field)], [r[field] / sc for r in ok if r.get(field)]
                 ax.plot(xs, ys, style, marker=marker, color=color, label=label)
             for r in rows:
                 if r["status"] != "ok":  # OOM, timeout, skipped: marked at the top of the panel
@@ -728,7 +855,8 @@ def plot(results: list[dict[str, Any]], cuda: bool, title: str, path: str) -> bo
                     )
     frames = sorted({r["frames"] for r in main})
     if texts:  # the dense/MuLTI ratios at the shortest text, in a corner
-        pairs = [(f, ratios.get((f, texts[0], True, 0), {}).get("mem_ratio_dense_over_multi")) for f in frames]
+        by_frames = {r["frames"]: r for r in ratios.values() if is_main(r) and r["text"] == texts[0]}
+        pairs = [(f, by_frames.get(f, {}).get("mem_ratio_dense_over_multi")) for f in frames]
         box = ", ".join(f"{f}: {r:.1f}x" for f, r in pairs if r)
         if box:
             axes[0].text(
@@ -760,28 +888,18 @@ def plot(results: list[dict[str, Any]], cuda: bool, title: str, path: str) -> bo
     if levers:
         ax = axes[2]
         refs = sorted({(r["frames"], r["text"]) for r in levers})
-        variants = [("ckpt", True, 0), ("no ckpt", False, 0), ("ckpt + frozen half", True, "half")]
         labels, values, cols, notes = [], [], [], []
         for f, t in refs:
-            for vname, ck, fr in variants:
-                for j, sampler in enumerate(SAMPLERS):
-                    r = next(
-                        (
-                            x
-                            for x in results
-                            if (x["frames"], x["text"], x["checkpointing"], x["frozen"], x["sampler"])
-                            == (f, t, ck, fr, sampler)
-                        ),
-                        None,
-                    )
-                    if r is None:
-                        continue
-                    ok = r["status"] == "ok"
-                    labels.append(f"{f} frames, {vname}: {LABEL[sampler]}")
-                    values.append(r["peak_bytes"] / scale if ok else 0.0)
-                    cols.append(colors[j] if ok else "lightgrey")
-                    value = f"{r['peak_bytes'] / scale:.1f}" if cuda else f"{r['peak_bytes'] / scale:.0f}"
-                    notes.append(f" {value} {unit}" if ok else f" {r['status'].upper()}")
+            rows = [x for x in results if (x["frames"], x["text"]) == (f, t)]  # the main row, then its levers
+            for r in sorted(rows, key=lambda x: (not is_main(x), results.index(x))):
+                ok = r["status"] == "ok"
+                labels.append(f"{f} frames, {variant(r)}: {LABEL[r['sampler']]}")
+                values.append(r["peak_bytes"] / scale if ok else 0.0)
+                cols.append(colors[SAMPLERS.index(r["sampler"])] if ok else "lightgrey")
+                if ok:
+                    notes.append(f" {r['peak_bytes'] / scale:.{1 if cuda else 0}f} {unit}")
+                else:
+                    notes.append(f" {r['status'].upper()}")
         y = list(range(len(labels)))
         ax.barh(y, values, color=cols)
         for k, v in enumerate(values):
@@ -841,6 +959,7 @@ def build_summary(
     complete: bool,
 ) -> dict[str, Any]:
     cuda = settings["device"] == "cuda"
+    estimate = settings["device"] == "estimate"
     objectives, threads = settings["objectives"], settings["threads"]
     ok = [r for r in results if r["status"] == "ok"]
     if cuda and ok:
@@ -851,7 +970,13 @@ def build_summary(
         if list(objectives) == list(OBJECTIVES)
         else f"step = objectives {'+'.join(objectives)}, backward, AdamW",
     ]
-    if not cuda:
+    if estimate:
+        notes.append(
+            "ESTIMATES, not measurements: " + settings["peak"] + "; checked against the H200: 12.64 vs 12.71 GiB "
+            "measured (MuLTI, 64 frames), 27.52 vs 31.03 GiB (dense: the estimate misses the attention kernels' "
+            "scratch over 12,640 tokens)"
+        )
+    elif not cuda:
         notes.append(
             "CPU peak = peak RSS above the pre-step RSS"
             + (
@@ -864,7 +989,7 @@ def build_summary(
         )
     cores = info["cpu_threads_usable"] or 1
     busy = [r for r in ok if (r.get("other_load_cores") or 0) + threads > cores + 0.25]
-    if busy and not cuda:
+    if busy and settings["device"] == "cpu":
         notes.append(
             f"{len(busy)} of {len(ok)} configurations (step s marked *) ran while other processes kept cores busy "
             f"that this run's "
@@ -887,7 +1012,7 @@ def build_summary(
         "notes": notes,
         "results": results,
         "ratios": pair_ratios(results),
-        "goals": judge_goals(results, cuda, settings["preset"], texts),
+        "goals": judge_goals(results, cuda or estimate, settings["preset"], texts, estimate),
         "wall_s": round(wall, 1),
     }
 
@@ -910,7 +1035,7 @@ def plot_title(summary: dict[str, Any]) -> str:
 
 def report_from_json(args: argparse.Namespace) -> dict[str, Any]:
     summary = json.loads(Path(args.from_json).read_text())
-    cuda = summary["settings"]["device"] == "cuda"
+    cuda = summary["settings"]["device"] in ("cuda", "estimate")
     print(format_table(summary["results"], cuda))
     print()
     for n in summary["notes"]:
@@ -925,7 +1050,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="launch/bench_memory.py")
     p.add_argument("--json", help="write every result, the ratios and the goals here")
     p.add_argument("--plot", help="write the figure here (PNG)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda", "estimate"],
+        default="auto",
+        help="estimate: the CUDA peaks (base preset, bf16) estimated on CPU with fake tensors; "
+        "nothing computed, no times",
+    )
+    p.add_argument(
+        "--checkpoint-frames",
+        type=int,
+        default=8,
+        help="model.checkpoint_frames of the checkpointed runs (0: per-layer checkpointing); with a value, "
+        "per-layer checkpointing is one more lever",
+    )
     p.add_argument("--preset", help="model preset: base on CUDA, cpu (a small custom one) on CPU; tiny, demo, large")
     p.add_argument("--batch", type=int, help="clips per step (CUDA 8, CPU 4)")
     p.add_argument("--frames", type=int, nargs="+", help="frame counts of the main grid (default 8 16 32 64)")
@@ -969,25 +1107,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device")
+    estimate = args.device == "estimate"
+    gpu = cuda or estimate  # the base preset, bf16, GiB, the CUDA goals
     objectives = [o.strip() for o in args.objectives.split(",") if o.strip()]
     bad = [o for o in objectives if o not in OBJECTIVES]
     if bad or not objectives:
         raise SystemExit(f"--objectives: unknown {bad} (known: {', '.join(OBJECTIVES)})")
-    preset = args.preset or ("base" if cuda else "cpu")
-    args.frames = args.frames or ([8, 32] if args.quick else [8, 16, 32, 64])
-    args.text = args.text or ([32] if args.quick else [32, 128, 512])
+    preset = args.preset or ("base" if gpu else "cpu")
+    args.frames = args.frames or ([8, 32] if args.quick else ([16, 64] if estimate else [8, 16, 32, 64]))
+    args.text = args.text or ([32] if args.quick or estimate else [32, 128, 512])
     if args.big_frames is None:
         args.big_frames = [128] if cuda and not args.quick else []
     if args.lever_frames is None:
-        args.lever_frames = [8] if args.quick else ([16, 64] if cuda else [16, 32])
+        args.lever_frames = [8] if args.quick else ([64] if estimate else ([16, 64] if cuda else [16, 32]))
     if args.min_seconds is None:
         args.min_seconds = 0.0 if args.quick else (1.0 if cuda else 3.0)
     threads = args.threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     settings = {
         "preset": preset,
-        "device": "cuda" if cuda else "cpu",
-        "dtype": "bf16 autocast" if cuda else "fp32",
-        "batch": args.batch or (8 if cuda else 4),
+        "device": "estimate" if estimate else ("cuda" if cuda else "cpu"),
+        "dtype": "bf16 autocast" if gpu else "fp32",
+        "checkpoint_frames": args.checkpoint_frames,
+        "batch": args.batch or (8 if gpu else 4),
         "objectives": objectives,
         "warmup": args.warmup,
         "steps": args.steps,
@@ -999,6 +1140,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "optimizer": "AdamW (fused where available), lr 1e-5",
         "peak": "torch.cuda.max_memory_allocated over the timed steps"
         if cuda
+        else "estimated: weights + optimizer state + batch + live-tensor peak of one step on fake tensors "
+        "(bf16 by CPU autocast; no allocator rounding, workspaces or kernel scratch)"
+        if estimate
         else "VmHWM over the timed steps minus the RSS before the first step (after a 1-frame priming pass); "
         + (
             f"glibc mmap threshold fixed at {MALLOC_THRESHOLD // 1024} KiB"
@@ -1006,8 +1150,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             else "glibc defaults"
         ),
     }
-    max_minutes = args.max_minutes if args.max_minutes is not None else (5.5 if cuda else 15.0)
-    grid = build_grid(args, cuda)
+    max_minutes = args.max_minutes if args.max_minutes is not None else (5.5 if cuda else 60.0 if estimate else 15.0)
+    grid = build_grid(args, gpu)
     info = machine_info(cuda)
     print(
         f"bench_memory: {len(grid)} configurations on {settings['device']} ({settings['dtype']}), preset "
@@ -1031,15 +1175,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         res = {**c, **res}
         results.append(res)
         if res["status"] == "ok":
-            msg = (
-                f"peak {fmt_mem(res['peak_bytes'], cuda)}, {res['step_s']:.3f} s/step, "
-                f"{res['clips_per_s']:.2f} clips/s, losses {'+'.join(res['losses'])}"
+            msg = f"peak {fmt_mem(res['peak_bytes'], gpu)}, " + (
+                f"{res['step_s']:.3f} s/step, {res['clips_per_s']:.2f} clips/s, " if res.get("step_s") else ""
             )
+            msg += f"losses {'+'.join(res['losses'])}"
         else:
             msg = f"{res['status'].upper()} {res.get('error', '')[:160]}"
         other = res.get("other_load_cores") or 0.0
         cores = info["cpu_threads_usable"] or 1
-        res["contended"] = not cuda and res["status"] == "ok" and other + threads > cores + 0.25
+        res["contended"] = settings["device"] == "cpu" and res["status"] == "ok" and other + threads > cores + 0.25
         if res["contended"]:
             msg += f" [other processes kept {other:.1f} cores busy]"
         print(f"{tag}: {msg} ({res.get('wall_s', 0):.0f} s; {time.perf_counter() - t_start:.0f} s total)", flush=True)
@@ -1051,7 +1195,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     goals, notes = summary["goals"], summary["notes"]
     print()
-    print(format_table(results, cuda))
+    print(format_table(results, gpu))
     print()
     for n in notes:
         print("note: " + n)
@@ -1062,7 +1206,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"wrote {args.json}")
     if args.plot:
         try:
-            if plot(results, cuda, plot_title(summary), args.plot):
+            if plot(results, gpu, plot_title(summary), args.plot):
                 print(f"wrote {args.plot}")
         except ImportError as err:  # e.g. no matplotlib on the GPU image: plot the JSON elsewhere
             print(f"no plot ({err}): run --from-json {args.json or 'OUT.json'} --plot OUT.png where matplotlib is")
