@@ -22,9 +22,9 @@ model.md section 6: checkpointing layer by layer, checkpointing off, and the ada
 each encoder's layers frozen; on CUDA also 128 frames at the shortest text. ``--frames``,
 ``--text``, ``--lever-frames``, ``--big-frames`` change it; ``--quick`` is a smoke run. Every
 configuration runs in a fresh process (so peaks never leak from one to the next); an out-of-memory
-configuration is a result (OOM), not
-a crash. The goal's pair runs first; ``--max-minutes`` (CUDA 5.5, CPU 15) skips what is left when
-time runs out (recorded as skipped), a running configuration is killed at the limit (timeout).
+configuration is a result (OOM), not a crash. The goal's pair runs first; ``--max-minutes`` (CUDA
+5.5, CPU 15, estimate 60) skips what is left when time runs out (recorded as skipped), a running
+configuration is killed at the limit (timeout).
 
 On the GPU machine (repo copied, package not installed; no matplotlib there: plot afterwards)::
 
@@ -878,12 +878,16 @@ def plot(results: list[dict[str, Any]], cuda: bool, title: str, path: str) -> bo
     axes[0].set_ylabel(f"peak training-step memory ({unit})" + ("" if cuda else ", above pre-step RSS"))
     axes[0].set_title("peak training-step memory (solid MuLTI, dashed dense)", fontsize=10)
     axes[0].set_ylim(0, top * 1.08)
-    axes[1].set_ylabel("clips / s (log axis)")
-    axes[1].set_yscale("log")
-    axes[1].yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    axes[1].yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:.0e}"[0] in "25" else ""))
-    axes[1].tick_params(axis="y", which="minor", labelsize=7)
-    axes[1].set_title("training throughput (solid MuLTI, dashed dense)", fontsize=10)
+    if any(r.get("clips_per_s") for r in main):
+        axes[1].set_ylabel("clips / s (log axis)")
+        axes[1].set_yscale("log")
+        axes[1].yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        axes[1].yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:.0e}"[0] in "25" else ""))
+        axes[1].tick_params(axis="y", which="minor", labelsize=7)
+        axes[1].set_title("training throughput (solid MuLTI, dashed dense)", fontsize=10)
+    else:  # estimates: memory only
+        axes[1].text(0.5, 0.5, "no step times (memory estimate)", ha="center", va="center", transform=axes[1].transAxes)
+        axes[1].set_axis_off()
     axes[0].legend(fontsize=7, loc="upper left")
     if levers:
         ax = axes[2]
@@ -1029,7 +1033,9 @@ def plot_title(summary: dict[str, Any]) -> str:
     st, info = summary["settings"], summary["machine"]
     return (
         f"MuLTI vs dense concat: {st['preset']} preset, batch {st['batch']}, {st['dtype']}, "
-        f"{'+'.join(st['objectives'])}; {info.get('gpu') or info.get('cpu_model') or st['device']}"
+        f"{'+'.join(st['objectives'])}; "
+        + ("ESTIMATED with fake tensors on CPU" if st["device"] == "estimate" else "")
+        + (info.get("gpu") or info.get("cpu_model") or st["device"] if st["device"] != "estimate" else "")
     )
 
 
