@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from multi_dist.dist import deepspeed_command
+from multi_dist.dist import SHM_SEGMENT, deepspeed_command
 from multi_dist.model import MuLTI
 
 from .conftest import ROOT
@@ -198,6 +198,7 @@ def test_kill_9_after_a_checkpoint_then_resume_matches_an_uninterrupted_run(corp
     """Exact match expected (tolerance 1e-6): weights, optimizer, scheduler, data position and RNG
     are all restored, and gloo reduces in a fixed order."""
     extra = ("steps=12", "ckpt_every=4", "log_every=1", "val=null", "data.frame_sampling=random", "data.crop=random")
+    shm_before = set(Path("/dev/shm").glob(f"{SHM_SEGMENT}_*"))
     reference = tmp_path / "reference"
     proc = pretrain(2, *tiny_args(corpus, reference, *extra))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -229,6 +230,8 @@ def test_kill_9_after_a_checkpoint_then_resume_matches_an_uninterrupted_run(corp
             assert got[step][key] == pytest.approx(want[step][key], rel=1e-6, abs=1e-7), (step, key)
     # the same data consumed: both runs end at the same stream position on every rank
     assert _rank_state(run, "step_00000012") == _rank_state(reference, "step_00000012")
+    # DeepSpeed's shared-memory segments (69 MB a rank) are gone, the killed run's included
+    assert set(Path("/dev/shm").glob(f"{SHM_SEGMENT}_*")) <= shm_before
 
 
 def test_non_finite_loss_stops_or_skips_as_configured(corpus: Path, tmp_path: Path) -> None:
