@@ -28,7 +28,18 @@ TASK_FILE = "task.json"  # beside exported weights: the task and its vocabulary 
 
 
 def to_device(batch: dict[str, Any], device: torch.device, bf16: bool) -> dict[str, Any]:
-    """Tensors to ``device`` (floating ones in bf16 when training in bf16); lists stay as they are."""
+    """Tensors to ``device`` (floating ones in bf16 when training in bf16); lists stay as they are.
+
+    The indices that the step would otherwise find with ``nonzero`` on the device (a wait for the
+    GPU each time: the count decides a shape) are found here, on the host: ``frame_index`` (the
+    real frames of ``frame_mask``) and ``mlm_index`` (the masked positions of ``mlm_labels``)."""
+    from .objectives import mask_index
+
+    batch = dict(batch)
+    if isinstance(batch.get("frame_mask"), torch.Tensor) and batch["frame_mask"].device.type == "cpu":
+        batch["frame_index"] = mask_index(batch["frame_mask"].bool())
+    if isinstance(batch.get("mlm_labels"), torch.Tensor) and batch["mlm_labels"].device.type == "cpu":
+        batch["mlm_index"] = mask_index(batch["mlm_labels"].ne(-100))
     out = {}
     for k, v in batch.items():
         if isinstance(v, torch.Tensor):

@@ -59,6 +59,13 @@ def gather_with_local_grad(x: torch.Tensor, group: Any = None) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def mask_index(mask: torch.Tensor) -> torch.Tensor:
+    """Flat indices of the True entries of ``mask``. On a GPU tensor this waits for the device
+    (the count decides the shape): :func:`multi_dist.evaluate.to_device` finds them on the host
+    before the batch moves, so that the training step never stops the GPU's queue."""
+    return mask.flatten().nonzero().squeeze(1)
+
+
 def caption_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """An int64 fingerprint per caption (a random linear hash of its token ids): equal captions,
     true positives for each other, share it."""
@@ -123,7 +130,7 @@ class PretrainLoss(nn.Module):
 
     def forward(self, model: MuLTI, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         cfg = self.cfg
-        video = model.encode_video(batch["video"], batch.get("frame_mask"))
+        video = model.encode_video(batch["video"], batch.get("frame_mask"), batch.get("frame_index"))
         text = model.encode_text(batch["input_ids"], batch["attention_mask"])
         out: dict[str, torch.Tensor] = {}
         total = video.tokens.new_zeros((), dtype=torch.float32)
@@ -151,11 +158,11 @@ class PretrainLoss(nn.Module):
         if cfg.mcm > 0 and "mcm_input_ids" in batch:
             logits = model.mcm_logits(video, batch["mcm_input_ids"], batch["mcm_attention_mask"])
             answer = batch["mcm_answer"]
-            valid = answer.ne(-100)
-            if valid.any():
-                out["loss_mcm"] = F.cross_entropy(logits.float(), answer, ignore_index=-100)
-                out["acc_mcm"] = (logits.argmax(1) == answer)[valid].float().mean()
-                total = total + cfg.mcm * out["loss_mcm"]
+            valid = answer.ne(-100)  # clips whose caption gave no question; 0 of them: loss 0
+            n = valid.sum().clamp_min(1)
+            out["loss_mcm"] = F.cross_entropy(logits.float(), answer, ignore_index=-100, reduction="sum") / n
+            out["acc_mcm"] = ((logits.argmax(1) == answer) & valid).sum() / n
+            total = total + cfg.mcm * out["loss_mcm"]
         out["loss"] = total
         out["objective"] = total + extra
         return out
@@ -173,11 +180,15 @@ class PretrainLoss(nn.Module):
         rows = torch.stack([idx, torch.where(ok_t, neg_text, idx)], 1).flatten()  # [pos, neg] per video
         pos_neg = model.fuse(text.select(rows), video, groups=2).cls.view(b, 2, -1)
         neg = model.fuse(text, video.select(torch.where(ok_v, neg_video, idx))).cls
-        logits = model.vtm_head(torch.cat([pos_neg[:, 0], pos_neg[:, 1][ok_t], neg[ok_v]]))
+        logits = model.vtm_head(torch.cat([pos_neg[:, 0], pos_neg[:, 1], neg]))
         zeros = torch.zeros(b, dtype=torch.long, device=logits.device)
-        labels = torch.cat([torch.ones_like(zeros), zeros[ok_t], zeros[ok_v]])
-        loss = F.cross_entropy(logits.float(), labels)
-        return loss, (logits.argmax(1) == labels).float().mean()
+        labels = torch.cat([torch.ones_like(zeros), zeros, zeros])
+        # rows without a negative (every other caption identical) fused a stand-in pair: weight 0,
+        # not dropped, so that no shape depends on the data (no host sync)
+        weight = torch.cat([torch.ones_like(ok_t), ok_t, ok_v]).float()
+        n = weight.sum()
+        loss = (F.cross_entropy(logits.float(), labels, reduction="none") * weight).sum() / n
+        return loss, ((logits.argmax(1) == labels).float() * weight).sum() / n
 
     @staticmethod
     def mlm(model: MuLTI, video: VideoOutput, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -186,11 +197,13 @@ class PretrainLoss(nn.Module):
         fc = model.cfg.fusion
         if fc.sampler != "none" and labels.shape[1] > fc.text_tokens:
             return None  # the text will be condensed: there are no per-token positions to predict
+        index = batch.get("mlm_index")  # the masked positions, flat; found on the host by to_device
+        if index is None:
+            index = mask_index(labels.ne(-100))  # a host sync on GPU
+        if index.numel() == 0:  # a shape: known on the host
+            return None
         masked = model.encode_text(batch["mlm_input_ids"], batch["attention_mask"])
         fused = model.fuse(masked, video)
-        chosen = labels.ne(-100)
-        if not chosen.any():
-            return None
-        logits = model.mlm_head(fused.text_states[chosen])
-        target = labels[chosen]
+        logits = model.mlm_head(fused.text_states.flatten(0, 1)[index])
+        target = labels.flatten()[index]
         return F.cross_entropy(logits.float(), target), (logits.argmax(1) == target).float().mean()

@@ -208,12 +208,21 @@ def request_stop(signum: int | None = None, frame: Any = None) -> None:
     _STOP["signal"] = signum if signum is not None else -1
 
 
-def _stop_agreed(world: int, device: torch.device) -> bool:
-    """True on every rank once any rank was asked to stop (signals reach ranks at different steps)."""
-    flag = torch.tensor([1.0 if _STOP["signal"] is not None else 0.0], device=device)
+def _stop_agreed(world: int, group: Any) -> bool:
+    """True on every rank once any rank was asked to stop (signals reach ranks at different steps).
+    Agreed over a host (gloo) group: checking every step must not wait for the GPU."""
+    flag = torch.tensor([1.0 if _STOP["signal"] is not None else 0.0])
     if world > 1:
-        dist_.all_reduce(flag, op=dist_.ReduceOp.MAX)
+        dist_.all_reduce(flag, op=dist_.ReduceOp.MAX, group=group)
     return flag.item() > 0
+
+
+def _window_means(window: dict[str, list[torch.Tensor]]) -> dict[str, float]:
+    """``train/<name>``: the mean of each metric over the log window, read from the device once."""
+    if not window:
+        return {}
+    means = torch.stack([torch.stack(v).float().mean() for v in window.values()]).tolist()
+    return {f"train/{k}": m for k, m in zip(window, means)}
 
 
 def _check_start(cfg: TrainConfig) -> None:
@@ -273,6 +282,7 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, float]], None] | No
     _STOP["signal"] = None  # a stop belongs to the run it was asked of
     info = distributed.init()
     rank, world = info.rank, info.world_size
+    host_group = distributed.host_group() if world > 1 else None
     device = distributed.device(info)
     bf16 = use_bf16(cfg)
     run_dir = Path(cfg.run_dir)
@@ -328,7 +338,7 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, float]], None] | No
         if on_log is not None:
             on_log(step, metrics)
 
-    window: dict[str, list[float]] = {}
+    window: dict[str, list[torch.Tensor]] = {}
     t_window, wait_window, steps_window, frames_window = time.perf_counter(), 0.0, 0, 0
     try:
         while state.step < cfg.steps:
@@ -360,15 +370,15 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, float]], None] | No
                 engine.step()
                 for k, v in out.items():
                     if k != "objective":
-                        window.setdefault(k, []).append(float(v.detach()))
+                        window.setdefault(k, []).append(v.detach())  # read at log steps: no wait here
             state.step += 1
             state.samples += global_batch
             steps_window += 1
             if not state.first_losses and window:
-                state.first_losses = {k: v[0] for k, v in window.items() if k.startswith("loss")}
+                state.first_losses = {k: float(v[0]) for k, v in window.items() if k.startswith("loss")}
             if state.step % cfg.log_every == 0 or state.step == cfg.steps:
                 elapsed = time.perf_counter() - t_window
-                means = {f"train/{k}": sum(v) / len(v) for k, v in window.items()}
+                means = _window_means(window)
                 if len(stream.corpora) > 1:  # each corpus's share of the samples seen so far (all ranks)
                     means.update({f"data/share_{k}": v for k, v in stream.corpus_shares().items()})
                 means["perf/frames_per_s"] = frames_window / elapsed  # this rank's; x world after the mean
@@ -392,7 +402,7 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, float]], None] | No
             saved = state.step % cfg.ckpt_every == 0 or state.step == cfg.steps
             if saved:
                 _save(engine, ckpt_dir, state, cfg, stream, rank, task)
-            if _stop_agreed(world, device):
+            if _stop_agreed(world, host_group):
                 if not saved:
                     _save(engine, ckpt_dir, state, cfg, stream, rank, task)
                 if rank == 0:

@@ -210,3 +210,37 @@ def _learn_the_toy_task() -> None:
         video = model.encode_video(held_out["video"])
         logits = model.mcm_logits(video, held_out["mcm_input_ids"], held_out["mcm_attention_mask"])
     assert (logits.argmax(1) == held_out["mcm_answer"]).float().mean() > 0.7
+
+
+def test_the_pretraining_step_never_waits_for_the_device() -> None:
+    """A host sync (``nonzero``, ``.item()``, a boolean mask's selection) stops the GPU's queue
+    until the step so far has run. With the indices ``to_device`` finds on the host, forward and
+    backward run on fake tensors, which refuse every op whose shape or value depends on the data;
+    and those indices change no loss (padding frames and masked positions included)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from multi_dist.evaluate import to_device
+
+    batch = make_batch(t=4)
+    batch["frame_mask"] = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 0]], dtype=torch.bool)
+    moved = to_device(batch, torch.device("cpu"), bf16=False)
+    assert moved["frame_index"].tolist() == [0, 1, 2, 3, 4, 5, 8, 12, 13, 14]
+    assert moved["mlm_index"].tolist() == [2, 14, 26, 38]  # position 2 of each 12-token caption
+
+    losses = []
+    for b in (batch, moved):
+        torch.manual_seed(0)
+        model = MuLTI(model_config("tiny", checkpointing=True, checkpoint_frames=3)).train()
+        torch.manual_seed(1)
+        losses.append(PretrainLoss(LossConfig())(model, b))
+    for key in losses[0]:
+        torch.testing.assert_close(losses[0][key], losses[1][key], rtol=0, atol=1e-6, msg=key)
+
+    mode = FakeTensorMode()
+    fake = {k: mode.from_tensor(v) for k, v in moved.items()}
+    with mode:
+        model = MuLTI(model_config("tiny", checkpointing=True, checkpoint_frames=3)).train()
+        out = PretrainLoss(LossConfig())(model, fake)
+        out["objective"].backward()
+    assert {"loss_vtc", "loss_vtm", "loss_mlm", "loss_mcm"} <= set(out)
+    assert all(p.grad is not None for p in model.fusion.parameters())

@@ -228,7 +228,11 @@ class VideoEncoder(_LayeredEncoder):
     def _final_norm(self) -> nn.Module:
         return self._tower.post_layernorm if self.cfg.kind == "clip" else self._tower.layernorm
 
-    def forward(self, video: torch.Tensor, frame_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, video: torch.Tensor, frame_mask: torch.Tensor | None = None, frame_index: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``frame_index``: the flat indices of ``frame_mask``'s real frames, when the caller found
+        them on the host (finding them here waits for the GPU)."""
         b, t = video.shape[:2]
         if t > self.max_frames:
             raise ValueError(f"{t} frames exceed the model's max_frames={self.max_frames}")
@@ -236,8 +240,11 @@ class VideoEncoder(_LayeredEncoder):
         real = None
         if frame_mask is not None:
             frame_mask = frame_mask.bool()
-            real = frame_mask.flatten().nonzero().squeeze(1)  # (R,) the real frames of all clips
-            x = x[real]
+            real = frame_index if frame_index is not None else frame_mask.flatten().nonzero().squeeze(1)
+            if real.numel() == b * t:  # every frame real (a shape: no device sync): nothing to select
+                real = None
+            else:
+                x = x[real]  # (R, ...) the real frames of all clips
         if self.adapter is None:  # nothing frozen: the whole tower is per frame
             h = self._per_frame(self._whole, x)
         else:

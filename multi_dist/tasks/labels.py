@@ -57,7 +57,7 @@ class LabelsTask(Task):
         return {"label_targets": targets, "label_input_ids": ids, "label_attention_mask": mask}
 
     def _logits(self, model: MuLTI, batch: dict[str, Any]) -> torch.Tensor:
-        video = model.encode_video(batch["video"], batch.get("frame_mask"))
+        video = model.encode_video(batch["video"], batch.get("frame_mask"), batch.get("frame_index"))
         text = None
         if model.cfg.heads.label_source == "fusion":
             text = model.encode_text(batch["label_input_ids"], batch["label_attention_mask"])

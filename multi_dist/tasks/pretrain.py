@@ -30,7 +30,7 @@ class PretrainTask(Task):
         return self.loss_fn(model, batch)
 
     def eval_step(self, model: MuLTI, batch: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-        video = model.encode_video(batch["video"], batch.get("frame_mask"))
+        video = model.encode_video(batch["video"], batch.get("frame_mask"), batch.get("frame_index"))
         text = model.encode_text(batch["input_ids"], batch["attention_mask"])
         correct = None
         if "mcm_input_ids" in batch:

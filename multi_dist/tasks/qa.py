@@ -121,7 +121,7 @@ class OpenQATask(Task):
         }
 
     def _logits(self, model: MuLTI, batch: dict[str, Any]) -> torch.Tensor:
-        video = model.encode_video(batch["video"], batch.get("frame_mask"))
+        video = model.encode_video(batch["video"], batch.get("frame_mask"), batch.get("frame_index"))
         b, q, seq = batch["qa_input_ids"].shape
         text = model.encode_text(batch["qa_input_ids"].view(b * q, seq), batch["qa_attention_mask"].view(b * q, seq))
         return model.qa_logits(text, video, groups=q)
@@ -192,7 +192,7 @@ class ChoiceTask(Task):
         """Each option's score: the MCM head on the fused CLS, plus (``task.choice_score:
         mcm+vtc``) the option's scaled VTC similarity to the clip. Pretrained VTC already ranks
         whole captions; the fusion learns what similarity misses (e.g. temporal order)."""
-        video = model.encode_video(batch["video"], batch.get("frame_mask"))
+        video = model.encode_video(batch["video"], batch.get("frame_mask"), batch.get("frame_index"))
         b, q, o = batch["mc_option_mask"].shape
         ids, mask = batch["mc_input_ids"], batch["mc_attention_mask"]
         text = model.encode_text(ids.flatten(0, 1), mask.flatten(0, 1))

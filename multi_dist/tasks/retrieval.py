@@ -75,7 +75,7 @@ class RetrievalTask(Task):
         return self.loss_fn(model, batch)
 
     def eval_step(self, model: MuLTI, batch: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-        video = model.encode_video(batch["video"], batch.get("frame_mask"))
+        video = model.encode_video(batch["video"], batch.get("frame_mask"), batch.get("frame_index"))
         text = model.encode_text(batch["ret_input_ids"], batch["ret_attention_mask"])
         owner = batch["ret_owner"].tolist()
         # read inside the forward: under ZeRO-3 parameters are only whole there
