@@ -52,8 +52,8 @@ On the GPU machine (repo copied, package not installed; no matplotlib there: plo
   anything. Model, batch and optimizer are fake tensors (shapes and dtypes only), bf16 comes from
   CPU autocast (the same casts as CUDA's for matmuls, attention and norms), and
   ``multi_dist.memory.LiveBytes`` counts live tensor bytes through forward, backward and AdamW.
-  Ops whose result depends on values take every mask as all true (an upper bound: MLM then
-  predicts every text position). Checked against the H200 measurements (per-layer
+  The batch's mask indices are found on the host, as in training, so no op's shape depends on
+  values (the step would fail on fake tensors if one did). Checked against the H200 measurements (per-layer
   checkpointing): MuLTI at 64 frames 12.64 vs 12.71 GiB; dense 27.52 vs 31.03 GiB (the estimate
   has no allocator rounding, cuBLAS workspaces or attention-kernel scratch). Defaults: frames
   16 and 64, text 32, levers at 64 frames. Estimates say where memory goes; the goals are
@@ -263,6 +263,9 @@ def make_batch(b: int, frames: int, size: int, length: int, device: Any, seed: i
         "mcm_attention_mask": torch.ones(b, 4, length, dtype=torch.long),
         "mcm_answer": torch.randint(0, 4, (b,), generator=g),
     }
+    from multi_dist.objectives import mask_index
+
+    batch["mlm_index"] = mask_index(labels.ne(-100))  # found on the host, as training's to_device does
     return {k: v.to(device) for k, v in batch.items()}
 
 
@@ -305,25 +308,6 @@ def profiled_step(step: Any) -> tuple[float, int | None]:
         return t, None
 
 
-def _fake_data_dependent_ops() -> None:
-    """Fake tensors hold no values: let the ops whose output shape or value depends on the data
-    assume every mask is all true (``nonzero`` returns every index: the largest shapes, an upper
-    bound) and every scalar read is 1 (``if mask.any()`` takes the branch that computes)."""
-    import torch
-    import torch._subclasses.fake_impls as impls
-
-    aten = torch.ops.aten
-
-    def nonzero(mode: Any, func: Any, arg: Any) -> Any:
-        with mode:
-            return torch.empty((arg.numel(), arg.dim()), dtype=torch.long, device=arg.device)
-
-    impls.op_implementations_dict[aten.nonzero.default] = nonzero
-    impls.op_implementations_dict[aten._local_scalar_dense.default] = lambda mode, func, arg: (
-        1.0 if arg.dtype.is_floating_point else 1
-    )
-
-
 def estimate_one(spec: dict[str, Any]) -> dict[str, Any]:
     """The CUDA peak of one training step, estimated on CPU without computing anything: the
     model, batch and optimizer as fake tensors (shapes and dtypes only), bf16 autocast by CPU's
@@ -331,7 +315,9 @@ def estimate_one(spec: dict[str, Any]) -> dict[str, Any]:
     :class:`multi_dist.memory.LiveBytes` counting live tensor bytes through forward, backward
     and the optimizer step. Peak = weights + optimizer state + batch + the step's peak, as
     ``max_memory_allocated`` counts them (without the allocator's rounding, cuBLAS workspaces and
-    the attention kernels' scratch)."""
+    the attention kernels' scratch). The batch is made for real and then faked, its masks'
+    indices found on the host as in training: the step has no op whose shape depends on values
+    (one that had would wait for the GPU in training, and fails here)."""
     t0 = time.perf_counter()
     import_model_only()
     import torch
@@ -341,18 +327,20 @@ def estimate_one(spec: dict[str, Any]) -> dict[str, Any]:
     from multi_dist.model import MuLTI
     from multi_dist.objectives import LossConfig, PretrainLoss
 
-    _fake_data_dependent_ops()
     weights = {k: (1.0 if k in spec["objectives"] else 0.0) for k in OBJECTIVES}
     loss_fn = PretrainLoss(LossConfig(**weights))
     losses: list[str] = []
-    with FakeTensorMode():
+    cfg = build_config(spec)
+    size = int(cfg.vision.arch.get("image_size", 224))
+    mode = FakeTensorMode()
+    batch = {
+        k: mode.from_tensor(v) for k, v in make_batch(spec["batch"], spec["frames"], size, spec["text"], "cpu").items()
+    }
+    with mode:
         torch.manual_seed(0)
-        cfg = build_config(spec)
         model = MuLTI(cfg).train()
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-5, foreach=True)
-        size = int(cfg.vision.arch.get("image_size", 224))
-        batch = make_batch(spec["batch"], spec["frames"], size, spec["text"], "cpu")
 
         def step() -> None:
             with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -32,10 +32,8 @@ def test_live_bytes_counts_what_is_created_and_freed() -> None:
 
 def test_the_fake_tensor_estimate_matches_a_real_step() -> None:
     """The estimate computes nothing; the same step on real tensors (tiny preset, bf16 CPU
-    autocast, 16 frames, chunked checkpointing) must reach the same live-tensor peak, to 2%
-    (measured: equal). Without MLM: the fake run takes every mask as all true, so its MLM predicts
-    every text position instead of the masked 15% (on the tiny preset the vocabulary logits are
-    most of the step; for ``base`` at 64 frames about 0.1 GiB of 12)."""
+    autocast, 16 frames, chunked checkpointing, all four losses) must reach the same live-tensor
+    peak, to 2% (measured: equal)."""
     spec = {
         "preset": "tiny",
         "sampler": "multiway",
@@ -45,7 +43,7 @@ def test_the_fake_tensor_estimate_matches_a_real_step() -> None:
         "text": 12,
         "batch": 4,
         "frozen": 0,
-        "objectives": ["vtc", "vtm", "mcm"],
+        "objectives": list(bench_memory.OBJECTIVES),
     }
     est = bench_memory.estimate_one(spec)
 
@@ -54,7 +52,7 @@ def test_the_fake_tensor_estimate_matches_a_real_step() -> None:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, foreach=True)
     batch = bench_memory.make_batch(4, 16, 32, 12, "cpu")
-    loss_fn = PretrainLoss(LossConfig(mlm=0.0))
+    loss_fn = PretrainLoss(LossConfig())
 
     def step() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -67,7 +65,7 @@ def test_the_fake_tensor_estimate_matches_a_real_step() -> None:
     states = [v for st in opt.state.values() for v in st.values() if torch.is_tensor(v)]
     with LiveBytes(exclude=[*model.parameters(), *model.buffers(), *states, *batch.values()]) as mem:
         step()
-    assert est["status"] == "ok" and est["losses"] == ["mcm", "vtc", "vtm"]
+    assert est["status"] == "ok" and est["losses"] == ["mcm", "mlm", "vtc", "vtm"]
     assert abs(est["step_peak_bytes"] - mem.peak) <= 0.02 * mem.peak, (mem.peak, est["step_peak_bytes"])
     static = sum(t.numel() * t.element_size() for t in {id(t): t for t in [*model.parameters(), *states]}.values())
     assert est["static_bytes"] == static + sum(b.numel() * b.element_size() for b in model.buffers())
