@@ -54,7 +54,7 @@ On the GPU machine (repo copied, package not installed; no matplotlib there: plo
   ``multi_dist.memory.LiveBytes`` counts live tensor bytes through forward, backward and AdamW.
   The batch's mask indices are found on the host, as in training, so no op's shape depends on
   values (the step would fail on fake tensors if one did). Checked against the H200 measurements (per-layer
-  checkpointing): MuLTI at 64 frames 12.64 vs 12.71 GiB; dense 27.52 vs 31.03 GiB (the estimate
+  checkpointing): MuLTI at 64 frames 12.64 vs 12.71 GiB; dense 27.50 vs 31.03 GiB (the estimate
   has no allocator rounding, cuBLAS workspaces or attention-kernel scratch). Defaults: frames
   16 and 64, text 32, levers at 64 frames. Estimates say where memory goes; the goals are
   judged by a GPU run.
@@ -965,7 +965,7 @@ def build_summary(
     if estimate:
         notes.append(
             "ESTIMATES, not measurements: " + settings["peak"] + "; checked against the H200: 12.64 vs 12.71 GiB "
-            "measured (MuLTI, 64 frames), 27.52 vs 31.03 GiB (dense: the estimate misses the attention kernels' "
+            "measured (MuLTI, 64 frames), 27.50 vs 31.03 GiB (dense: the estimate misses the attention kernels' "
             "scratch over 12,640 tokens)"
         )
     elif not cuda:
