@@ -262,3 +262,22 @@ def test_pyav_backend_streams_the_same_clips(demo_corpus: Path) -> None:
     b = next(iter(VideoTextStream(dataclasses.replace(base, decoder="pyav"))))
     assert a["key"] == b["key"]
     assert (a["video"] - b["video"]).abs().mean() < 0.05
+
+
+def test_parquet_column_keeps_the_rows_the_builder_wrote(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from multi_dist.data.shardlist import parquet_column
+
+    path = tmp_path / "00000.parquet"
+    pq.write_table(
+        pa.table({"caption": ["a dog", "broken", None], "status": ["success", "failed_to_decode", "success"]}), path
+    )
+    assert list(parquet_column(path, "caption")) == ["a dog", None]
+    assert list(parquet_column(path, "answer")) == [None, None]  # a field the shards lack
+    with pytest.raises(ValueError, match=r"00000\.parquet: no 'answer' column \(columns: caption, status\)"):
+        list(parquet_column(path, "answer", required=True))
+    plain = tmp_path / "plain.parquet"  # no status column: every row counts
+    pq.write_table(pa.table({"caption": ["x", "y"]}), plain)
+    assert list(parquet_column(plain, "caption")) == ["x", "y"]

@@ -33,6 +33,8 @@ from typing import Any
 
 import torch
 
+from .shardlist import parquet_column
+
 CONTENT_CLASSES = ("noun", "verb", "adjective", "direction")
 """The word classes an MCM question prefers to ask about (directions count: "moves left")."""
 OTHER = "other"
@@ -280,18 +282,8 @@ class AnswerVocab:
 
 
 def _parquet_captions(parquets: Sequence[Path]) -> Iterable[str]:
-    import pyarrow.parquet as pq
-
     for path in parquets:
-        columns = pq.read_schema(path).names
-        if "caption" not in columns:
-            raise ValueError(f"{path}: no 'caption' column (columns: {', '.join(columns)})")
-        wanted = ["caption"] + (["status"] if "status" in columns else [])
-        table = pq.read_table(path, columns=wanted).to_pydict()
-        statuses = table.get("status") or ["success"] * len(table["caption"])
-        for caption, status in zip(table["caption"], statuses):
-            if status == "success" and caption is not None:
-                yield str(caption)
+        yield from (str(c) for c in parquet_column(path, "caption", required=True) if c is not None)
 
 
 def _read_cache(cache: Path, names: list[str], newest_ns: int, fingerprint: str) -> AnswerVocab | None:

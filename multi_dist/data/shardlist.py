@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import braceexpand
 
@@ -57,3 +59,20 @@ def shard_sizes(shards: list[str]) -> dict[str, int] | None:
             return None
         sizes[shard] = int(json.loads(stats.read_text())["successes"])
     return sizes
+
+
+def parquet_column(path: str | Path, name: str, required: bool = False) -> Iterator[Any]:
+    """Column ``name`` of a shard set's parquet file, for the rows the builder wrote (``status``
+    ``success``, or every row where there is no status column). A missing column gives None per
+    row, or (``required``) an error naming the file and the columns it has."""
+    import pyarrow.parquet as pq
+
+    columns = pq.read_schema(path).names
+    if name not in columns and required:
+        raise ValueError(f"{path}: no {name!r} column (columns: {', '.join(columns)})")
+    table = pq.read_table(path, columns=[c for c in (name, "status") if c in columns]).to_pydict()
+    rows = pq.read_metadata(path).num_rows
+    statuses = table.get("status", ["success"] * rows)
+    for value, status in zip(table.get(name, [None] * rows), statuses):
+        if status == "success":
+            yield value

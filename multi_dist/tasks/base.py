@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from ..data.pipeline import DataConfig, VideoTextStream
-from ..data.shardlist import list_shards
+from ..data.shardlist import list_shards, parquet_column
 from ..model.multi import MuLTI
 
 log = logging.getLogger("multi_dist.tasks")
@@ -104,18 +104,9 @@ def field_values(path: str | list[str], name: str) -> Iterator[Any]:
     folder = os.path.dirname(shards[0])
     parquets = sorted(glob.glob(os.path.join(folder, "*.parquet")))
     if parquets and "://" not in shards[0] and not shards[0].startswith("pipe:"):
-        import pyarrow.parquet as pq
-
         for file in parquets:
-            table = pq.read_table(file)
-            if "status" in table.column_names:
-                ok = [s == "success" for s in table.column("status").to_pylist()]
-            else:
-                ok = [True] * table.num_rows
-            values = table.column(name).to_pylist() if name in table.column_names else [None] * table.num_rows
-            for keep, value in zip(ok, values):
-                if keep:
-                    yield json.loads(value) if isinstance(value, str) and value[:1] in "[{" else value
+            for value in parquet_column(file, name):
+                yield json.loads(value) if isinstance(value, str) and value[:1] in "[{" else value
         return
     from webdataset import tariterators
 
