@@ -9,6 +9,8 @@ import json
 import math
 import random
 import shutil
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -309,3 +311,25 @@ def test_inspect_decodes_image_shards(photos: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(proc.stdout)
     assert report["samples"] == 22 and report["decode"]["decoded"] == 22 and report["decode"]["skipped"] == 0
+
+
+def test_training_on_a_mix_logs_shares_and_counts_real_frames(demo_corpus: Path, photos: Path, tmp_path: Path) -> None:
+    """``perf/frames_per_s`` counts the frames the vision tower runs on: a photo is one frame, not
+    ``num_frames``. Over a log window, frames / clips is the mean count of real frames a sample,
+    between 1 (photos) and 4 (demo clips, all long enough for 4 frames) for this even mix."""
+    run = tmp_path / "run"
+    corpora = f"[{{path: {demo_corpus / 'train'}, weight: 0.5}}, {{path: {photos}, kind: image, weight: 0.5}}]"
+    args = ["--config", "configs/pretrain/tiny.yaml", f"run_dir={run}", "data.path=", f"data.corpora={corpora}"]
+    args += ["val=null", "steps=6", "log_every=3", "ckpt_every=6"]
+    proc = subprocess.run(
+        [sys.executable, "launch/pretrain.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in rows if "perf/frames_per_s" in r]
+    assert [r["step"] for r in logged] == [3, 6]
+    for r in logged:
+        per_clip = r["perf/frames_per_s"] / r["perf/clips_per_s"]
+        assert 1.0 < per_clip < 4.0, r
+        shares = [r[k] for k in r if k.startswith("data/share_")]
+        assert len(shares) == 2 and sum(shares) == pytest.approx(1.0)
