@@ -33,7 +33,7 @@ def to_device(batch: dict[str, Any], device: torch.device, bf16: bool) -> dict[s
     The indices that the step would otherwise find with ``nonzero`` on the device (a wait for the
     GPU each time: the count decides a shape) are found here, on the host: ``frame_index`` (the
     real frames of ``frame_mask``) and ``mlm_index`` (the masked positions of ``mlm_labels``)."""
-    from .objectives import mask_index
+    from .model.encoders import mask_index
 
     batch = dict(batch)
     if isinstance(batch.get("frame_mask"), torch.Tensor) and batch["frame_mask"].device.type == "cpu":

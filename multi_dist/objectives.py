@@ -21,6 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .model.encoders import mask_index
 from .model.multi import MuLTI, TextOutput, VideoOutput
 
 
@@ -57,13 +58,6 @@ def gather_with_local_grad(x: torch.Tensor, group: Any = None) -> torch.Tensor:
     dist.all_gather(parts, x.detach().contiguous(), group=group)
     parts[rank] = x
     return torch.cat(parts)
-
-
-def mask_index(mask: torch.Tensor) -> torch.Tensor:
-    """Flat indices of the True entries of ``mask``. On a GPU tensor this waits for the device
-    (the count decides the shape): :func:`multi_dist.evaluate.to_device` finds them on the host
-    before the batch moves, so that the training step never stops the GPU's queue."""
-    return mask.flatten().nonzero().squeeze(1)
 
 
 def caption_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

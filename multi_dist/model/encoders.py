@@ -240,7 +240,7 @@ class VideoEncoder(_LayeredEncoder):
         real = None
         if frame_mask is not None:
             frame_mask = frame_mask.bool()
-            real = frame_index if frame_index is not None else frame_mask.flatten().nonzero().squeeze(1)
+            real = frame_index if frame_index is not None else mask_index(frame_mask)
             if real.numel() == b * t:  # every frame real (a shape: no device sync): nothing to select
                 real = None
             else:
@@ -314,6 +314,13 @@ class VideoEncoder(_LayeredEncoder):
         x = self.adapter(x, key_padding_mask=pad)
         x = x.view(b, n, t, d).transpose(1, 2).reshape(b * t, n, d)
         return x if real is None else x[real]
+
+
+def mask_index(mask: torch.Tensor) -> torch.Tensor:
+    """Flat indices of the True entries of ``mask``. On a GPU tensor this waits for the device
+    (the count decides the shape): :func:`multi_dist.evaluate.to_device` finds them on the host
+    before the batch moves, so that the training step never stops the GPU's queue."""
+    return mask.flatten().nonzero().squeeze(1)
 
 
 def _unpack_frames(h: torch.Tensor, frames: int, real: torch.Tensor | None) -> torch.Tensor:
