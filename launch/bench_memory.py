@@ -263,7 +263,7 @@ def make_batch(b: int, frames: int, size: int, length: int, device: Any, seed: i
         "mcm_attention_mask": torch.ones(b, 4, length, dtype=torch.long),
         "mcm_answer": torch.randint(0, 4, (b,), generator=g),
     }
-    from multi_dist.objectives import mask_index
+    from multi_dist.model.encoders import mask_index
 
     batch["mlm_index"] = mask_index(labels.ne(-100))  # found on the host, as training's to_device does
     return {k: v.to(device) for k, v in batch.items()}
@@ -308,18 +308,13 @@ def profiled_step(step: Any) -> tuple[float, int | None]:
         return t, None
 
 
-def estimate_one(spec: dict[str, Any]) -> dict[str, Any]:
-    """The CUDA peak of one training step, estimated on CPU without computing anything: the
-    model, batch and optimizer as fake tensors (shapes and dtypes only), bf16 autocast by CPU's
-    autocast (the same casts for matmuls, attention and norms as CUDA's), and
-    :class:`multi_dist.memory.LiveBytes` counting live tensor bytes through forward, backward
-    and the optimizer step. Peak = weights + optimizer state + batch + the step's peak, as
-    ``max_memory_allocated`` counts them (without the allocator's rounding, cuBLAS workspaces and
-    the attention kernels' scratch). The batch is made for real and then faked, its masks'
-    indices found on the host as in training: the step has no op whose shape depends on values
-    (one that had would wait for the GPU in training, and fails here)."""
-    t0 = time.perf_counter()
-    import_model_only()
+def step_memory(spec: dict[str, Any], fake: bool) -> dict[str, Any]:
+    """One training step's live-tensor peak, counted by :class:`multi_dist.memory.LiveBytes`
+    through forward, backward and AdamW (after a first step that creates the optimizer state),
+    with bf16 from CPU autocast, on real CPU tensors or (``fake``) on fake ones: shapes and dtypes
+    only, nothing computed. The batch is made for real (then faked), its mask indices found on
+    the host as in training, so no op's shape depends on values. Returns the step's peak, the
+    static bytes (weights + optimizer state) and the batch's bytes, the losses it ran."""
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -332,10 +327,10 @@ def estimate_one(spec: dict[str, Any]) -> dict[str, Any]:
     losses: list[str] = []
     cfg = build_config(spec)
     size = int(cfg.vision.arch.get("image_size", 224))
-    mode = FakeTensorMode()
-    batch = {
-        k: mode.from_tensor(v) for k, v in make_batch(spec["batch"], spec["frames"], size, spec["text"], "cpu").items()
-    }
+    batch = make_batch(spec["batch"], spec["frames"], size, spec["text"], "cpu")
+    mode = FakeTensorMode() if fake else contextlib.nullcontext()
+    if fake:
+        batch = {k: mode.from_tensor(v) for k, v in batch.items()}
     with mode:
         torch.manual_seed(0)
         model = MuLTI(cfg).train()
@@ -358,7 +353,7 @@ def estimate_one(spec: dict[str, Any]) -> dict[str, Any]:
     def nbytes(tensors: list[Any]) -> int:
         return sum(t.untyped_storage().nbytes() for t in {id(t): t for t in tensors}.values())
 
-    res = {
+    return {
         "params": sum(p.numel() for p in model.parameters()),
         "trainable_params": sum(p.numel() for p in params),
         "frozen_layers": [cfg.vision.adapter.frozen_layers, cfg.text.adapter.frozen_layers],
@@ -366,13 +361,25 @@ def estimate_one(spec: dict[str, Any]) -> dict[str, Any]:
         "static_bytes": nbytes(static),
         "batch_bytes": nbytes(list(batch.values())),
         "step_peak_bytes": mem.peak,
+        "losses": losses,
     }
+
+
+def estimate_one(spec: dict[str, Any]) -> dict[str, Any]:
+    """The CUDA peak of one training step, estimated on CPU without computing anything:
+    :func:`step_memory` on fake tensors (CPU autocast makes the same bf16 casts as CUDA's for
+    matmuls, attention and norms). Peak = weights + optimizer state + batch + the step's peak, as
+    ``max_memory_allocated`` counts them (without the allocator's rounding, cuBLAS workspaces and
+    the attention kernels' scratch). An op whose shape depends on values (one that would wait for
+    the GPU in training) fails here."""
+    t0 = time.perf_counter()
+    import_model_only()
+    res = step_memory(spec, fake=True)
     res.update(
         status="ok",
-        peak_bytes=res["static_bytes"] + res["batch_bytes"] + mem.peak,
+        peak_bytes=res["static_bytes"] + res["batch_bytes"] + res["step_peak_bytes"],
         step_s=None,
         clips_per_s=None,
-        losses=losses,
         total_s=round(time.perf_counter() - t0, 2),
     )
     return res
