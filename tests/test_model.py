@@ -331,3 +331,20 @@ def test_unknown_preset_and_bad_fields_fail_clearly() -> None:
         model_config("tiny", fusion={"widht": 3})
     with pytest.raises(ValueError, match="frozen_layers=5 but"):
         MuLTI(model_config("tiny", vision={"adapter": {"frozen_layers": 5}}))
+
+
+def test_finetuning_from_an_export_applies_the_runs_checkpointing(tmp_path: Path) -> None:
+    """``init`` takes the architecture from the export; the run's ``model.checkpointing``,
+    ``model.checkpoint_frames`` and heads apply (an export never carries memory settings)."""
+    from multi_dist.tasks import TaskConfig, make_task
+    from multi_dist.train import TrainConfig, _build_model
+
+    torch.manual_seed(0)
+    MuLTI(model_config("tiny")).save_pretrained(tmp_path / "model")
+    cfg = TrainConfig(init=str(tmp_path / "model"))
+    cfg.model.checkpointing, cfg.model.checkpoint_frames = True, 4
+    task = make_task(TaskConfig(name="labels"), vocab=["a", "b", "c"])
+    model = _build_model(cfg, task)
+    assert model.checkpointing and model.video.checkpointing and model.video.checkpoint_frames == 4
+    assert model.label_head is not None and model.cfg.fusion.width == 32  # tiny's, from the export
+    assert (cfg.model.checkpointing, cfg.model.checkpoint_frames) == (True, 4)
