@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .model.encoders import mask_index
-from .model.multi import MuLTI, TextOutput, VideoOutput
+from .model.multi import MuLTI
 
 
 @dataclass
@@ -123,34 +123,76 @@ class PretrainLoss(nn.Module):
         self.group = group
 
     def forward(self, model: MuLTI, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """One encoder pass over every text of the step (captions, masked captions, MCM options)
+        and one fusion pass over every text paired with its own clip (VTM's positive and
+        hard-negative captions, the masked captions, the options: G texts per clip, the sampler
+        reading each clip's long sequence once for all G); only VTM's hard-negative clips need a
+        second fusion pass. Each row is computed as it would be alone; fewer, larger passes keep
+        the GPU's queue full (the step is a chain of kernel launches at small batches)."""
         cfg = self.cfg
         video = model.encode_video(batch["video"], batch.get("frame_mask"), batch.get("frame_index"))
-        text = model.encode_text(batch["input_ids"], batch["attention_mask"])
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        b = ids.shape[0]
+        parts = [(ids, mask)]
+        mcm = cfg.mcm > 0 and "mcm_input_ids" in batch
+        if mcm:
+            options = batch["mcm_input_ids"].shape[1]
+            parts.append((batch["mcm_input_ids"].flatten(0, 1), batch["mcm_attention_mask"].flatten(0, 1)))
+        mlm_index = self._mlm_index(model, batch, max(p[0].shape[1] for p in parts))
+        if mlm_index is not None:
+            parts.insert(1, (batch["mlm_input_ids"], mask))
+        texts = model.encode_text(*_stack_rows(parts))  # rows: captions, [masked], [options]
+        text = texts.select(slice(0, b))
         out: dict[str, torch.Tensor] = {}
         total = video.tokens.new_zeros((), dtype=torch.float32)
         extra = total  # the VTC term's share beyond its weight: (world - 1) x weight x VTC
         rank, world = _world(self.group)
-        b = text.embed.shape[0]
-        fp = caption_ids(batch["input_ids"], batch["attention_mask"])
+        fp = caption_ids(ids, mask)
         if cfg.vtc > 0 or cfg.vtm > 0:
             vtc, t2v, acc = vtc_loss(text.embed, video.embed, model.logit_scale, fp, self.group)
             if cfg.vtc > 0:
                 out["loss_vtc"], out["acc_vtc"] = vtc, acc
                 total = total + cfg.vtc * vtc
                 extra = (world - 1) * cfg.vtc * vtc  # see vtc_loss: the engine averages over ranks
-        if cfg.vtm > 0 and b > 1:
+        idx = torch.arange(b, device=ids.device)
+        slots = []  # per clip, the rows of ``texts`` fused with it: (b, G) once concatenated
+        vtm = cfg.vtm > 0 and b > 1
+        if vtm:
             local = slice(rank * b, (rank + 1) * b)
-            sim = t2v[local, local].detach()
-            same = fp[:, None] == fp[None, :]
-            out["loss_vtm"], out["acc_vtm"] = self.vtm(model, text, video, sim, same)
+            sim, same = t2v[local, local].detach(), fp[:, None] == fp[None, :]
+            neg_text = sample_hard_negatives(sim.t(), same.t())  # for each video, a caption
+            neg_video = sample_hard_negatives(sim, same)  # for each caption, a video
+            slots.append(torch.stack([idx, torch.where(neg_text >= 0, neg_text, idx)], 1))
+        start = b
+        if mlm_index is not None:
+            slots.append((start + idx)[:, None])
+            start += b
+        if mcm:
+            slots.append(start + idx[:, None] * options + torch.arange(options, device=ids.device))
+        if not slots:
+            out["loss"], out["objective"] = total, total + extra
+            return out
+        rows = torch.cat(slots, 1)
+        g = rows.shape[1]
+        fused = model.fuse(texts.select(rows.flatten()), video, groups=g)
+        cls = fused.cls.view(b, g, -1)
+        col = 0
+        if vtm:
+            neg = model.fuse(text, video.select(torch.where(neg_video >= 0, neg_video, idx))).cls
+            out["loss_vtm"], out["acc_vtm"] = self.vtm(model, cls[:, 0], cls[:, 1], neg, neg_text >= 0, neg_video >= 0)
             total = total + cfg.vtm * out["loss_vtm"]
-        if cfg.mlm > 0 and "mlm_input_ids" in batch:
-            mlm = self.mlm(model, video, batch)
-            if mlm is not None:
-                out["loss_mlm"], out["acc_mlm"] = mlm
-                total = total + cfg.mlm * out["loss_mlm"]
-        if cfg.mcm > 0 and "mcm_input_ids" in batch:
-            logits = model.mcm_logits(video, batch["mcm_input_ids"], batch["mcm_attention_mask"])
+            col = 2
+        if mlm_index is not None:
+            labels = batch["mlm_labels"]
+            states = fused.text_states.view(b, g, fused.n_text, -1)[:, col, : labels.shape[1]]
+            logits = model.mlm_head(states.flatten(0, 1)[mlm_index])
+            target = labels.flatten()[mlm_index]
+            out["loss_mlm"] = F.cross_entropy(logits.float(), target)
+            out["acc_mlm"] = (logits.argmax(1) == target).float().mean()
+            total = total + cfg.mlm * out["loss_mlm"]
+            col += 1
+        if mcm:
+            logits = model.mcm_head(cls[:, col : col + options]).squeeze(-1)  # (b, options)
             answer = batch["mcm_answer"]
             valid = answer.ne(-100)  # clips whose caption gave no question; 0 of them: loss 0
             n = valid.sum().clamp_min(1)
@@ -163,41 +205,44 @@ class PretrainLoss(nn.Module):
 
     @staticmethod
     def vtm(
-        model: MuLTI, text: TextOutput, video: VideoOutput, sim: torch.Tensor, same: torch.Tensor
+        model: MuLTI,
+        pos: torch.Tensor,
+        neg_text: torch.Tensor,
+        neg_video: torch.Tensor,
+        ok_text: torch.Tensor,
+        ok_video: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Positive pairs, plus per clip a hard negative caption and per caption a hard negative clip."""
-        b = sim.shape[0]
-        neg_text = sample_hard_negatives(sim.t(), same.t())  # for each video, a caption
-        neg_video = sample_hard_negatives(sim, same)  # for each caption, a video
-        idx = torch.arange(b, device=sim.device)
-        ok_t, ok_v = neg_text >= 0, neg_video >= 0
-        rows = torch.stack([idx, torch.where(ok_t, neg_text, idx)], 1).flatten()  # [pos, neg] per video
-        pos_neg = model.fuse(text.select(rows), video, groups=2).cls.view(b, 2, -1)
-        neg = model.fuse(text, video.select(torch.where(ok_v, neg_video, idx))).cls
-        logits = model.vtm_head(torch.cat([pos_neg[:, 0], pos_neg[:, 1], neg]))
-        zeros = torch.zeros(b, dtype=torch.long, device=logits.device)
+        """Matching over the fused CLS of the positive pairs, each clip with a hard-negative
+        caption and each caption with a hard-negative clip (``ok_*``: whether one was found)."""
+        logits = model.vtm_head(torch.cat([pos, neg_text, neg_video]))
+        zeros = torch.zeros(pos.shape[0], dtype=torch.long, device=logits.device)
         labels = torch.cat([torch.ones_like(zeros), zeros, zeros])
         # rows without a negative (every other caption identical) fused a stand-in pair: weight 0,
         # not dropped, so that no shape depends on the data (no host sync)
-        weight = torch.cat([torch.ones_like(ok_t), ok_t, ok_v]).float()
+        weight = torch.cat([torch.ones_like(ok_text), ok_text, ok_video]).float()
         n = weight.sum()
         loss = (F.cross_entropy(logits.float(), labels, reduction="none") * weight).sum() / n
         return loss, ((logits.argmax(1) == labels).float() * weight).sum() / n
 
-    @staticmethod
-    def mlm(model: MuLTI, video: VideoOutput, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Masked words predicted from the fused text positions (skipped for condensed text)."""
-        labels = batch["mlm_labels"]
-        fc = model.cfg.fusion
-        if fc.sampler != "none" and labels.shape[1] > fc.text_tokens:
-            return None  # the text will be condensed: there are no per-token positions to predict
-        index = batch.get("mlm_index")  # the masked positions, flat; found on the host by to_device
-        if index is None:
-            index = mask_index(labels.ne(-100))  # a host sync on GPU
-        if index.numel() == 0:  # a shape: known on the host
+    def _mlm_index(self, model: MuLTI, batch: dict[str, Any], length: int) -> torch.Tensor | None:
+        """The masked positions (flat over the captions), or None when MLM does not run: weight 0,
+        no masked captions, nothing masked, or text of ``length`` that the sampler condenses (no
+        per-token positions left to predict)."""
+        if self.cfg.mlm == 0 or "mlm_input_ids" not in batch:
             return None
-        masked = model.encode_text(batch["mlm_input_ids"], batch["attention_mask"])
-        fused = model.fuse(masked, video)
-        logits = model.mlm_head(fused.text_states.flatten(0, 1)[index])
-        target = labels.flatten()[index]
-        return F.cross_entropy(logits.float(), target), (logits.argmax(1) == target).float().mean()
+        fc = model.cfg.fusion
+        if fc.sampler != "none" and length > fc.text_tokens:
+            return None
+        index = batch.get("mlm_index")  # found on the host by to_device
+        if index is None:
+            index = mask_index(batch["mlm_labels"].ne(-100))  # a host sync on GPU
+        return index if index.numel() else None  # a shape: known on the host
+
+
+def _stack_rows(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and masks of several text batches as one, padded to the longest (padding
+    is masked: each row encodes as it would alone)."""
+    length = max(ids.shape[1] for ids, _ in parts)
+    ids = torch.cat([F.pad(i, (0, length - i.shape[1])) for i, _ in parts])
+    mask = torch.cat([F.pad(m, (0, length - m.shape[1])) for _, m in parts])
+    return ids, mask

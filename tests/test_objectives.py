@@ -83,10 +83,9 @@ def test_mlm_ignores_unmasked_positions() -> None:
         states["out"] = out
 
     handle = model.fusion_norm.register_forward_hook(keep)
-    video = model.encode_video(batch["video"])
-    loss, _ = PretrainLoss.mlm(model, video, batch)
+    out = PretrainLoss(LossConfig(vtc=0, vtm=0, mlm=1, mcm=0))(model, batch)
     handle.remove()
-    loss.backward()
+    out["loss_mlm"].backward()
     grad = states["out"].grad[:, : batch["mlm_labels"].shape[1]].abs().sum(-1)
     masked = batch["mlm_labels"].ne(-100)
     assert (grad[masked] > 0).all()
@@ -244,3 +243,49 @@ def test_the_pretraining_step_never_waits_for_the_device() -> None:
         out["objective"].backward()
     assert {"loss_vtc", "loss_vtm", "loss_mlm", "loss_mcm"} <= set(out)
     assert all(p.grad is not None for p in model.fusion.parameters())
+
+
+def test_one_pass_step_equals_the_objectives_computed_apart() -> None:
+    """The step encodes every text in one pass and fuses every text with its own clip in one
+    pass (G = 2 VTM + 1 MLM + 4 MCM texts per clip). Each loss and its gradient equal the same
+    objective computed the plain way, with the model's own calls one at a time (eval mode: no
+    dropout; the same hard negatives from the same seed). Tolerance 1e-5: fp32 matmuls over
+    batches of other sizes sum in other orders."""
+    torch.manual_seed(0)
+    model = MuLTI(model_config("tiny")).eval()
+    batch = make_batch(b=4, length=12)
+    batch["mcm_input_ids"] = batch["mcm_input_ids"][..., :9]  # options shorter than captions: padded
+    batch["mcm_attention_mask"] = batch["mcm_attention_mask"][..., :9]
+    torch.manual_seed(1)
+    out = PretrainLoss(LossConfig())(model, batch)
+
+    torch.manual_seed(1)
+    video = model.encode_video(batch["video"])
+    text = model.encode_text(batch["input_ids"], batch["attention_mask"])
+    fp = caption_ids(batch["input_ids"], batch["attention_mask"])
+    vtc, t2v, _ = vtc_loss(text.embed, video.embed, model.logit_scale, fp)
+    same = fp[:, None] == fp[None, :]
+    neg_text = sample_hard_negatives(t2v.detach().t(), same.t())
+    neg_video = sample_hard_negatives(t2v.detach(), same)
+    assert (neg_text >= 0).all() and (neg_video >= 0).all()
+    pos_neg = model.fuse(text.select(torch.stack([torch.arange(4), neg_text], 1).flatten()), video, groups=2).cls
+    neg = model.fuse(text, video.select(neg_video)).cls
+    vtm_logits = model.vtm_head(torch.cat([pos_neg.view(4, 2, -1)[:, 0], pos_neg.view(4, 2, -1)[:, 1], neg]))
+    vtm = torch.nn.functional.cross_entropy(vtm_logits, torch.tensor([1] * 4 + [0] * 8))
+    masked = model.fuse(model.encode_text(batch["mlm_input_ids"], batch["attention_mask"]), video)
+    chosen = batch["mlm_labels"].ne(-100)
+    mlm = torch.nn.functional.cross_entropy(model.mlm_head(masked.text_states[chosen]), batch["mlm_labels"][chosen])
+    mcm_logits = model.mcm_logits(video, batch["mcm_input_ids"], batch["mcm_attention_mask"])
+    mcm = torch.nn.functional.cross_entropy(mcm_logits, batch["mcm_answer"])
+
+    for name, expected in (("vtc", vtc), ("vtm", vtm), ("mlm", mlm), ("mcm", mcm)):
+        got = out[f"loss_{name}"]
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=name)
+        model.zero_grad()
+        got.backward(retain_graph=True)
+        g1 = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
+        model.zero_grad()
+        expected.backward(retain_graph=True)
+        g2 = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
+        for a, b in zip(g1, g2):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
