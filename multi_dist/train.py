@@ -102,6 +102,10 @@ class TrainConfig:
     """Cap on validation batches per rank (0: the whole validation set)."""
     on_nan: Literal["stop", "skip"] = "stop"
     """A non-finite loss: stop with an error naming the step, or skip that batch (no update)."""
+    compile: bool = False
+    """``torch.compile`` each transformer layer (see ``MuLTI.compile_layers``): the first steps
+    compile (about a minute on CPU), later ones run each layer's elementwise work in fused kernels. On CPU the
+    small presets gain nothing (their step is not launch-bound)."""
     resume: bool = True
     """Continue from the latest complete checkpoint in ``run_dir/checkpoints`` when there is one."""
     init: str = ""
@@ -298,6 +302,8 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, float]], None] | No
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = _build_model(cfg, task)
+    if cfg.compile:
+        model.compile_layers()
     task_state = {"task": task.name, "vocab": task.vocab}
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
