@@ -41,6 +41,7 @@ from .evaluate import (
 from .metrics import MetricLogger, WandbConfig
 from .model.multi import ModelConfig, MuLTI, read_config
 from .objectives import LossConfig
+from .profile import ProfileConfig, StepProfiler
 from .tasks import EvalContext, Task, TaskConfig, make_task, task_class
 
 log = logging.getLogger("multi_dist.train")
@@ -124,6 +125,8 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     zero: ZeroConfig = field(default_factory=ZeroConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
+    """``profile.start=N``: trace steps N.. with ``torch.profiler`` (see :mod:`multi_dist.profile`)."""
 
     def validate(self) -> None:
         for name in ("steps", "grad_accum", "log_every", "ckpt_every", "keep_checkpoints"):
@@ -344,11 +347,13 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, float]], None] | No
         if on_log is not None:
             on_log(step, metrics)
 
+    profiler = StepProfiler(cfg.profile, run_dir, rank, device)
     window: dict[str, list[torch.Tensor]] = {}
     t_window, wait_window, steps_window, frames_window = time.perf_counter(), 0.0, 0, 0
     try:
         while state.step < cfg.steps:
             engine.train()
+            profiler.before(state.step + 1)
             for _ in range(cfg.grad_accum):
                 t0 = time.perf_counter()
                 batch = next(batches, None)
@@ -379,6 +384,7 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, float]], None] | No
                         window.setdefault(k, []).append(v.detach())  # read at log steps: no wait here
             state.step += 1
             state.samples += global_batch
+            profiler.after(state.step)
             steps_window += 1
             if not state.first_losses and window:
                 state.first_losses = {k: float(v[0]) for k, v in window.items() if k.startswith("loss")}
@@ -442,6 +448,7 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, float]], None] | No
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         return summary
     finally:
+        profiler.close()
         logger.close()
 
 

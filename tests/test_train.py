@@ -109,7 +109,7 @@ def test_zero3_two_processes_learn_and_export(zero3_run: Path) -> None:
     _assert_learns(zero3_run)
 
 
-def test_zero2_two_processes_learn_with_wandb_offline(corpus: Path, tmp_path: Path) -> None:
+def test_zero2_two_processes_learn_with_wandb_offline_and_a_profile(corpus: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     env_dirs = {k: str(tmp_path / "wandb") for k in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR")}
     os.environ.update(env_dirs)
@@ -124,6 +124,8 @@ def test_zero2_two_processes_learn_with_wandb_offline(corpus: Path, tmp_path: Pa
                 "log_every=1",
                 "ckpt_every=40",
                 "wandb.mode=offline",
+                "profile.start=5",
+                "profile.steps=2",
             ),
         )
     finally:
@@ -133,6 +135,17 @@ def test_zero2_two_processes_learn_with_wandb_offline(corpus: Path, tmp_path: Pa
     _assert_learns(run)
     assert "step 40/40 | loss" in proc.stdout  # the progress line
     assert list((run / "wandb").rglob("offline-run-*")), "wandb wrote no offline run"
+    assert "profile: steps 5-6" in proc.stdout
+    for rank in (0, 1):  # every rank traces its own steps 5 and 6
+        summary = json.loads((run / "profile" / f"summary_rank{rank}.json").read_text())
+        assert (summary["first_step"], summary["last_step"], summary["rank"]) == (5, 6, rank)
+        assert 0 < summary["wall_s_per_step"] < 60 and summary["host_ops_per_step"] > 100
+        names = {op["name"] for op in summary["top_ops"]}
+        assert names & {"aten::mm", "aten::addmm", "aten::bmm"}, names  # the matmuls are among the top
+        shares = [op["share"] for op in summary["top_ops"]]
+        assert len(shares) == 15 and shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1 + 1e-9
+        trace = json.loads((run / "profile" / f"trace_rank{rank}.json").read_text())
+        assert any(e.get("name") == "aten::mm" for e in trace["traceEvents"])
 
 
 def test_zero_to_fp32_conversion_loads_into_the_model(zero3_run: Path, tmp_path: Path) -> None:

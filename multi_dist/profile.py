@@ -1,0 +1,141 @@
+"""Profiling a few training steps: ``profile.start=N profile.steps=K`` in a training config.
+
+Steps ``N .. N+K-1`` run under ``torch.profiler`` on every rank. Each rank writes, under
+``run_dir/profile/``:
+
+- ``trace_rank<r>.json``: the Chrome trace (open it in Perfetto or ``chrome://tracing``);
+- ``summary_rank<r>.json``: wall time per step, the device's busy fraction (the union of GPU
+  kernel intervals over the wall time: below 1, the GPU waited for the host: launches, syncs,
+  data), kernels and host ops per step, and the top operators by self time.
+
+The figure that tells a launch-bound step from a compute-bound one is ``device_busy``: a step
+whose kernels cover 30% of its wall time gains nothing from faster kernels and everything from
+fewer launches (larger batches, ``compile``, fused passes).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+@dataclass
+class ProfileConfig:
+    start: int = 0
+    """First profiled step (1-based; 0: no profiling). Leave a few warm-up steps before it."""
+    steps: int = 3
+    """Steps profiled."""
+    top: int = 15
+    """Operators listed in the summary, by self time."""
+
+    def validate(self) -> None:
+        if self.start < 0:
+            raise ValueError(f"start must be >= 0, got {self.start}")
+        if self.steps <= 0 or self.top <= 0:
+            raise ValueError("steps and top must be positive")
+
+
+class StepProfiler:
+    """Call :meth:`before` with the step about to run and :meth:`after` with the step just done."""
+
+    def __init__(self, cfg: ProfileConfig, run_dir: Path, rank: int, device: torch.device) -> None:
+        self.cfg = cfg
+        self.folder = run_dir / "profile"
+        self.rank = rank
+        self.cuda = device.type == "cuda"
+        self._prof: Any = None
+        self._t0 = 0.0
+        self.summary: dict[str, Any] | None = None
+
+    @property
+    def last(self) -> int:
+        return self.cfg.start + self.cfg.steps - 1
+
+    def before(self, step: int) -> None:
+        if self.cfg.start == 0 or step != self.cfg.start:
+            return
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
+        self._sync()
+        self._prof = profile(activities=activities, record_shapes=False)
+        self._prof.__enter__()
+        self._t0 = time.perf_counter()
+
+    def after(self, step: int) -> None:
+        if self._prof is None or step != self.last:
+            return
+        self._sync()
+        wall = time.perf_counter() - self._t0
+        prof, self._prof = self._prof, None
+        prof.__exit__(None, None, None)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(self.folder / f"trace_rank{self.rank}.json"))
+        self.summary = summarize(prof, wall, self.cfg.steps, self.cuda, self.cfg.top)
+        self.summary.update(first_step=self.cfg.start, last_step=self.last, rank=self.rank)
+        (self.folder / f"summary_rank{self.rank}.json").write_text(json.dumps(self.summary, indent=1))
+        if self.rank == 0:
+            busy = self.summary.get("device_busy")
+            print(
+                f"profile: steps {self.cfg.start}-{self.last}, {self.summary['wall_s_per_step']:.3f} s/step"
+                + (f", GPU busy {busy:.0%}" if busy is not None else "")
+                + f", {self.summary['host_ops_per_step']:.0f} host ops/step -> {self.folder}",
+                flush=True,
+            )
+
+    def close(self) -> None:
+        """Stop a profile the loop left early (an error, a stop request): nothing is written."""
+        if self._prof is not None:
+            self._prof.__exit__(None, None, None)
+            self._prof = None
+
+    def _sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+
+def summarize(prof: Any, wall_s: float, steps: int, cuda: bool, top: int) -> dict[str, Any]:
+    """The figures of :mod:`multi_dist.profile`'s summary from a finished ``torch.profiler`` run."""
+    from torch.autograd import DeviceType
+
+    events = prof.events()
+    host_ops = sum(1 for e in events if e.device_type == DeviceType.CPU and e.name.startswith("aten::"))
+    out: dict[str, Any] = {
+        "steps": steps,
+        "wall_s_per_step": wall_s / steps,
+        "host_ops_per_step": host_ops / steps,
+    }
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    if cuda:
+        kernels = sorted((e.time_range.start, e.time_range.end) for e in events if e.device_type == DeviceType.CUDA)
+        out["kernels_per_step"] = len(kernels) / steps
+        out["device_busy"] = _union_us(kernels) / 1e6 / wall_s
+    averages = [a for a in prof.key_averages() if getattr(a, key) > 0]
+    averages.sort(key=lambda a: getattr(a, key), reverse=True)
+    total = sum(getattr(a, key) for a in averages) or 1
+    out["top_ops"] = [
+        {
+            "name": a.key,
+            "calls_per_step": a.count / steps,
+            "self_ms_per_step": getattr(a, key) / 1e3 / steps,
+            "share": getattr(a, key) / total,
+        }
+        for a in averages[:top]
+    ]
+    return out
+
+
+def _union_us(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of sorted ``(start, end)`` intervals (kernels of several streams overlap)."""
+    covered, end = 0.0, float("-inf")
+    for s, e in intervals:
+        if e <= end:
+            continue
+        covered += e - max(s, end)
+        end = e
+    return covered
