@@ -361,6 +361,7 @@ def step_memory(spec: dict[str, Any], fake: bool) -> dict[str, Any]:
         "static_bytes": nbytes(static),
         "batch_bytes": nbytes(list(batch.values())),
         "step_peak_bytes": mem.peak,
+        "ops_per_step": mem.ops,
         "losses": losses,
     }
 

@@ -25,12 +25,16 @@ class LiveBytes(TorchDispatchMode):
     Counts storages that ops create while the mode is active (autograd's backward included: the
     mode travels with it). Storages of the tensors in ``exclude`` (weights, optimizer state, the
     batch: what exists before) are never counted, even when an in-place op returns them.
-    ``reset_peak()`` starts a new peak from what is live now."""
+    ``reset_peak()`` starts a new peak from what is live now.
+
+    ``ops`` counts the ops dispatched meanwhile, views and metadata queries left out: about the
+    kernels the same work launches on a GPU (eager mode), the bound of a launch-bound step."""
 
     def __init__(self, exclude: Iterable[torch.Tensor] = ()) -> None:
         super().__init__()
         self.live = 0
         self.peak = 0
+        self.ops = 0
         self._known: weakref.WeakSet[Any] = weakref.WeakSet()
         for t in exclude:
             self._known.add(t.untyped_storage())
@@ -43,6 +47,8 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         out = func(*args, **(kwargs or {}))
+        if func.namespace != "prim" and not func.is_view:
+            self.ops += 1
         for t in tree_leaves(out):
             if not isinstance(t, torch.Tensor):
                 continue

@@ -26,6 +26,7 @@ def test_live_bytes_counts_what_is_created_and_freed() -> None:
         mem.reset_peak()
         e = torch.empty(10, dtype=torch.int8)
     assert (mem.live, mem.peak) == (10, 10) and e.numel() == 10
+    assert mem.ops == 4  # three allocations and one add: the view is not an op that launches work
 
 
 def test_the_fake_tensor_estimate_matches_a_real_step() -> None:
@@ -48,3 +49,4 @@ def test_the_fake_tensor_estimate_matches_a_real_step() -> None:
     assert est["status"] == "ok" and est["losses"] == real["losses"] == ["mcm", "mlm", "vtc", "vtm"]
     assert abs(est["step_peak_bytes"] - real["step_peak_bytes"]) <= 0.02 * real["step_peak_bytes"], (real, est)
     assert (est["static_bytes"], est["batch_bytes"]) == (real["static_bytes"], real["batch_bytes"])
+    assert est["ops_per_step"] == real["ops_per_step"] > 1000  # the same ops dispatched, fake or real
