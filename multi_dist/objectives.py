@@ -128,7 +128,8 @@ class PretrainLoss(nn.Module):
         hard-negative captions, the masked captions, the options: G texts per clip, the sampler
         reading each clip's long sequence once for all G); only VTM's hard-negative clips need a
         second fusion pass. Each row is computed as it would be alone; fewer, larger passes
-        launch half the kernels (at small batches a GPU step waits on its launches)."""
+        launch half the kernels (at small batches a GPU step waits on its launches). The dense
+        baseline (``fusion.sampler: none``) fuses one pass per objective instead."""
         cfg = self.cfg
         video = model.encode_video(batch["video"], batch.get("frame_mask"), batch.get("frame_index"))
         ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -138,7 +139,15 @@ class PretrainLoss(nn.Module):
         if mcm:
             options = batch["mcm_input_ids"].shape[1]
             parts.append((batch["mcm_input_ids"].flatten(0, 1), batch["mcm_attention_mask"].flatten(0, 1)))
-        mlm_index = self._mlm_index(model, batch, max(p[0].shape[1] for p in parts))
+        lengths = [p[0].shape[1] for p in parts]
+        fc = model.cfg.fusion
+        if len(set(lengths)) > 1 and fc.sampler != "none" and max(lengths) > fc.text_tokens:
+            # padded rows would be condensed with their padding: not what each computes alone
+            raise ValueError(
+                f"captions ({lengths[0]} tokens) and MCM options ({lengths[1]} tokens) must have one "
+                f"length when longer than fusion.text_tokens={fc.text_tokens} (data.max_text_len pads both)"
+            )
+        mlm_index = self._mlm_index(model, batch, lengths[0])
         if mlm_index is not None:
             parts.insert(1, (batch["mlm_input_ids"], mask))
         texts = model.encode_text(*_stack_rows(parts))  # rows: captions, [masked], [options]
@@ -172,10 +181,12 @@ class PretrainLoss(nn.Module):
         if not slots:
             out["loss"], out["objective"] = total, total + extra
             return out
-        rows = torch.cat(slots, 1)
-        g = rows.shape[1]
-        fused = model.fuse(texts.select(rows.flatten()), video, groups=g)
-        cls = fused.cls.view(b, g, -1)
+        # dense concat (the benchmark's baseline) fuses every video token of a clip in each row:
+        # one pass per objective, as a dense model would, bounds the transient memory of a pass
+        passes = slots if model.cfg.fusion.sampler == "none" else [torch.cat(slots, 1)]
+        fused = [model.fuse(texts.select(rows.flatten()), video, groups=rows.shape[1]) for rows in passes]
+        n_text = fused[0].n_text
+        cls = torch.cat([f.cls.view(b, r.shape[1], -1) for f, r in zip(fused, passes)], 1)  # (b, G, D)
         col = 0
         if vtm:
             neg = model.fuse(text, video.select(torch.where(neg_video >= 0, neg_video, idx))).cls
@@ -184,7 +195,8 @@ class PretrainLoss(nn.Module):
             col = 2
         if mlm_index is not None:
             labels = batch["mlm_labels"]
-            states = fused.text_states.view(b, g, fused.n_text, -1)[:, col, : labels.shape[1]]
+            states = torch.cat([f.text_states.view(b, r.shape[1], n_text, -1) for f, r in zip(fused, passes)], 1)
+            states = states[:, col, : labels.shape[1]]
             logits = model.mlm_head(states.flatten(0, 1)[mlm_index])
             target = labels.flatten()[mlm_index]
             out["loss_mlm"] = F.cross_entropy(logits.float(), target)

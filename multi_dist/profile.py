@@ -110,12 +110,17 @@ def summarize(prof: Any, wall_s: float, steps: int, cuda: bool, top: int) -> dic
         "wall_s_per_step": wall_s / steps,
         "host_ops_per_step": host_ops / steps,
     }
+
+    def kernel(e: Any) -> bool:  # GPU activity that is not a user annotation (a whole range, gaps included)
+        return e.device_type == DeviceType.CUDA and not e.is_user_annotation
+
+    # the top: kernels by their GPU time on CUDA (each kernel once, under its own name), else host ops
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
     if cuda:
-        kernels = sorted((e.time_range.start, e.time_range.end) for e in events if e.device_type == DeviceType.CUDA)
+        kernels = sorted((e.time_range.start, e.time_range.end) for e in events if kernel(e))
         out["kernels_per_step"] = len(kernels) / steps
         out["device_busy"] = _union_us(kernels) / 1e6 / wall_s
-    averages = [a for a in prof.key_averages() if getattr(a, key) > 0]
+    averages = [a for a in prof.key_averages() if getattr(a, key) > 0 and (kernel(a) or not cuda)]
     averages.sort(key=lambda a: getattr(a, key), reverse=True)
     total = sum(getattr(a, key) for a in averages) or 1
     out["top_ops"] = [

@@ -298,7 +298,13 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, float]], None] | No
     vocab = _task_vocab(cfg.task, run_dir, [c.path for c in cfg.data.corpus_configs()])
     task = make_task(cfg.task, vocab, cfg.seed, loss=cfg.loss)
     # fails here, named, on missing or unfit shards
-    stream = VideoTextStream(task.data_config(cfg.data, training=True), rank, world, task.collate_fn(training=True))
+    stream = VideoTextStream(
+        task.data_config(cfg.data, training=True),
+        rank,
+        world,
+        task.collate_fn(training=True),
+        pin_memory=device.type == "cuda",
+    )
     val_cfg = _val_config(cfg, task)
     if val_cfg is not None:
         VideoTextStream(val_cfg, rank, world)  # the same checks for the validation set, before training

@@ -245,17 +245,19 @@ def test_the_pretraining_step_never_waits_for_the_device() -> None:
     assert all(p.grad is not None for p in model.fusion.parameters())
 
 
-def test_one_pass_step_equals_the_objectives_computed_apart() -> None:
+@pytest.mark.parametrize(("sampler", "option_length"), [("multiway", 9), ("multiway", 14), ("none", 9)])
+def test_one_pass_step_equals_the_objectives_computed_apart(sampler: str, option_length: int) -> None:
     """The step encodes every text in one pass and fuses every text with its own clip in one
     pass (G = 2 VTM + 1 MLM + 4 MCM texts per clip). Each loss and its gradient equal the same
     objective computed the plain way, with the model's own calls one at a time (eval mode: no
     dropout; the same hard negatives from the same seed). Tolerance 1e-5: fp32 matmuls over
     batches of other sizes sum in other orders."""
     torch.manual_seed(0)
-    model = MuLTI(model_config("tiny")).eval()
+    model = MuLTI(model_config("tiny", fusion={"sampler": sampler})).eval()  # dense: a pass per objective
     batch = make_batch(b=4, length=12)
-    batch["mcm_input_ids"] = batch["mcm_input_ids"][..., :9]  # options shorter than captions: padded
-    batch["mcm_attention_mask"] = batch["mcm_attention_mask"][..., :9]
+    # options of another length than the 12-token captions: the shorter ones are padded
+    batch["mcm_input_ids"] = torch.randint(1000, 2000, (4, 4, option_length))
+    batch["mcm_attention_mask"] = torch.ones(4, 4, option_length, dtype=torch.long)
     torch.manual_seed(1)
     out = PretrainLoss(LossConfig())(model, batch)
 
@@ -289,3 +291,14 @@ def test_one_pass_step_equals_the_objectives_computed_apart() -> None:
         g2 = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
         for a, b in zip(g1, g2):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_texts_of_two_lengths_that_would_be_condensed_are_refused() -> None:
+    """Above ``fusion.text_tokens`` the sampler condenses text in blocks of the padded length, so
+    a caption padded to the options' length would not compute what it computes alone."""
+    model = MuLTI(model_config("tiny"))  # text_tokens 16
+    batch = make_batch(b=2, length=12)
+    batch["mcm_input_ids"] = torch.randint(1000, 2000, (2, 4, 20))
+    batch["mcm_attention_mask"] = torch.ones(2, 4, 20, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"captions \(12 tokens\) and MCM options \(20 tokens\).*text_tokens=16"):
+        PretrainLoss(LossConfig())(model, batch)

@@ -197,7 +197,8 @@ def run_evaluation(
 
     was_training = model.training
     model.eval()
-    stream = iter(VideoTextStream(data, ctx.rank, ctx.world, task.collate_fn(training=False)))
+    pin = ctx.device.type == "cuda"
+    stream = iter(VideoTextStream(data, ctx.rank, ctx.world, task.collate_fn(training=False), pin_memory=pin))
     records: list[dict[str, Any]] = []
     local: dict[str, Any] = {}
     last = None
