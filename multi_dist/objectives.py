@@ -140,12 +140,12 @@ class PretrainLoss(nn.Module):
             options = batch["mcm_input_ids"].shape[1]
             parts.append((batch["mcm_input_ids"].flatten(0, 1), batch["mcm_attention_mask"].flatten(0, 1)))
         lengths = [p[0].shape[1] for p in parts]
-        fc = model.cfg.fusion
-        if len(set(lengths)) > 1 and fc.sampler != "none" and max(lengths) > fc.text_tokens:
+        if len(set(lengths)) > 1 and model.condenses_text(max(lengths)):
             # padded rows would be condensed with their padding: not what each computes alone
             raise ValueError(
                 f"captions ({lengths[0]} tokens) and MCM options ({lengths[1]} tokens) must have one "
-                f"length when longer than fusion.text_tokens={fc.text_tokens} (data.max_text_len pads both)"
+                f"length when longer than fusion.text_tokens={model.cfg.fusion.text_tokens} "
+                "(data.max_text_len pads both)"
             )
         mlm_index = self._mlm_index(model, batch, lengths[0])
         if mlm_index is not None:
@@ -240,10 +240,7 @@ class PretrainLoss(nn.Module):
         """The masked positions (flat over the captions), or None when MLM does not run: weight 0,
         no masked captions, nothing masked, or text of ``length`` that the sampler condenses (no
         per-token positions left to predict)."""
-        if self.cfg.mlm == 0 or "mlm_input_ids" not in batch:
-            return None
-        fc = model.cfg.fusion
-        if fc.sampler != "none" and length > fc.text_tokens:
+        if self.cfg.mlm == 0 or "mlm_input_ids" not in batch or model.condenses_text(length):
             return None
         index = batch.get("mlm_index")  # found on the host by to_device
         if index is None:

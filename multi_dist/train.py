@@ -105,8 +105,8 @@ class TrainConfig:
     """A non-finite loss: stop with an error naming the step, or skip that batch (no update)."""
     compile: bool = False
     """``torch.compile`` each transformer layer (see ``MuLTI.compile_layers``): the first steps
-    compile (about a minute on CPU), later ones run each layer's elementwise work in fused kernels. On CPU the
-    small presets gain nothing (their step is not launch-bound)."""
+    compile (about a minute on CPU), later ones run each layer's elementwise work in fused
+    kernels. Meant for GPUs."""
     resume: bool = True
     """Continue from the latest complete checkpoint in ``run_dir/checkpoints`` when there is one."""
     init: str = ""

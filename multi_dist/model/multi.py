@@ -226,10 +226,13 @@ class MuLTI(nn.Module):
         return TextOutput(tokens, attention_mask.bool(), F.normalize(self.vtc_text(h[:, 0]), dim=-1), tokens[:, 0])
 
     # -- the sampler and the fusion -------------------------------------------------------------
+    def condenses_text(self, length: int) -> bool:
+        """Whether the fusion condenses text of ``length`` tokens (longer than K_t, with a sampler)."""
+        return self.cfg.fusion.sampler != "none" and length > self.cfg.fusion.text_tokens
+
     def condense_text(self, text: TextOutput) -> tuple[torch.Tensor, torch.Tensor]:
         """Text longer than K_t -> [CLS ; K_t pooled tokens]; shorter text passes whole."""
-        k = self.cfg.fusion.text_tokens
-        if text.tokens.shape[1] <= k or self.cfg.fusion.sampler == "none":
+        if not self.condenses_text(text.tokens.shape[1]):
             return text.tokens, text.mask
         b = text.tokens.shape[0]
         guide = self.text_query.to(text.tokens.dtype).expand(b, 1, -1)
