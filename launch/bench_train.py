@@ -82,6 +82,14 @@ def run_pretrain(nproc: int, overrides: list[str], run_dir: Path, timeout: float
     }
 
 
+def print_profile(r: dict[str, Any]) -> None:
+    """The run's profiled steps in a line: where the host's time went, and on CUDA the GPU's."""
+    from multi_dist.profile import describe
+
+    if r.get("profile"):
+        print("    " + describe(r["profile"]), flush=True)
+
+
 def cpu_grid(args: argparse.Namespace, out_dir: Path) -> list[dict[str, Any]]:
     corpus = Path(args.corpus)
     if not (corpus / "train" / "sizes.json").is_file():
@@ -117,6 +125,7 @@ def cpu_grid(args: argparse.Namespace, out_dir: Path) -> list[dict[str, Any]]:
                     ),
                     flush=True,
                 )
+                print_profile(r)
     for r in results:
         ref = next(x for x in results if x["preset"] == r["preset"] and x["zero"] == 1 and x["nproc"] == 1)
         if "error" not in r and "error" not in ref:
@@ -219,6 +228,7 @@ def cuda_grid(args: argparse.Namespace, out_dir: Path) -> tuple[list[dict[str, A
             r["speed_vs_first"] = r["clips_per_s"] / first["clips_per_s"]
         results.append(r)
         print(f"[{i + 1}/{len(grid)}] {tag}: " + json.dumps({k: v for k, v in r.items() if k != "profile"}), flush=True)
+        print_profile(r)
     info = {"device": name, "matmul_peak_tflops": peak / 1e12, "nominal_tflops": (nominal or 0) / 1e12}
     return results, info
 

@@ -6,11 +6,18 @@ Steps ``N .. N+K-1`` run under ``torch.profiler`` on every rank. Each rank write
 - ``trace_rank<r>.json``: the Chrome trace (open it in Perfetto or ``chrome://tracing``);
 - ``summary_rank<r>.json``: wall time per step, the device's busy fraction (the union of GPU
   kernel intervals over the wall time: below 1, the GPU waited for the host: launches, syncs,
-  data), kernels and host ops per step, and the top operators by self time.
+  data), kernels and host ops per step, the host's time per phase of the step, on a GPU the
+  host's time in kernel launches and in waits for the GPU, and the top operators by self time.
 
 The figure that tells a launch-bound step from a compute-bound one is ``device_busy``: a step
 whose kernels cover 30% of its wall time gains nothing from faster kernels and everything from
-fewer launches (larger batches, ``compile``, fused passes).
+fewer launches (larger batches, ``compile``, fused passes). The phases say where the host's time
+went (``phase_ms_per_step``: ``data``, ``forward``, ``nan_check``, ``backward``, ``optimizer``, and
+``other``, the rest of the wall time: logging, checkpoints). The GPU runs behind the host, so on a
+GPU a phase's time is the host's: dispatching its ops, or waiting. ``nan_check`` is where the
+step waits for its forward to finish on the GPU: a long one means the host got far ahead (the
+GPU is the bottleneck); a short one with a low ``device_busy`` means the host could not keep the
+GPU fed. ``cuda_wait_ms_per_step`` sums all such waits (synchronizations, blocking copies).
 """
 
 from __future__ import annotations
@@ -38,6 +45,19 @@ class ProfileConfig:
             raise ValueError(f"start must be >= 0, got {self.start}")
         if self.steps <= 0 or self.top <= 0:
             raise ValueError("steps and top must be positive")
+
+
+PHASES = ("data", "forward", "nan_check", "backward", "optimizer")
+_PHASE = "phase/"
+# CUDA runtime calls by what the host does in them (driver-API names included)
+_LAUNCH = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx", "cudaGraphLaunch")
+_WAIT = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy", "cuStreamSynchronize")
+
+
+def phase(name: str) -> Any:
+    """A context manager marking one phase of the training step (one of :data:`PHASES`) in the
+    profile; a few microseconds when no profiler runs."""
+    return torch.profiler.record_function(_PHASE + name)
 
 
 class StepProfiler:
@@ -80,13 +100,7 @@ class StepProfiler:
         self.summary.update(first_step=self.cfg.start, last_step=self.last, rank=self.rank)
         (self.folder / f"summary_rank{self.rank}.json").write_text(json.dumps(self.summary, indent=1))
         if self.rank == 0:
-            busy = self.summary.get("device_busy")
-            print(
-                f"profile: steps {self.cfg.start}-{self.last}, {self.summary['wall_s_per_step']:.3f} s/step"
-                + (f", GPU busy {busy:.0%}" if busy is not None else "")
-                + f", {self.summary['host_ops_per_step']:.0f} host ops/step -> {self.folder}",
-                flush=True,
-            )
+            print(describe(self.summary) + f" -> {self.folder}", flush=True)
 
     def close(self) -> None:
         """Stop a profile the loop left early (an error, a stop request): nothing is written."""
@@ -110,6 +124,19 @@ def summarize(prof: Any, wall_s: float, steps: int, cuda: bool, top: int) -> dic
         "wall_s_per_step": wall_s / steps,
         "host_ops_per_step": host_ops / steps,
     }
+    host = [e for e in events if e.device_type == DeviceType.CPU]
+    phases = {name: 0.0 for name in PHASES}
+    for e in host:
+        if e.name.startswith(_PHASE) and e.name[len(_PHASE) :] in phases:
+            phases[e.name[len(_PHASE) :]] += (e.time_range.end - e.time_range.start) / 1e3 / steps
+    phases["other"] = max(0.0, wall_s * 1e3 / steps - sum(phases.values()))
+    out["phase_ms_per_step"] = phases
+    if cuda:
+        launches = [e for e in host if e.name in _LAUNCH]
+        out["launches_per_step"] = len(launches) / steps
+        out["cuda_launch_ms_per_step"] = sum(e.time_range.end - e.time_range.start for e in launches) / 1e3 / steps
+        waits = (e.time_range.end - e.time_range.start for e in host if e.name in _WAIT)
+        out["cuda_wait_ms_per_step"] = sum(waits) / 1e3 / steps
 
     def kernel(e: Any) -> bool:  # GPU activity that is not a user annotation (a whole range, gaps included)
         return e.device_type == DeviceType.CUDA and not e.is_user_annotation
@@ -120,7 +147,9 @@ def summarize(prof: Any, wall_s: float, steps: int, cuda: bool, top: int) -> dic
         kernels = sorted((e.time_range.start, e.time_range.end) for e in events if kernel(e))
         out["kernels_per_step"] = len(kernels) / steps
         out["device_busy"] = _union_us(kernels) / 1e6 / wall_s
-    averages = [a for a in prof.key_averages() if getattr(a, key) > 0 and (kernel(a) or not cuda)]
+    averages = [  # operators only: no annotations (the loop's phases, the optimizer's step)
+        a for a in prof.key_averages() if getattr(a, key) > 0 and not a.is_user_annotation and (kernel(a) or not cuda)
+    ]
     averages.sort(key=lambda a: getattr(a, key), reverse=True)
     total = sum(getattr(a, key) for a in averages) or 1
     out["top_ops"] = [
@@ -144,3 +173,17 @@ def _union_us(intervals: list[tuple[float, float]]) -> float:
         covered += e - max(s, end)
         end = e
     return covered
+
+
+def describe(summary: dict[str, Any]) -> str:
+    """One line of a summary: time per step, the phases that took it, the GPU's busy share."""
+    phases = ", ".join(f"{k} {v:.0f}" for k, v in summary["phase_ms_per_step"].items())
+    busy = summary.get("device_busy")
+    line = (
+        f"profile: steps {summary.get('first_step', '?')}-{summary.get('last_step', '?')}, "
+        f"{summary['wall_s_per_step'] * 1e3:.0f} ms/step ({phases} ms)"
+    )
+    if busy is not None:
+        line += f", GPU busy {busy:.0%}, waits for it {summary['cuda_wait_ms_per_step']:.0f} ms/step"
+        line += f", {summary['launches_per_step']:.0f} launches/step"
+    return line + f", {summary['host_ops_per_step']:.0f} host ops/step"

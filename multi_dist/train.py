@@ -41,7 +41,7 @@ from .evaluate import (
 from .metrics import MetricLogger, WandbConfig
 from .model.multi import ModelConfig, MuLTI, read_config
 from .objectives import LossConfig
-from .profile import ProfileConfig, StepProfiler
+from .profile import ProfileConfig, StepProfiler, phase
 from .tasks import EvalContext, Task, TaskConfig, make_task, task_class
 
 log = logging.getLogger("multi_dist.train")
@@ -362,29 +362,35 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, float]], None] | No
             profiler.before(state.step + 1)
             for _ in range(cfg.grad_accum):
                 t0 = time.perf_counter()
-                batch = next(batches, None)
-                if batch is None:  # the epoch ended: the stream moves on to the next one
-                    batches = iter(stream)
-                    batch = next(batches)
+                with phase("data"):
+                    batch = next(batches, None)
+                    if batch is None:  # the epoch ended: the stream moves on to the next one
+                        batches = iter(stream)
+                        batch = next(batches)
                 wait_window += time.perf_counter() - t0
                 mask = batch.get("frame_mask")  # real frames only (images and short clips are padded)
                 frames_window += (
                     int(mask.sum()) if mask is not None else batch["video"].shape[0] * batch["video"].shape[1]
                 )
-                out = engine(to_device(batch, device, bf16), task.loss)
+                with phase("forward"):
+                    out = engine(to_device(batch, device, bf16), task.loss)
                 loss = out["loss"]
-                finite = torch.isfinite(loss.detach()).float()
-                if world > 1:
-                    dist_.all_reduce(finite, op=dist_.ReduceOp.MIN)
-                if finite.item() < 1:
+                with phase("nan_check"):  # the step's one wait for the GPU: until its forward is done
+                    finite = torch.isfinite(loss.detach()).float()
+                    if world > 1:
+                        dist_.all_reduce(finite, op=dist_.ReduceOp.MIN)
+                    finite = finite.item()
+                if finite < 1:
                     msg = f"non-finite loss at step {state.step + 1} (rank {rank}: {float(loss):.4g})"
                     if cfg.on_nan == "stop":
                         raise FloatingPointError(msg + "; set on_nan=skip to skip such batches")
                     log.warning("%s: skipping the batch", msg)
                     state.skipped_steps += 1
                     continue
-                engine.backward(out["objective"])
-                engine.step()
+                with phase("backward"):
+                    engine.backward(out["objective"])
+                with phase("optimizer"):
+                    engine.step()
                 for k, v in out.items():
                     if k != "objective":
                         window.setdefault(k, []).append(v.detach())  # read at log steps: no wait here

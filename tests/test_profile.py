@@ -4,7 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from multi_dist.profile import _union_us, summarize
+from multi_dist.profile import PHASES, _union_us, describe, summarize
 
 
 @pytest.mark.parametrize(
@@ -65,3 +65,50 @@ def test_gpu_summary_counts_kernels_not_annotations() -> None:
     assert out["kernels_per_step"] == 1.5 and out["host_ops_per_step"] == 1.5
     assert [op["name"] for op in out["top_ops"]] == ["gemm_kernel", "gemm_kernel", "add_kernel"]
     assert sum(op["share"] for op in out["top_ops"]) == pytest.approx(1.0)
+
+
+def test_phases_launches_and_waits_from_the_host_timeline() -> None:
+    """Two steps over 10 ms of wall time. The loop's phase annotations give the host's time per
+    phase (summed over steps, per step), the rest of the wall time is ``other``; CUDA runtime calls
+    give the launches and the time the host sat waiting for the GPU (a stream synchronization
+    inside ``nan_check``, a blocking copy); an annotation of another name is no phase."""
+    prof = _Profile(
+        [
+            _Event("phase/data", "cpu", 0, 100, annotation=True),
+            _Event("phase/forward", "cpu", 100, 2100, annotation=True),
+            _Event("cudaLaunchKernel", "cpu", 200, 210),
+            _Event("cuLaunchKernel", "cpu", 300, 320),
+            _Event("phase/nan_check", "cpu", 2100, 3100, annotation=True),
+            _Event("cudaStreamSynchronize", "cpu", 2150, 3050),
+            _Event("phase/backward", "cpu", 3100, 4100, annotation=True),
+            _Event("phase/optimizer", "cpu", 4100, 4500, annotation=True),
+            _Event("phase/data", "cpu", 5000, 5300, annotation=True),
+            _Event("phase/forward", "cpu", 5300, 7300, annotation=True),
+            _Event("cudaMemcpy", "cpu", 7400, 7500),
+            _Event("my_region", "cpu", 0, 9000, annotation=True),
+            _Event("gemm_kernel", "cuda", 1000, 6000),
+        ]
+    )
+    out = summarize(prof, wall_s=10e-3, steps=2, cuda=True, top=5)
+    phases = out["phase_ms_per_step"]
+    assert list(phases) == [*PHASES, "other"]
+    assert phases == pytest.approx(
+        {"data": 0.2, "forward": 2.0, "nan_check": 0.5, "backward": 0.5, "optimizer": 0.2, "other": 1.6}
+    )
+    assert out["launches_per_step"] == 1.0 and out["cuda_launch_ms_per_step"] == pytest.approx(0.015)
+    assert out["cuda_wait_ms_per_step"] == pytest.approx(0.5)
+    assert out["device_busy"] == pytest.approx(0.5)
+    line = describe({**out, "first_step": 3, "last_step": 4})
+    assert line.startswith("profile: steps 3-4, 5 ms/step (data 0, forward 2, nan_check 0, backward 0")
+    assert "GPU busy 50%, waits for it 0 ms/step, 1 launches/step" in line
+
+    cpu = summarize(prof, wall_s=10e-3, steps=2, cuda=False, top=5)  # a CPU run has no CUDA figures
+    assert "launches_per_step" not in cpu and "device_busy" not in cpu
+    assert cpu["phase_ms_per_step"] == phases
+    assert "GPU" not in describe({**cpu, "first_step": 3, "last_step": 4})
+    assert [op["name"] for op in cpu["top_ops"]] == [
+        "cudaStreamSynchronize",
+        "cudaMemcpy",
+        "cuLaunchKernel",
+        "cudaLaunchKernel",
+    ]

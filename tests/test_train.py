@@ -16,6 +16,7 @@ import torch
 
 from multi_dist.dist import SHM_SEGMENT, deepspeed_command
 from multi_dist.model import MuLTI
+from multi_dist.profile import PHASES
 
 from .conftest import ROOT
 
@@ -135,11 +136,15 @@ def test_zero2_two_processes_learn_with_wandb_offline_and_a_profile(corpus: Path
     _assert_learns(run)
     assert "step 40/40 | loss" in proc.stdout  # the progress line
     assert list((run / "wandb").rglob("offline-run-*")), "wandb wrote no offline run"
-    assert "profile: steps 5-6" in proc.stdout
+    assert "profile: steps 5-6" in proc.stdout and "ms/step (data " in proc.stdout
     for rank in (0, 1):  # every rank traces its own steps 5 and 6
         summary = json.loads((run / "profile" / f"summary_rank{rank}.json").read_text())
         assert (summary["first_step"], summary["last_step"], summary["rank"]) == (5, 6, rank)
         assert 0 < summary["wall_s_per_step"] < 60 and summary["host_ops_per_step"] > 100
+        phases = summary["phase_ms_per_step"]  # the loop's phases, found in the trace by their names
+        assert set(phases) == {*PHASES, "other"}
+        assert all(phases[k] > 0 for k in ("data", "forward", "nan_check", "backward", "optimizer")), phases
+        assert sum(phases.values()) == pytest.approx(summary["wall_s_per_step"] * 1e3, rel=1e-6), phases
         names = {op["name"] for op in summary["top_ops"]}
         assert names & {"aten::mm", "aten::addmm", "aten::bmm"}, names  # the matmuls are among the top
         shares = [op["share"] for op in summary["top_ops"]]
