@@ -22,12 +22,10 @@ clips, and at least 2x the naive baseline on raw 720p clips. Nothing here is a t
 from __future__ import annotations
 
 import argparse
-import contextlib
 import io
 import json
 import multiprocessing as mp
 import os
-import platform
 import random
 import sys
 import time
@@ -241,7 +239,8 @@ def sanity_check(clips: dict[str, dict[str, Clip]], size: int) -> dict[str, Any]
 
 def machine_info() -> dict[str, Any]:
     import av
-    import torch
+
+    from multi_dist.profile import machine_info as machine
 
     try:
         import decord
@@ -249,23 +248,7 @@ def machine_info() -> dict[str, Any]:
         decord_version = decord.__version__
     except ImportError:
         decord_version = None
-    model = ""
-    with contextlib.suppress(OSError, StopIteration):
-        model = next(
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        )
-    return {
-        "cpu_count": os.cpu_count(),
-        "cpu_model": model,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "decord": decord_version,
-        "av": av.__version__,
-        "numpy": np.__version__,
-    }
+    return machine(decord=decord_version, av=av.__version__, numpy=np.__version__)
 
 
 def _loadavg() -> list[float] | None:

@@ -75,7 +75,6 @@ import copy
 import gc
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -918,32 +917,11 @@ def plot(results: list[dict[str, Any]], cuda: bool, title: str, path: str) -> bo
 
 
 def machine_info(cuda: bool) -> dict[str, Any]:
-    import torch
     import transformers
 
-    model = ""
-    with contextlib.suppress(OSError, StopIteration):
-        model = next(
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        )
-    mem = None
-    with contextlib.suppress(OSError, StopIteration, ValueError):
-        line = next(x for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemTotal"))
-        mem = int(line.split()[1])
-    return {
-        "device": "cuda" if cuda else "cpu",
-        "cpu_count": os.cpu_count(),
-        "cpu_threads_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "cpu_model": model,
-        "mem_total_bytes": mem * 1024 if mem else None,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_cuda": torch.version.cuda,
-        "transformers": transformers.__version__,
-    }
+    from multi_dist.profile import machine_info as machine
+
+    return {"device": "cuda" if cuda else "cpu", **machine(transformers=transformers.__version__)}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -315,9 +314,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    report: dict[str, Any] = {
-        "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count()}
-    }
+    from multi_dist.profile import machine_info
+
+    report: dict[str, Any] = {"machine": machine_info()}
     if torch.cuda.is_available():
         results, info = cuda_grid(args, out_dir)
         report["machine"].update(info)

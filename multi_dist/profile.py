@@ -22,7 +22,10 @@ GPU fed. ``cuda_wait_ms_per_step`` sums all such waits (synchronizations, blocki
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,3 +190,28 @@ def describe(summary: dict[str, Any]) -> str:
         line += f", GPU busy {busy:.0%}, waits for it {summary['cuda_wait_ms_per_step']:.0f} ms/step"
         line += f", {summary['launches_per_step']:.0f} launches/step"
     return line + f", {summary['host_ops_per_step']:.0f} host ops/step"
+
+
+def machine_info(**versions: Any) -> dict[str, Any]:
+    """The machine a benchmark ran on, for its JSON: CPU model, cores (all and usable), memory,
+    platform, Python, torch and its CUDA, and ``versions`` (e.g. ``decord=decord.__version__``)."""
+    cpu = ""
+    with contextlib.suppress(OSError, StopIteration):
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        cpu = next(x.split(":", 1)[1].strip() for x in lines if x.startswith("model name"))
+    mem = None
+    with contextlib.suppress(OSError, StopIteration, ValueError):
+        line = next(x for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemTotal"))
+        mem = int(line.split()[1]) * 1024
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {
+        "cpu_count": os.cpu_count(),
+        "cpu_threads_usable": usable,
+        "cpu_model": cpu,
+        "mem_total_bytes": mem,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        **versions,
+    }

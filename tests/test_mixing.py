@@ -26,7 +26,7 @@ from multi_dist.model import MuLTI, model_config
 from multi_dist.shards.build import BuildOptions, build, rows_from_dir
 from multi_dist.train import TrainConfig
 
-from .conftest import ROOT, TOKENIZER, run_script
+from .conftest import ROOT, TOKENIZER, run_script, small_data_config
 
 PHOTO_CAPTIONS = {
     "china.jpg": "a chinese temple with a red roof among green trees",
@@ -76,18 +76,7 @@ def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def mixed_cfg(corpora: list[CorpusConfig], **kw: object) -> DataConfig:
-    base = {
-        "corpora": corpora,
-        "batch_size": 8,
-        "num_workers": 0,
-        "num_frames": 4,
-        "image_size": 32,
-        "tokenizer": TOKENIZER,
-        "max_text_len": 16,
-        "shuffle_buffer": 8,
-        "shuffle_initial": 4,
-    }
-    return DataConfig(**{**base, **kw})
+    return small_data_config(**{"corpora": corpora, "batch_size": 8, **kw})
 
 
 def members(folder: Path, key: str) -> dict[str, bytes]:

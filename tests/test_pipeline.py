@@ -16,22 +16,11 @@ from multi_dist.data.text import load_tokenizer, resolve_pretrained
 from multi_dist.data.transforms import CLIP_MEAN, CLIP_STD, frames_to_tensor
 from multi_dist.data.video import decode_frames
 
-from .conftest import TOKENIZER
+from .conftest import TOKENIZER, small_data_config
 
 
 def cfg_for(path: Path, **kw) -> DataConfig:
-    base = {
-        "path": str(path),
-        "batch_size": 4,
-        "num_workers": 2,
-        "num_frames": 4,
-        "image_size": 32,
-        "tokenizer": TOKENIZER,
-        "max_text_len": 16,
-        "shuffle_buffer": 8,
-        "shuffle_initial": 4,
-    }
-    return DataConfig(**{**base, **kw})
+    return small_data_config(**{"path": str(path), "num_workers": 2, **kw})
 
 
 def all_keys(stream: VideoTextStream) -> list[str]:
