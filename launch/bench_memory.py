@@ -232,7 +232,7 @@ def _num_layers(enc: Any) -> int:
 
 
 def make_batch(b: int, frames: int, size: int, length: int, device: Any, seed: int = 0) -> dict[str, Any]:
-    """A synthetic pretraining batch: random frames, random distinct captions, BERT-style MLM
+    """A synthetic pretraining batch: random uint8 frames, random distinct captions, BERT-style MLM
     masking, and MCM questions whose 4 options differ in one word."""
     import torch
 
@@ -253,7 +253,7 @@ def make_batch(b: int, frames: int, size: int, length: int, device: Any, seed: i
     mcm = ids[:, None, :].repeat(1, 4, 1)
     mcm[torch.arange(b)[:, None], torch.arange(4)[None, :], pos[:, None]] = words
     batch = {
-        "video": torch.randn(b, frames, 3, size, size, generator=g),
+        "video": torch.randint(0, 256, (b, frames, 3, size, size), generator=g, dtype=torch.uint8),  # as loaded
         "input_ids": ids,
         "attention_mask": mask,
         "mlm_input_ids": mlm_ids,

@@ -20,7 +20,7 @@ import torch
 from multi_dist.config import ConfigError, load_config
 from multi_dist.data.images import decode_image
 from multi_dist.data.pipeline import CorpusConfig, DataConfig, VideoTextStream, corpus_name
-from multi_dist.data.transforms import decode_size, frames_to_tensor
+from multi_dist.data.transforms import decode_size, frames_to_uint8
 from multi_dist.data.video import decode_frames
 from multi_dist.model import MuLTI, model_config
 from multi_dist.shards.build import BuildOptions, build, rows_from_dir
@@ -109,12 +109,12 @@ def test_a_mixed_batch_of_real_clips_and_photos(demo_corpus: Path, photos: Path)
     i = batch["corpus"].index("photos")
     files = members(photos, batch["key"][i])
     (ext,) = set(files) & {"jpg", "png", "webp"}
-    torch.testing.assert_close(batch["video"][i, :1], frames_to_tensor(decode_image(files[ext], 32), 32))
+    torch.testing.assert_close(batch["video"][i, :1], frames_to_uint8(decode_image(files[ext], 32), 32))
     assert files["txt"].decode() == batch["caption"][i] and json.loads(files["json"])["status"] == "success"
     j = batch["corpus"].index("synthetic")
     clip, meta = members(demo_corpus / "val", batch["key"][j])["mp4"], batch["meta"][j]
     frames = decode_frames(clip, 2, "uniform", resize_to=decode_size(meta["width"], meta["height"], 32))
-    torch.testing.assert_close(batch["video"][j, :2], frames_to_tensor(frames, 32))
+    torch.testing.assert_close(batch["video"][j, :2], frames_to_uint8(frames, 32))
 
     # repeat: a photo becomes a still clip, every frame real
     repeat = VideoTextStream(

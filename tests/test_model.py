@@ -211,6 +211,33 @@ def test_padding_frames_do_not_change_the_clip(tiny: MuLTI) -> None:
         torch.testing.assert_close(tiny.fuse(text, short).states, tiny.fuse(text, long).states, atol=1e-5, rtol=1e-5)
 
 
+def test_the_model_normalises_uint8_frames_as_configured(tmp_path: Path) -> None:
+    """The loader's uint8 frames give exactly what the same frames normalised by hand give (the
+    same float32 ops), padding frames included; ``pixel_mean``/``pixel_std`` are the model's and
+    are saved with it."""
+    from multi_dist.data.transforms import normalize_frames
+
+    torch.manual_seed(0)
+    model = MuLTI(model_config("tiny")).eval()
+    video = torch.randint(0, 256, (2, 4, 3, 32, 32), dtype=torch.uint8)
+    frame_mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    with torch.no_grad():
+        raw, by_hand = model.encode_video(video, frame_mask), model.encode_video(normalize_frames(video), frame_mask)
+        torch.testing.assert_close(raw.tokens, by_hand.tokens, rtol=0, atol=0)
+        torch.testing.assert_close(raw.embed, by_hand.embed, rtol=0, atol=0)
+    mean, std = [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]  # e.g. a ViT pretrained on [-1, 1] pixels
+    torch.manual_seed(0)
+    other = MuLTI(model_config("tiny", pixel_mean=mean, pixel_std=std)).eval()
+    with torch.no_grad():
+        got = other.encode_video(video, frame_mask).embed
+        torch.testing.assert_close(got, other.encode_video(video.float() / 127.5 - 1, frame_mask).embed)
+        assert not torch.allclose(got, raw.embed, atol=1e-3)
+    again = MuLTI.from_pretrained(other.save_pretrained(tmp_path / "export"))
+    assert (again.video.pixel_mean, again.video.pixel_std) == (tuple(mean), tuple(std))
+    with pytest.raises(ValueError, match="pixel_mean and pixel_std: 3 values"):
+        MuLTI(model_config("tiny", pixel_std=[0.5, 0.5]))
+
+
 def test_an_image_padded_to_8_frames_beside_a_clip_is_the_image_alone(tiny: MuLTI) -> None:
     """An image (a clip of one frame) padded to T=8 in a batch with an 8-frame clip: its tokens,
     global feature, VTC embedding, sampler weights and fused states equal those of the image

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from multi_dist.data.transforms import CLIP_MEAN, CLIP_STD, decode_size, frames_to_tensor
+from multi_dist.data.transforms import CLIP_MEAN, CLIP_STD, decode_size, frames_to_uint8, normalize_frames
 from multi_dist.data.video import DecodeError, decode_frames, probe, sample_frames
 
 
@@ -76,22 +76,42 @@ def test_probe_reports_real_metadata(real_clips: dict[str, Path]) -> None:
     assert 4.5 < info.duration < 6.0
 
 
-def test_frames_to_tensor_normalises_exactly() -> None:
+def test_frames_stay_uint8_and_normalise_exactly() -> None:
     frames = np.zeros((3, 40, 60, 3), dtype=np.uint8)
     frames[..., 0], frames[..., 1], frames[..., 2] = 255, 128, 0
-    x = frames_to_tensor(frames, 32)
-    assert x.shape == (3, 3, 32, 32) and x.dtype == torch.float32
+    u = frames_to_uint8(frames, 32)
+    assert u.shape == (3, 3, 32, 32) and u.dtype == torch.uint8 and u.is_contiguous()
+    assert [int(u[:, c].min()) for c in range(3)] == [255, 128, 0] == [int(u[:, c].max()) for c in range(3)]
+    x = normalize_frames(u)
+    assert x.dtype == torch.float32
     for c, value in enumerate((255, 128, 0)):
         expected = (value / 255.0 - CLIP_MEAN[c]) / CLIP_STD[c]
         assert torch.allclose(x[:, c], torch.full_like(x[:, c], expected), atol=1e-5)
+    with pytest.raises(ValueError, match="uint8"):
+        frames_to_uint8(frames.astype(np.float32), 32)
+
+
+def test_uint8_resize_matches_float_resize_to_a_level() -> None:
+    """Resizing in uint8 (torch's integer kernels, fixed-point weights) rounds to whole levels:
+    within one level of the same resize in float32 (plus the weights' rounding, 1e-3), about a
+    quarter level on average, shrinking (antialiased) and enlarging."""
+    rng = np.random.default_rng(0)
+    for h, w, size in ((90, 120, 32), (20, 30, 48)):
+        frames = rng.integers(0, 256, (2, h, w, 3), dtype=np.uint8)
+        side = min(h, w)
+        crop = torch.from_numpy(frames[:, (h - side) // 2 :, (w - side) // 2 :][:, :side, :side]).permute(0, 3, 1, 2)
+        ref = torch.nn.functional.interpolate(
+            crop.float(), size=(size, size), mode="bilinear", antialias=side > size, align_corners=False
+        )
+        got = frames_to_uint8(frames, size).float()
+        diff = (got - ref.clamp(0, 255)).abs()
+        assert diff.max() <= 1.001 and diff.mean() < 0.4, (diff.max(), diff.mean())
 
 
 def test_center_crop_keeps_the_middle_and_random_crop_moves() -> None:
     frames = np.zeros((1, 20, 60, 3), dtype=np.uint8)
     frames[:, :, 20:40] = 255  # a white band exactly where the centre square is
-    x = frames_to_tensor(frames, 20, "center", mean=(0, 0, 0), std=(1, 1, 1))
-    assert torch.allclose(x, torch.ones_like(x))
-    crops = {
-        float(frames_to_tensor(frames, 20, "random", (0, 0, 0), (1, 1, 1), random.Random(s)).mean()) for s in range(10)
-    }
+    x = frames_to_uint8(frames, 20, "center")
+    assert x.eq(255).all()
+    crops = {float(frames_to_uint8(frames, 20, "random", random.Random(s)).float().mean()) for s in range(10)}
     assert len(crops) > 1

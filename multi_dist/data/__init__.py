@@ -1,4 +1,4 @@
-"""Streaming video-text data: shards -> decoded, sampled, normalised frames and tokens.
+"""Streaming video-text data: shards -> decoded, sampled, resized uint8 frames and tokens.
 
 Names are imported lazily so that light users (the model needs only ``text.resolve_pretrained``)
 do not pull in webdataset and the video decoders.
@@ -15,7 +15,8 @@ _EXPORTS = {
     "shard_sizes": "shardlist",
     "load_tokenizer": "text",
     "resolve_pretrained": "text",
-    "frames_to_tensor": "transforms",
+    "frames_to_uint8": "transforms",
+    "normalize_frames": "transforms",
     "decode_image": "images",
     "DecodeError": "video",
     "decode_frames": "video",

