@@ -255,8 +255,6 @@ class VideoEncoder(_LayeredEncoder):
                 real = None
             else:
                 x = x[real]  # (R, ...) the real frames of all clips
-        if x.dtype == torch.uint8:
-            x = self._normalize(x)
         if self.adapter is None:  # nothing frozen: the whole tower is per frame
             h = self._per_frame(self._whole, x)
         else:
@@ -278,13 +276,15 @@ class VideoEncoder(_LayeredEncoder):
         return h, glob
 
     def _normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """uint8 frames (of the real frames only) -> normalised, in the patch embedding's dtype."""
+        """uint8 frames -> normalised, in the patch embedding's dtype (bf16 under a bf16 engine)."""
         if x.device not in self._affine:
             self._affine[x.device] = pixel_affine(self.pixel_mean, self.pixel_std, x.device)
         scale, shift = self._affine[x.device]
         return torch.addcmul(shift, x, scale).to(next(self._tower.embeddings.parameters()).dtype)
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.uint8:  # here, per chunk: checkpoints keep the uint8 frames, not floats
+            x = self._normalize(x)
         h = self._tower.embeddings(x)
         return self._tower.pre_layrnorm(h) if self.cfg.kind == "clip" else h
 

@@ -217,9 +217,11 @@ class MuLTI(nn.Module):
     def encode_video(
         self, video: torch.Tensor, frame_mask: torch.Tensor | None = None, frame_index: torch.Tensor | None = None
     ) -> VideoOutput:
-        """``video`` (B, T, 3, H, W) normalised frames; ``frame_mask`` (B, T) True for real frames;
-        ``frame_index`` its True entries' flat indices if known (``to_device`` finds them on the
-        host; without them the encoder's ``nonzero`` waits for the GPU)."""
+        """``video`` (B, T, 3, H, W): uint8 RGB frames as the data pipeline gives them (normalised
+        here with ``pixel_mean``/``pixel_std``), or float frames normalised already;
+        ``frame_mask`` (B, T) True for real frames; ``frame_index`` its True entries' flat indices
+        if known (``to_device`` finds them on the host; without them the encoder's ``nonzero``
+        waits for the GPU)."""
         h, glob = self.video(video, frame_mask, frame_index)
         b, t, n, _ = h.shape
         if frame_mask is None:
