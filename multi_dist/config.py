@@ -100,6 +100,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 
 def _unknown_key(cls: type, name: str, key: str) -> ConfigError:
+    moved = getattr(cls, "MOVED", {})  # a class's former keys: {old name: where it lives now}
+    if name in moved:
+        return ConfigError(f"config key '{key}' has moved: {moved[name]}")
     fields = [f.name for f in dataclasses.fields(cls)]
     close = difflib.get_close_matches(name, fields, n=1)
     hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(fields)}"

@@ -51,6 +51,12 @@ def test_unknown_key_fails_naming_dotted_key_and_suggestion(tmp_path: Path) -> N
         load_config(Outer, f)
     with pytest.raises(ConfigError, match=r"unknown config key 'data\.batchsize'"):
         load_config(TrainConfig, None, ["data.batchsize=4"])
+    # a key that moved says where to (an old config, or a run folder's saved config.yaml)
+    old = tmp_path / "old.yaml"
+    old.write_text("data:\n  mean: [0.5, 0.5, 0.5]\n")
+    with pytest.raises(ConfigError, match=r"'data\.mean' has moved: use model\.pixel_mean.*old\.yaml"):
+        load_config(TrainConfig, old)
+    assert load_config(TrainConfig, None, ["model.pixel_mean=[0.5, 0.5, 0.5]"]).model.pixel_mean == [0.5] * 3
 
 
 @pytest.mark.parametrize(

@@ -38,7 +38,7 @@ import re
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -90,6 +90,11 @@ class CorpusConfig:
 class DataConfig:
     """One stream of video-text (and image-text) shards, as seen by one rank: one corpus at
     ``path``, or a weighted mixture of ``corpora``."""
+
+    MOVED: ClassVar[dict[str, str]] = {
+        "mean": "use model.pixel_mean (frames stay uint8 until the model normalises them)",
+        "std": "use model.pixel_std (frames stay uint8 until the model normalises them)",
+    }
 
     path: str = ""
     """Shard folder, single tar, or brace pattern (local, ``pipe:`` or any URL webdataset opens)."""
