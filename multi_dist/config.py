@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import types
 import typing
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -100,9 +103,6 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 
 def _unknown_key(cls: type, name: str, key: str) -> ConfigError:
-    moved = getattr(cls, "MOVED", {})  # a class's former keys: {old name: where it lives now}
-    if name in moved:
-        return ConfigError(f"config key '{key}' has moved: {moved[name]}")
     fields = [f.name for f in dataclasses.fields(cls)]
     close = difflib.get_close_matches(name, fields, n=1)
     hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(fields)}"
@@ -122,6 +122,14 @@ def _from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     for name, value in data.items():
         key = f"{prefix}.{name}" if prefix else str(name)
         if name not in known:
+            # a former key (``MOVED = {name: (where it lives now, its old default)}``): the old
+            # default, as every saved config holds it, is dropped; another value must be moved
+            moved = getattr(cls, "MOVED", {}).get(name)
+            if moved is not None and value == moved[1]:
+                log.warning("config key '%s' is no longer used (its default is dropped): %s", key, moved[0])
+                continue
+            if moved is not None:
+                raise ConfigError(f"config key '{key}' has moved: {moved[0]}")
             raise _unknown_key(cls, str(name), key)
         kwargs[name] = _coerce(value, hints[name], key)
     try:

@@ -12,12 +12,14 @@ Steps ``N .. N+K-1`` run under ``torch.profiler`` on every rank. Each rank write
 The figure that tells a launch-bound step from a compute-bound one is ``device_busy``: a step
 whose kernels cover 30% of its wall time gains nothing from faster kernels and everything from
 fewer launches (larger batches, ``compile``, fused passes). The phases say where the host's time
-went (``phase_ms_per_step``: ``data``, ``forward``, ``nan_check``, ``backward``, ``optimizer``, and
-``other``, the rest of the wall time: logging, checkpoints). The GPU runs behind the host, so on a
-GPU a phase's time is the host's: dispatching its ops, or waiting. ``nan_check`` is where the
-step waits for its forward to finish on the GPU: a long one means the host got far ahead (the
-GPU is the bottleneck); a short one with a low ``device_busy`` means the host could not keep the
-GPU fed. ``cuda_wait_ms_per_step`` sums all such waits (synchronizations, blocking copies).
+went (``phase_ms_per_step``: ``data``, ``forward``, ``nan_check``, ``backward``, ``optimizer``;
+``drain``, the wait after the last profiled step for the GPU to finish it; and ``other``, the rest
+of the wall time: logging, checkpoints). The GPU runs behind the host, so on a GPU a phase's time
+is the host's: dispatching its ops, or waiting. ``nan_check`` is where the step waits for its
+forward to finish on the GPU: a long one means the host got far ahead (the GPU is the
+bottleneck); a short one with a low ``device_busy`` means the host could not keep the GPU fed.
+``cuda_wait_ms_per_step`` sums the host's time in synchronisations (``drain`` included);
+``cuda_copy_ms_per_step`` its time in copy calls, where a copy from pageable memory blocks.
 """
 
 from __future__ import annotations
@@ -50,16 +52,28 @@ class ProfileConfig:
             raise ValueError("steps and top must be positive")
 
 
-PHASES = ("data", "forward", "nan_check", "backward", "optimizer")
+PHASES = ("data", "forward", "nan_check", "backward", "optimizer", "drain")
 _PHASE = "phase/"
 # CUDA runtime calls by what the host does in them (driver-API names included)
-_LAUNCH = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx", "cudaGraphLaunch")
-_WAIT = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy", "cuStreamSynchronize")
+_LAUNCH = (
+    "cudaLaunchKernel",
+    "cudaLaunchKernelExC",
+    "cudaLaunchCooperativeKernel",
+    "cuLaunchKernel",  # the driver API: triton's kernels (compile)
+    "cuLaunchKernelEx",
+    "cuLaunchCooperativeKernel",
+    "cudaGraphLaunch",
+)
+# the host blocked until the GPU caught up (cudaFree synchronises the device: allocator retries)
+_WAIT = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy", "cudaFree")
+# copies: a pageable device-to-host copy (.cpu(), .tolist()) blocks inside cudaMemcpyAsync
+_COPY = ("cudaMemcpyAsync", "cudaMemcpy2DAsync")
 
 
 def phase(name: str) -> Any:
-    """A context manager marking one phase of the training step (one of :data:`PHASES`) in the
-    profile; a few microseconds when no profiler runs."""
+    """A context manager marking one phase of the training step (one of :data:`PHASES`; ``drain``
+    is the profiler's own wait for the GPU to finish the last profiled step) in the profile; a few
+    microseconds when no profiler runs."""
     return torch.profiler.record_function(_PHASE + name)
 
 
@@ -93,7 +107,8 @@ class StepProfiler:
     def after(self, step: int) -> None:
         if self._prof is None or step != self.last:
             return
-        self._sync()
+        with phase("drain"):  # the GPU finishing the profiled steps: their time too
+            self._sync()
         wall = time.perf_counter() - self._t0
         prof, self._prof = self._prof, None
         prof.__exit__(None, None, None)
@@ -140,6 +155,8 @@ def summarize(prof: Any, wall_s: float, steps: int, cuda: bool, top: int) -> dic
         out["cuda_launch_ms_per_step"] = sum(e.time_range.end - e.time_range.start for e in launches) / 1e3 / steps
         waits = (e.time_range.end - e.time_range.start for e in host if e.name in _WAIT)
         out["cuda_wait_ms_per_step"] = sum(waits) / 1e3 / steps
+        copies = (e.time_range.end - e.time_range.start for e in host if e.name in _COPY)
+        out["cuda_copy_ms_per_step"] = sum(copies) / 1e3 / steps
 
     def kernel(e: Any) -> bool:  # GPU activity that is not a user annotation (a whole range, gaps included)
         return e.device_type == DeviceType.CUDA and not e.is_user_annotation
@@ -188,6 +205,7 @@ def describe(summary: dict[str, Any]) -> str:
     )
     if busy is not None:
         line += f", GPU busy {busy:.0%}, waits for it {summary['cuda_wait_ms_per_step']:.0f} ms/step"
+        line += f", in copies {summary['cuda_copy_ms_per_step']:.0f}"
         line += f", {summary['launches_per_step']:.0f} launches/step"
     return line + f", {summary['host_ops_per_step']:.0f} host ops/step"
 

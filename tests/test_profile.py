@@ -85,6 +85,9 @@ def test_phases_launches_and_waits_from_the_host_timeline() -> None:
             _Event("phase/data", "cpu", 5000, 5300, annotation=True),
             _Event("phase/forward", "cpu", 5300, 7300, annotation=True),
             _Event("cudaMemcpy", "cpu", 7400, 7500),
+            _Event("cudaMemcpyAsync", "cpu", 7500, 7900),  # .tolist() of a device tensor: pageable, blocks
+            _Event("phase/drain", "cpu", 9000, 9600, annotation=True),
+            _Event("cudaDeviceSynchronize", "cpu", 9010, 9590),
             _Event("my_region", "cpu", 0, 9000, annotation=True),
             _Event("gemm_kernel", "cuda", 1000, 6000),
         ]
@@ -93,22 +96,24 @@ def test_phases_launches_and_waits_from_the_host_timeline() -> None:
     phases = out["phase_ms_per_step"]
     assert list(phases) == [*PHASES, "other"]
     assert phases == pytest.approx(
-        {"data": 0.2, "forward": 2.0, "nan_check": 0.5, "backward": 0.5, "optimizer": 0.2, "other": 1.6}
+        {"data": 0.2, "forward": 2.0, "nan_check": 0.5, "backward": 0.5, "optimizer": 0.2, "drain": 0.3, "other": 1.3}
     )
     assert out["launches_per_step"] == 1.0 and out["cuda_launch_ms_per_step"] == pytest.approx(0.015)
-    assert out["cuda_wait_ms_per_step"] == pytest.approx(0.5)
+    assert out["cuda_wait_ms_per_step"] == pytest.approx((900 + 100 + 580) / 2 / 1e3)
+    assert out["cuda_copy_ms_per_step"] == pytest.approx(0.2)
     assert out["device_busy"] == pytest.approx(0.5)
     line = describe({**out, "first_step": 3, "last_step": 4})
     assert line.startswith("profile: steps 3-4, 5 ms/step (data 0, forward 2, nan_check 0, backward 0")
-    assert "GPU busy 50%, waits for it 0 ms/step, 1 launches/step" in line
+    assert "GPU busy 50%, waits for it 1 ms/step, in copies 0, 1 launches/step" in line
 
     cpu = summarize(prof, wall_s=10e-3, steps=2, cuda=False, top=5)  # a CPU run has no CUDA figures
     assert "launches_per_step" not in cpu and "device_busy" not in cpu
     assert cpu["phase_ms_per_step"] == phases
     assert "GPU" not in describe({**cpu, "first_step": 3, "last_step": 4})
-    assert [op["name"] for op in cpu["top_ops"]] == [
+    assert [op["name"] for op in cpu["top_ops"]] == [  # the top 5 by self time; no annotations
         "cudaStreamSynchronize",
+        "cudaDeviceSynchronize",
+        "cudaMemcpyAsync",
         "cudaMemcpy",
         "cuLaunchKernel",
-        "cudaLaunchKernel",
     ]

@@ -87,7 +87,7 @@ def test_frames_stay_uint8_and_normalise_exactly() -> None:
     for c, value in enumerate((255, 128, 0)):
         expected = (value / 255.0 - CLIP_MEAN[c]) / CLIP_STD[c]
         assert torch.allclose(x[:, c], torch.full_like(x[:, c], expected), atol=1e-5)
-    with pytest.raises(ValueError, match="uint8"):
+    with pytest.raises(TypeError, match="uint8"):
         frames_to_uint8(frames.astype(np.float32), 32)
 
 

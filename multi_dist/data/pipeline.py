@@ -48,7 +48,7 @@ from .images import IMAGE_EXTS, decode_image
 from .mcm import AnswerVocab, MCMConfig, build_question, collate_mcm, load_lexicon, mask_tokens
 from .shardlist import list_shards, shard_sizes
 from .text import load_tokenizer
-from .transforms import Crop, ImageFrames, decode_size, fit_frames, frames_to_uint8
+from .transforms import CLIP_MEAN, CLIP_STD, Crop, ImageFrames, decode_size, fit_frames, frames_to_uint8
 from .video import VIDEO_EXTS, Backend, DecodeError, FrameSampling, decode_frames
 
 log = logging.getLogger("multi_dist.data")
@@ -91,9 +91,9 @@ class DataConfig:
     """One stream of video-text (and image-text) shards, as seen by one rank: one corpus at
     ``path``, or a weighted mixture of ``corpora``."""
 
-    MOVED: ClassVar[dict[str, str]] = {
-        "mean": "use model.pixel_mean (frames stay uint8 until the model normalises them)",
-        "std": "use model.pixel_std (frames stay uint8 until the model normalises them)",
+    MOVED: ClassVar[dict[str, tuple[str, Any]]] = {  # see config._from_dict
+        "mean": ("set model.pixel_mean (frames stay uint8 until the model normalises them)", list(CLIP_MEAN)),
+        "std": ("set model.pixel_std (frames stay uint8 until the model normalises them)", list(CLIP_STD)),
     }
 
     path: str = ""

@@ -41,8 +41,8 @@ def frames_to_uint8(
     """
     if frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"expected frames of shape (T, H, W, 3), got {frames.shape}")
-    if frames.dtype != np.uint8:
-        raise ValueError(f"expected uint8 frames, got {frames.dtype}")
+    if frames.dtype != np.uint8:  # a caller's mistake, not a bad sample: not a ValueError
+        raise TypeError(f"expected uint8 frames, got {frames.dtype}")
     _, h, w, _ = frames.shape
     side = min(h, w)
     if crop == "random":

@@ -277,10 +277,22 @@ class VideoEncoder(_LayeredEncoder):
 
     def _normalize(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 frames -> normalised, in the patch embedding's dtype (bf16 under a bf16 engine)."""
-        if x.device not in self._affine:
-            self._affine[x.device] = pixel_affine(self.pixel_mean, self.pixel_std, x.device)
-        scale, shift = self._affine[x.device]
+        from torch._subclasses.fake_tensor import is_fake
+
+        if is_fake(x):  # shapes only (the memory estimate): nothing worth keeping
+            scale, shift = pixel_affine(self.pixel_mean, self.pixel_std, x.device)
+        else:
+            if x.device not in self._affine:  # one small copy to the device, once
+                self._affine[x.device] = pixel_affine(self.pixel_mean, self.pixel_std, x.device)
+            scale, shift = self._affine[x.device]
         return torch.addcmul(shift, x, scale).to(next(self._tower.embeddings.parameters()).dtype)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> VideoEncoder:
+        self._affine.clear()  # moved or cast: the constants are made again where they are needed
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_affine": {}}  # pickles and copies carry no device tensors
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.uint8:  # here, per chunk: checkpoints keep the uint8 frames, not floats
