@@ -272,7 +272,8 @@ def test_uint8_frames_train_like_normalised_frames(frozen: int) -> None:
 def test_the_normalisation_constants_follow_the_model() -> None:
     """The float32 constants are cached per device outside the module's buffers (a bf16 engine
     would round buffers): a cast or move drops them, copies and pickles carry none, and a fake
-    tensor (the memory estimate) never fills the cache."""
+    tensor (the memory estimate) has twins of its own, kept per fake mode, so that the estimate
+    dispatches the ops a real step does."""
     import copy
     import pickle
 
@@ -295,10 +296,19 @@ def test_the_normalisation_constants_follow_the_model() -> None:
     )
     torch.testing.assert_close(half.float(), ref, atol=0.05, rtol=0.05)
     model.float()
+    with torch.no_grad():
+        rounded = model.encode_video(video).embed  # the weights went through bf16 and back
     model.video._affine.clear()
     with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.no_grad():
         model.encode_video(mode.from_tensor(video))
-    assert model.video._affine == {}
+        fake_twins = model.video._fake_affine
+        model.encode_video(mode.from_tensor(video))  # the same fake twins again, as a real step would
+        assert model.video._fake_affine is fake_twins and fake_twins[0] is mode
+    assert model.video._affine == {}  # fake tensors never reach the real cache
+    with torch.no_grad():
+        assert torch.equal(model.encode_video(video).embed, rounded)
+    assert model.video._affine[torch.device("cpu")][0].device.type == "cpu"
+    assert pickle.loads(pickle.dumps(model)).video._fake_affine is None
 
 
 def test_an_image_padded_to_8_frames_beside_a_clip_is_the_image_alone(tiny: MuLTI) -> None:

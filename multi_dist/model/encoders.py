@@ -220,6 +220,8 @@ class VideoEncoder(_LayeredEncoder):
         self.pixel_mean, self.pixel_std = pixel_mean, pixel_std
         # float32 per device, kept out of the buffers: a bf16 engine would round them
         self._affine: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        # fake twins for one fake-tensor mode (the memory estimate), never mixed with real ones
+        self._fake_affine: tuple[Any, dict[torch.device, tuple[torch.Tensor, torch.Tensor]]] | None = None
 
     @property
     def _tower(self) -> nn.Module:
@@ -277,22 +279,26 @@ class VideoEncoder(_LayeredEncoder):
 
     def _normalize(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 frames -> normalised, in the patch embedding's dtype (bf16 under a bf16 engine)."""
-        from torch._subclasses.fake_tensor import is_fake
+        from torch._subclasses.fake_tensor import maybe_get_fake_mode
 
-        if is_fake(x):  # shapes only (the memory estimate): nothing worth keeping
-            scale, shift = pixel_affine(self.pixel_mean, self.pixel_std, x.device)
-        else:
-            if x.device not in self._affine:  # one small copy to the device, once
-                self._affine[x.device] = pixel_affine(self.pixel_mean, self.pixel_std, x.device)
-            scale, shift = self._affine[x.device]
+        cache = self._affine
+        mode = maybe_get_fake_mode(x)
+        if mode is not None:  # the memory estimate: cached per mode, so it dispatches what a real step does
+            if self._fake_affine is None or self._fake_affine[0] is not mode:
+                self._fake_affine = (mode, {})
+            cache = self._fake_affine[1]
+        if x.device not in cache:  # one small copy to the device, once
+            cache[x.device] = pixel_affine(self.pixel_mean, self.pixel_std, x.device)
+        scale, shift = cache[x.device]
         return torch.addcmul(shift, x, scale).to(next(self._tower.embeddings.parameters()).dtype)
 
     def _apply(self, fn: Any, recurse: bool = True) -> VideoEncoder:
         self._affine.clear()  # moved or cast: the constants are made again where they are needed
+        self._fake_affine = None
         return super()._apply(fn, recurse)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_affine": {}}  # pickles and copies carry no device tensors
+        return {**self.__dict__, "_affine": {}, "_fake_affine": None}  # pickles and copies carry no device tensors
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.uint8:  # here, per chunk: checkpoints keep the uint8 frames, not floats
