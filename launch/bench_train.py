@@ -2,6 +2,7 @@
 
     python launch/bench_train.py --json OUT.json [--plot OUT.png] [--quick]
     python launch/bench_train.py --json OUT.json --batch 8 32 --compile off on --checkpointing off   # CUDA
+    python launch/bench_train.py --host-floor --json OUT.json [--plot OUT.png]   # CPU or CUDA
 
 CPU (no GPU present): the ``tiny`` and ``demo`` presets on the demo corpus, ZeRO stage 1, 2 and 3,
 with 1 and 2 processes; each configuration is its own ``deepspeed --num_gpus N launch/pretrain.py``
@@ -10,11 +11,20 @@ warm-up, is dropped), peak resident memory per rank, and each configuration's ra
 one process of the same preset.
 
 CUDA: the ``base`` preset (CLIP ViT-B/16 + BERT-base architecture, random weights), 16 frames at
-224 px, bf16, ZeRO-2, the full pretraining step (VTC + VTM + MLM + MCM), for each batch size x
+224 px, bf16, ZeRO-2 (``--zero``), the full pretraining step (VTC + VTM + MLM + MCM), for each batch size x
 ``compile`` x checkpointing asked for, with ratios to the first configuration. MFU = model FLOPs
 of one step (counted by ``torch.utils.flop_counter`` on the same model and batch shapes;
 recomputation by checkpointing is not model work and is not counted) / step time / peak bf16
 FLOP/s, against both the card's nominal dense peak and a large bf16 matmul measured in the same run.
+
+Host floor (``--host-floor``, CPU or CUDA): the ``base`` preset's architecture, every layer and
+every parameter tensor of it, with all widths cut to 32, two heads and 32 px frames, so that its
+step dispatches the same ops as the base step, computes next to nothing and takes what the host
+needs to run it: Python, dispatch, autograd and DeepSpeed's per-parameter work (on CUDA also the
+kernel launches). For each ZeRO stage x ``compile`` asked for it reports the host's milliseconds
+per step, with ratios to the first, and the smallest batch whose step, at the MFU goal on the
+card (CPU: an H100/H200's nominal peak), gives the GPU more work than that: below it a base step
+is bound by its host whatever its kernels.
 
 Every run then profiles two more steps (``profile.start``, see :mod:`multi_dist.profile`): host
 ops per step and, on CUDA, the GPU's busy fraction, which says whether the step is bound by the
@@ -38,6 +48,7 @@ sys.path.insert(0, str(ROOT))
 
 NOMINAL_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, SXM parts
 MFU_GOAL = 0.45
+FRAMES = 16  # the CUDA grid and the host floor: the base preset at 16 frames
 CHECKPOINT_FRAMES = 8  # checkpointing on: the vision tower in chunks of 8 frames (bench_memory's default)
 
 
@@ -148,10 +159,32 @@ def measured_matmul_peak() -> float:
     return 2 * 8192**3 * n / (time.perf_counter() - t0)
 
 
-def step_flops(batch: int, frames: int, text_len: int) -> float:
-    """Model FLOPs (forward + backward) of one pretraining step of the base preset, counted by
-    ``torch.utils.flop_counter`` on the batch ``bench_memory`` makes (all four objectives)."""
+def cpu_attention_flops() -> dict[Any, Any]:
+    """``FlopCounterMode(custom_mapping=...)`` for CPU's fused attention, which torch leaves
+    uncounted: the formulas of the GPU kernels (their arguments come in the same order)."""
     import torch
+    from torch.utils import flop_counter
+
+    aten = torch.ops.aten
+    return {
+        aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *_, **__: flop_counter.sdpa_flop_count(
+            q, k, v
+        ),
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: lambda g, q, k, v, *_, **__: (
+            flop_counter.sdpa_backward_flop_count(g, q, k, v)
+        ),
+    }
+
+
+def step_flops(batch: int, frames: int, text_len: int, fake: bool = False) -> float:
+    """Model FLOPs (forward + backward) of one pretraining step of the base preset, counted by
+    ``torch.utils.flop_counter`` on the batch ``bench_memory`` makes (all four objectives): on
+    the GPU, or (``fake``) on CPU fake tensors, where nothing is computed and CPU's attention
+    kernel is counted with the formulas of the GPU's."""
+    import contextlib
+
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils.flop_counter import FlopCounterMode
 
     from multi_dist.model import MuLTI, model_config
@@ -161,62 +194,95 @@ def step_flops(batch: int, frames: int, text_len: int) -> float:
     from bench_memory import make_batch
 
     torch.manual_seed(0)
-    model = MuLTI(model_config("base", vision={"pretrained": False}, text={"pretrained": False})).cuda()
-    b = make_batch(batch, frames, 224, text_len, "cuda")
-    counter = FlopCounterMode(display=False)
-    with counter, torch.autocast("cuda", dtype=torch.bfloat16):
-        PretrainLoss(LossConfig())(model, b)["objective"].backward()
+    cfg = model_config("base", vision={"pretrained": False}, text={"pretrained": False})
+    mode = FakeTensorMode() if fake else contextlib.nullcontext()
+    b = make_batch(batch, frames, 224, text_len, "cpu" if fake else "cuda")
+    if fake:
+        b = {k: mode.from_tensor(v) for k, v in b.items()}
+    with mode:
+        model = MuLTI(cfg) if fake else MuLTI(cfg).cuda()
+        counter = FlopCounterMode(display=False, custom_mapping=cpu_attention_flops() if fake else None)
+        with counter, torch.autocast("cpu" if fake else "cuda", dtype=torch.bfloat16):
+            PretrainLoss(LossConfig())(model, b)["objective"].backward()
     flops = counter.get_total_flops()
     del model, b
-    torch.cuda.empty_cache()
+    if not fake:
+        torch.cuda.empty_cache()
     return float(flops)
 
 
+def base_overrides(args: argparse.Namespace, batch: int, compile_: bool, checkpointing: bool, zero: int) -> list[str]:
+    """A one-process run of the ``base`` preset (random weights) at 16 frames on the demo corpus."""
+    return [
+        "--config",
+        "configs/pretrain/tiny.yaml",
+        "model.preset=base",
+        "model.vision.pretrained=false",
+        "model.text.pretrained=false",
+        f"model.checkpointing={str(checkpointing).lower()}",
+        f"model.checkpoint_frames={CHECKPOINT_FRAMES if checkpointing else 0}",
+        f"compile={str(compile_).lower()}",
+        f"data.path={Path(args.corpus) / 'train'}",
+        f"data.tokenizer={args.tokenizer}",
+        "data.image_size=224",
+        f"data.num_frames={FRAMES}",
+        f"data.batch_size={batch}",
+        f"data.num_workers={args.workers}",
+        f"data.max_text_len={args.text_len}",
+        "val=null",
+        f"ckpt_every={10**6}",
+        f"zero.stage={zero}",
+        "precision=auto",
+        "optim.lr=1e-4",
+    ]
+
+
+SKELETON_WIDTH = 32
+
+
+def skeleton_overrides() -> list[str]:
+    """The base preset's skeleton: every layer and parameter tensor of it, so every op of its
+    step (``tests/test_bench_train.py`` counts them), each width cut to :data:`SKELETON_WIDTH`,
+    two attention heads (with one, reshapes would skip copies the base step makes; CPU's
+    attention kernels loop over heads, so not twelve) and frames of 32 px (2x2 patches of 16),
+    so that the step computes next to nothing. Appended to :func:`base_overrides`."""
+    w = SKELETON_WIDTH
+    over = ["data.image_size=32", "model.vision.arch.image_size=32", f"model.embed_dim={w}"]
+    over += [f"model.fusion.width={w}", "model.fusion.heads=2"]
+    for tower in ("vision", "text"):
+        over += [
+            f"model.{tower}.arch.hidden_size={w}",
+            f"model.{tower}.arch.intermediate_size={4 * w}",
+            f"model.{tower}.arch.num_attention_heads=2",
+            f"model.{tower}.adapter.dim={w // 2}",
+            f"model.{tower}.adapter.heads=2",
+        ]
+    return over
+
+
 def cuda_grid(args: argparse.Namespace, out_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """The base preset at 16 frames for every batch size x compile x checkpointing asked for,
-    each a real one-GPU ``deepspeed`` run; ratios against the first configuration."""
+    """The base preset at 16 frames for every batch size x compile x checkpointing x ZeRO stage
+    asked for, each a real one-GPU ``deepspeed`` run; ratios against the first configuration."""
     import torch
 
     name = torch.cuda.get_device_name()
     nominal = next((v for k, v in NOMINAL_BF16.items() if k in name), None)
     peak = measured_matmul_peak()
-    frames, text_len = 16, args.text_len
-    flops = {b: step_flops(b, frames, text_len) for b in args.batch}
+    flops = {b: step_flops(b, FRAMES, args.text_len) for b in args.batch}
     print(
         f"{name}: bf16 matmul {peak / 1e12:.0f} TFLOP/s measured; one step = "
         + ", ".join(f"{f / 1e12:.2f} TFLOP at batch {b}" for b, f in flops.items()),
         flush=True,
     )
     steps = 12 if args.quick else 24
-    grid = [(b, c, k) for b in args.batch for c in args.compile for k in args.checkpointing]
+    grid = [(b, c, k, z) for b in args.batch for c in args.compile for k in args.checkpointing for z in args.zero]
     results = []
-    for i, (batch, comp, ckpt) in enumerate(grid):
-        over = [
-            "--config",
-            "configs/pretrain/tiny.yaml",
-            "model.preset=base",
-            "model.vision.pretrained=false",
-            "model.text.pretrained=false",
-            f"model.checkpointing={str(ckpt == 'on').lower()}",
-            f"model.checkpoint_frames={CHECKPOINT_FRAMES if ckpt == 'on' else 0}",
-            f"compile={str(comp == 'on').lower()}",
-            f"data.path={Path(args.corpus) / 'train'}",
-            f"data.tokenizer={args.tokenizer}",
-            "data.image_size=224",
-            f"data.num_frames={frames}",
-            f"data.batch_size={batch}",
-            f"data.num_workers={args.workers}",
-            f"data.max_text_len={text_len}",
-            "val=null",
-            f"ckpt_every={10**6}",
-            "zero.stage=2",
-            "precision=bf16",
-            "optim.lr=1e-4",
-        ]
-        tag = f"base_b{batch}_compile{comp}_ckpt{ckpt}"
+    for i, (batch, comp, ckpt, zero) in enumerate(grid):
+        over = base_overrides(args, batch, comp == "on", ckpt == "on", zero)
+        tag = f"base_b{batch}_compile{comp}_ckpt{ckpt}" + (f"_z{zero}" if len(args.zero) > 1 else "")
         r = run_pretrain(1, over, out_dir / tag, args.timeout, steps)
-        r.update(preset="base", batch=batch, compile=comp == "on", checkpointing=ckpt == "on", frames=frames)
-        r["text_len"] = text_len
+        r.update(preset="base", batch=batch, compile=comp == "on", checkpointing=ckpt == "on", frames=FRAMES, zero=zero)
+        r["text_len"] = args.text_len
         if "error" not in r:
             achieved = flops[batch] / r["step_s"]
             r.update(step_tflop=flops[batch] / 1e12, tflops=achieved / 1e12, mfu_vs_measured=achieved / peak)
@@ -232,11 +298,93 @@ def cuda_grid(args: argparse.Namespace, out_dir: Path) -> tuple[list[dict[str, A
     return results, info
 
 
+def floor_grid(args: argparse.Namespace, out_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The base skeleton (:func:`skeleton_overrides`) for every ZeRO stage x compile asked for, one
+    process each, batch 2: the host's time per step (without its waits for data), and the
+    smallest batch of the real base preset that would keep the GPU busier than that at the MFU
+    goal."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    name = torch.cuda.get_device_name() if cuda else "an H100/H200"
+    nominal = next((v for k, v in NOMINAL_BF16.items() if k in name), None)
+    if nominal is None:  # CPU, or a card without a figure here: the H100's
+        nominal = NOMINAL_BF16["H100"]
+        name += "" if name == "an H100/H200" else " (an H100's peak)"
+    clip_flops = step_flops(2, FRAMES, args.text_len, fake=True) / 2
+    goal_s_per_clip = clip_flops / (MFU_GOAL * nominal)
+    print(
+        f"base at {FRAMES} frames: {clip_flops / 1e12:.2f} TFLOP per clip (fake tensors); at {MFU_GOAL:.0%} MFU of "
+        f"{name}'s {nominal / 1e12:.0f} TFLOP/s a clip takes {goal_s_per_clip * 1e3:.2f} ms of GPU",
+        flush=True,
+    )
+    steps = 24 if args.quick else 48
+    grid = [(z, c) for z in args.zero for c in args.compile]
+    results: list[dict[str, Any]] = []
+    for i, (zero, comp) in enumerate(grid):
+        # one data worker: the loader's 32 px clips are cheap, and more workers would compete
+        # with the measured process for this machine's cores
+        over = [*base_overrides(args, 2, comp == "on", False, zero), *skeleton_overrides(), "data.num_workers=1"]
+        tag = f"skeleton_z{zero}_compile{comp}"
+        r = run_pretrain(1, over, out_dir / tag, args.timeout, steps)
+        r.update(preset="base skeleton", zero=zero, compile=comp == "on", batch=2, frames=FRAMES, floor=True)
+        if "error" not in r:
+            host_s = r["step_s"] * (1 - r["data_wait_frac"])  # the step's own time, without waits for data
+            r["host_ms_per_step"] = host_s * 1e3
+            # a step of B clips at the goal keeps the GPU busy B * goal_s_per_clip: it must exceed the host's
+            r["min_batch_for_goal"] = host_s / goal_s_per_clip
+            first = results[0] if results else r
+            if "error" not in first:
+                r["time_vs_first"] = r["host_ms_per_step"] / first["host_ms_per_step"]
+        results.append(r)
+        print(
+            f"[{i + 1}/{len(grid)}] {tag}: "
+            + (
+                f"{r['host_ms_per_step']:.1f} ms/step -> the base step is host-bound below batch "
+                f"{r['min_batch_for_goal']:.0f} at {MFU_GOAL:.0%} MFU"
+                if "error" not in r
+                else "FAILED: " + r["error"][-300:]
+            ),
+            flush=True,
+        )
+        print_profile(r)
+    info = {
+        "floor_device": name,
+        "nominal_tflops": nominal / 1e12,
+        "base_clip_tflop": clip_flops / 1e12,
+        "goal_ms_per_clip": goal_s_per_clip * 1e3,
+        "skeleton_width": SKELETON_WIDTH,
+    }
+    return results, info
+
+
 def label(r: dict[str, Any]) -> str:
     if "batch" not in r:  # a CPU row
         return f"{r['preset']} Z{r['zero']} x{r['nproc']}"
-    parts = [f"b{r['batch']}", "compiled" if r["compile"] else "eager"]
-    return f"{r['preset']} " + " ".join(parts + (["ckpt"] if r["checkpointing"] else []))
+    parts = [f"Z{r.get('zero', 2)}", "compiled" if r["compile"] else "eager"]
+    if r.get("floor"):
+        return f"{r['preset']} " + " ".join(parts)
+    return f"{r['preset']} b{r['batch']} " + " ".join(parts + (["ckpt"] if r["checkpointing"] else []))
+
+
+def format_floor_table(results: list[dict[str, Any]]) -> str:
+    """The host floor's lines: the host's time per step, its ratio to the first configuration,
+    ops per step, on CUDA the GPU's busy fraction, and the batch below which the base preset's
+    step would wait for its host at the MFU goal."""
+    lines = [f"{'configuration':<28} {'host ms/step':>12} {'ratio':>6} {'ops/step':>9} {'busy':>5} {'min batch':>9}"]
+    for r in results:
+        if "error" in r:
+            lines.append(f"{label(r):<28} FAILED")
+            continue
+        prof = r.get("profile") or {}
+        busy = prof.get("device_busy")
+        lines.append(
+            f"{label(r):<28} {r['host_ms_per_step']:12.1f} {r.get('time_vs_first', 1.0):5.2f}x"
+            + (f" {prof['host_ops_per_step']:9.0f}" if prof else f" {'-':>9}")
+            + (f" {busy:5.0%}" if busy is not None else f" {'-':>5}")
+            + f" {r['min_batch_for_goal']:9.1f}"
+        )
+    return "\n".join(lines)
 
 
 def format_table(results: list[dict[str, Any]]) -> str:
@@ -275,15 +423,29 @@ def plot(results: list[dict[str, Any]], path: str) -> None:
     import matplotlib.pyplot as plt
 
     ok = [r for r in results if "error" not in r]
-    labels = [label(r).replace(" ", "\n", 1) for r in ok]
+    floor = bool(ok) and all(r.get("floor") for r in ok)
+    if floor:
+        labels = [f"ZeRO-{r['zero']}\n{'compiled' if r['compile'] else 'eager'}" for r in ok]
+    else:
+        labels = [label(r).replace(" ", "\n", 1) for r in ok]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(max(8, len(ok) * 0.9), 4))
-    a1.bar(range(len(ok)), [r["clips_per_s"] for r in ok], color="tab:blue")
-    a1.set_ylabel("clips/s (all ranks)")
-    a2.bar(range(len(ok)), [r["peak_mem_gib"] for r in ok], color="tab:orange")
-    a2.set_ylabel("peak memory per rank (GiB)")
+    if floor:
+        a1.bar(range(len(ok)), [r["host_ms_per_step"] for r in ok], color="tab:blue")
+        a1.set_title("host ms per step (next to no compute)", fontsize=9)
+        a2.bar(range(len(ok)), [r["min_batch_for_goal"] for r in ok], color="tab:red")
+        a2.set_title(f"base batch below which a step is host-bound at {MFU_GOAL:.0%} MFU", fontsize=9)
+        for b in (8, 32):
+            a2.axhline(b, color="grey", ls="--", lw=1)
+            a2.text(len(ok) - 0.5, b, f" batch {b}", va="bottom", ha="right", fontsize=7, color="grey")
+    else:
+        a1.bar(range(len(ok)), [r["clips_per_s"] for r in ok], color="tab:blue")
+        a1.set_ylabel("clips/s (all ranks)")
+        a2.bar(range(len(ok)), [r["peak_mem_gib"] for r in ok], color="tab:orange")
+        a2.set_ylabel("peak memory per rank (GiB)")
     for ax in (a1, a2):
         ax.set_xticks(range(len(ok)), labels, fontsize=7)
-    fig.suptitle("multi-dist pretraining throughput (bench_train.py)")
+    title = "the base step's host floor (its skeleton, batch 2)" if floor else "pretraining throughput"
+    fig.suptitle(f"multi-dist: {title} (bench_train.py)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -304,6 +466,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         default=["off"],
         help=f"CUDA: activation checkpointing (on: the vision tower in chunks of {CHECKPOINT_FRAMES} frames)",
     )
+    p.add_argument(
+        "--zero", type=int, nargs="+", choices=[0, 1, 2, 3], help="CUDA and --host-floor: ZeRO stages (CUDA: 2)"
+    )
+    p.add_argument(
+        "--host-floor",
+        action="store_true",
+        help="the base preset's skeleton (widths 32, two heads, 32 px frames): the host's time per step",
+    )
     p.add_argument("--text-len", type=int, default=40, help="CUDA: caption tokens")
     p.add_argument("--workers", type=int, default=8, help="CUDA: data workers")
     p.add_argument("--timeout", type=float, default=900, help="per configuration, seconds")
@@ -317,7 +487,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from multi_dist.profile import machine_info
 
     report: dict[str, Any] = {"machine": machine_info()}
-    if torch.cuda.is_available():
+    if args.host_floor:
+        args.zero = args.zero or [2, 1, 0]
+        results, info = floor_grid(args, out_dir)
+        report["machine"].update(info)
+    elif torch.cuda.is_available():
+        args.zero = args.zero or [2]
         results, info = cuda_grid(args, out_dir)
         report["machine"].update(info)
         best = max((r.get("mfu_vs_nominal", r.get("mfu_vs_measured", 0)) for r in results), default=0)
@@ -325,7 +500,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     else:
         results = cpu_grid(args, out_dir)
     report["results"] = results
-    print("\n" + format_table(results))
+    print("\n" + (format_floor_table(results) if args.host_floor else format_table(results)))
     if "goal" in report:
         g = report["goal"]
         print(f"goal MFU >= {g['mfu_goal']:.0%}: {'MET' if g['met'] else 'NOT MET'} (best {g['best_mfu']:.1%})")

@@ -3,17 +3,21 @@
 #
 #   bash launch/gpu_bench.sh OUT_DIR memory [bench_memory options, e.g. --checkpoint-frames 16]
 #   bash launch/gpu_bench.sh OUT_DIR train [bench_train options, e.g. --batch 32]
+#   bash launch/gpu_bench.sh OUT_DIR floor [bench_train options, e.g. --zero 2 1]
 #
 # Each part takes minutes (train: 4 runs, 2 of them compiling, each ending with a checkpoint);
-# where one command may run 10 minutes, run one part per call. ``all`` runs both.
+# where one command may run 10 minutes, run one part per call. ``all`` runs the three.
 # memory: bench_memory's CUDA grid (base preset, bf16, 16 and 64 frames, text 32): MuLTI vs dense.
 # train:  bench_train's CUDA grid (base preset, 16 frames, bf16, ZeRO-2): batch 8 and 32, eager
 #         and compiled, each run profiled (GPU busy fraction, kernels per step) and its MFU.
+# floor:  bench_train --host-floor: the base step's ops on a skeleton that computes next to
+#         nothing (ZeRO 2/1/0 x eager/compiled): the host's ms per step, launches included, and
+#         the batch below which a base step waits for its host at the MFU goal.
 # JSON, plots and logs go to OUT_DIR; the runs' traces stay under runs/. Needs the demo corpus's
 # training shards (data/demo/train) and a tokenizer (TOKENIZER: a name or a local folder).
 set -euo pipefail
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the package need not be installed
-out=${1:?usage: bash launch/gpu_bench.sh OUT_DIR [memory|train|all]}
+out=${1:?usage: bash launch/gpu_bench.sh OUT_DIR [memory|train|floor|all]}
 what=${2:-all}
 extra=("${@:3}")
 if [[ $what == all && ${#extra[@]} -gt 0 ]]; then
@@ -29,4 +33,8 @@ fi
 if [[ $what == train || $what == all ]]; then
   python launch/bench_train.py --quick --json "$out/train.json" --plot "$out/train.png" \
     --tokenizer "$tokenizer" --batch 8 32 --compile off on "${extra[@]}" 2>&1 | tee "$out/train.log"
+fi
+if [[ $what == floor || $what == all ]]; then
+  python launch/bench_train.py --host-floor --json "$out/floor.json" --plot "$out/floor.png" \
+    --tokenizer "$tokenizer" "${extra[@]}" 2>&1 | tee "$out/floor.log"
 fi

