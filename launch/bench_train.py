@@ -311,9 +311,9 @@ def floor_grid(args: argparse.Namespace, out_dir: Path) -> tuple[list[dict[str, 
     cuda = torch.cuda.is_available()
     name = torch.cuda.get_device_name() if cuda else "an H100/H200"
     nominal = next((v for k, v in NOMINAL_BF16.items() if k in name), None)
-    if nominal is None:  # CPU, or a card without a figure here: the H100's
+    if nominal is None:  # a card without a figure here: the H100's
         nominal = NOMINAL_BF16["H100"]
-        name += "" if name == "an H100/H200" else " (an H100's peak)"
+        name += " (an H100's peak)"
     clip_flops = step_flops(2, FRAMES, args.text_len, fake=True) / 2
     goal_s_per_clip = clip_flops / (MFU_GOAL * nominal)
     print(
