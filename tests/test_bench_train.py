@@ -4,10 +4,13 @@ it divides by count CPU's attention as the GPU's."""
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import sys
 from collections import Counter
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -18,6 +21,8 @@ from multi_dist.config import load_config
 from multi_dist.model import MuLTI
 from multi_dist.objectives import LossConfig, PretrainLoss
 from multi_dist.train import TrainConfig
+
+from .conftest import run_script
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "launch"))
 import bench_memory  # noqa: E402
@@ -82,3 +87,43 @@ def test_cpu_attention_counts_as_the_gpu_kernels() -> None:
     forward = 4 * b * h * s * s * d  # Q K^T and P V, 2 FLOPs per multiply-add
     assert counts["aten._scaled_dot_product_flash_attention_for_cpu"] == forward
     assert counts["aten._scaled_dot_product_flash_attention_for_cpu_backward"] == 2.5 * forward  # 5 matmuls
+
+
+def test_the_host_floor_times_a_real_run_and_derives_the_batch_from_it(demo_corpus: Path, tmp_path: Path) -> None:
+    """One configuration of ``--host-floor`` end to end: a real one-process ``deepspeed`` run of the
+    skeleton, its profile, the batch derived from its time, the table and the plot."""
+    out = tmp_path / "floor.json"
+    proc = run_script(
+        "launch/bench_train.py",
+        "--host-floor",
+        "--quick",
+        "--zero",
+        "2",
+        "--compile",
+        "off",
+        "--corpus",
+        str(demo_corpus),
+        "--json",
+        str(out),
+        "--plot",
+        str(tmp_path / "floor.png"),
+        "--out-dir",
+        str(tmp_path / "runs"),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    info = report["machine"]
+    assert info["floor_device"] == "an H100/H200" and info["nominal_tflops"] == 989
+    assert info["base_clip_tflop"] == pytest.approx(2.128, rel=0.02)  # the base step's FLOPs per clip at 16 frames
+    assert info["goal_ms_per_clip"] == pytest.approx(info["base_clip_tflop"] / (0.45 * 989) * 1e3)
+    (r,) = report["results"]
+    assert "error" not in r, r["error"]
+    assert (r["zero"], r["compile"], r["floor"], r["batch"]) == (2, False, True, 2)
+    host_s = r["step_s"] * (1 - r["data_wait_frac"])
+    assert 0 < host_s <= r["step_s"]
+    assert r["host_ms_per_step"] == pytest.approx(host_s * 1e3)
+    assert r["min_batch_for_goal"] == math.ceil(r["host_ms_per_step"] / info["goal_ms_per_clip"]) >= 1
+    assert r["time_vs_first"] == 1.0
+    assert r["profile"]["host_ops_per_step"] > 10_000  # the base step's ops, profiled
+    assert "base skeleton Z2 eager" in proc.stdout and "min batch" in proc.stdout
+    assert (tmp_path / "floor.png").stat().st_size > 10_000
