@@ -61,10 +61,13 @@ def gather_with_local_grad(x: torch.Tensor, group: Any = None) -> torch.Tensor:
 
 
 def caption_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """An int64 fingerprint per caption (a random linear hash of its token ids): equal captions,
-    true positives for each other, share it."""
-    gen = torch.Generator().manual_seed(1234)
-    coeff = torch.randint(1, 2**31 - 1, (input_ids.shape[1],), generator=gen).to(input_ids.device)
+    """An int64 fingerprint per caption (a linear hash of its token ids): equal captions, true
+    positives for each other, share it. The coefficients, scattered over [1, 2**31 - 1) by a
+    multiplicative hash of the position, are made on the ids' device: a tensor made on the host
+    and copied there would make the host wait for the GPU's queue. No overflow: with ids below
+    2**22 and up to 2**9 positions the sum stays below 2**22 * 2**31 * 2**9 = 2**62."""
+    pos = torch.arange(input_ids.shape[1], device=input_ids.device, dtype=torch.int64)
+    coeff = (pos * 2654435761 + 1013904223) % (2**31 - 1) + 1
     return ((input_ids.long() + 1) * attention_mask.long() * coeff).sum(1)
 
 
@@ -107,7 +110,9 @@ def sample_hard_negatives(sim: torch.Tensor, same: torch.Tensor) -> torch.Tensor
     weights = sim.float().softmax(1).masked_fill(same, 0.0)
     has_neg = weights.sum(1) > 0
     weights = torch.where(has_neg[:, None], weights, torch.ones_like(weights))
-    picks = torch.multinomial(weights, 1).squeeze(1)
+    # torch.multinomial(weights, 1) draws exactly this (argmax of p / q, q ~ Exp(1): the Gumbel-max
+    # trick), after two .item() checks of the weights that make the host wait for the GPU
+    picks = (weights / torch.empty_like(weights).exponential_()).argmax(1)
     return torch.where(has_neg, picks, torch.full_like(picks, -1))
 
 

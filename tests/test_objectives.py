@@ -245,6 +245,50 @@ def test_the_pretraining_step_never_waits_for_the_device() -> None:
     assert all(p.grad is not None for p in model.fusion.parameters())
 
 
+def test_the_pretraining_step_reads_no_value_back_and_makes_no_tensor_on_the_host() -> None:
+    """Two syncs that fake tensors cannot see. A kernel that reads a value back inside itself
+    (``torch.multinomial`` checks its weights with two ``.item()`` calls): the profiler of a real
+    step records every nested ``aten::_local_scalar_dense``, and there must be none. A tensor
+    made on the host and copied to the device (a blocking copy, which waits for the queue): with
+    the model and batch on the ``meta`` device, no op of forward or backward may touch a CPU
+    tensor."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    from multi_dist.evaluate import to_device
+
+    batch = make_batch(t=4)
+    batch["frame_mask"] = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 0]], dtype=torch.bool)
+    moved = to_device(batch, torch.device("cpu"), bf16=False)
+    torch.manual_seed(0)
+    model = MuLTI(model_config("tiny", checkpointing=True, checkpoint_frames=3)).train()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        PretrainLoss(LossConfig())(model, moved)["objective"].backward()
+    names = [e.name for e in prof.events()]
+    assert names.count("aten::mm") > 50  # the profile holds the nested ops of forward and backward
+    assert names.count("aten::_local_scalar_dense") == 0
+
+    class HostOps(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN202
+            out = func(*args, **(kwargs or {}))
+            tensors = [t for t in tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)]
+            if any(t.device.type == "cpu" for t in tensors):
+                self.seen.append(str(func))
+            return out
+
+    meta = {k: v.to("meta") for k, v in moved.items()}
+    model.to("meta")
+    with HostOps() as host:
+        out = PretrainLoss(LossConfig())(model, meta)
+        out["objective"].backward()
+    assert out["objective"].device.type == "meta" and host.seen == []
+
+
 @pytest.mark.parametrize(("sampler", "option_length"), [("multiway", 9), ("multiway", 14), ("none", 9)])
 def test_one_pass_step_equals_the_objectives_computed_apart(sampler: str, option_length: int) -> None:
     """The step encodes every text in one pass and fuses every text with its own clip in one
