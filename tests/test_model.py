@@ -186,6 +186,26 @@ def test_checkpointing_in_chunks_of_frames_lowers_peak_memory(frozen: int) -> No
     assert peaks[4] < (0.6 if frozen == 0 else 0.75) * peaks[0], peaks
 
 
+def test_the_frozen_layers_run_in_chunks_of_frames_too() -> None:
+    """The adapter's frozen layers run under no_grad, in chunks of ``checkpoint_frames`` like the
+    rest of the tower (whole, one layer's activations over every frame of the batch would be
+    their transient); the 10 real frames of 4 padded clips, in chunks of 3, are 3 + 3 + 3 + 1."""
+    torch.manual_seed(0)
+    model = MuLTI(model_config("tiny", checkpointing=True, checkpoint_frames=3)).train()
+    assert model.video.frozen == 1
+    frames: list[int] = []
+    model.video.layers[0].register_forward_hook(lambda _m, args, _out: frames.append(args[0].shape[0]))
+    batch = make_batch(t=4)
+    batch["frame_mask"] = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 0]], dtype=torch.bool)
+    PretrainLoss(LossConfig())(model, batch)["loss"].backward()
+    assert frames == [3, 3, 3, 1]
+    frames.clear()
+    model.eval()  # no checkpointing in eval: all frames at once
+    with torch.no_grad():
+        model.encode_video(batch["video"], batch["frame_mask"])
+    assert frames == [10]
+
+
 def test_the_text_guides_the_video_sampler(tiny: MuLTI) -> None:
     video = torch.randn(2, 8, 3, 32, 32)
     mask = torch.ones(2, 10, dtype=torch.long)

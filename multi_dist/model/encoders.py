@@ -260,8 +260,10 @@ class VideoEncoder(_LayeredEncoder):
         if self.adapter is None:  # nothing frozen: the whole tower is per frame
             h = self._per_frame(self._whole, x)
         else:
-            with torch.no_grad():  # in chunks too, which bounds its transient memory
-                chunks = x.split(self.checkpoint_frames) if self._chunking() else [x]
+            # in chunks too, which bounds its transient memory (asked before no_grad, under which
+            # the checkpointing it follows is off)
+            chunks = x.split(self.checkpoint_frames) if self._chunking() else [x]
+            with torch.no_grad():
                 h = torch.cat([self._frozen_part(chunk) for chunk in chunks])
             h = self._adapt(h, b, t, frame_mask, real)  # mixes frames: runs on all of them at once
             h = self._per_frame(self._trainable, h)
