@@ -23,8 +23,9 @@ each encoder's layers frozen; on CUDA also 128 frames at the shortest text. ``--
 ``--text``, ``--lever-frames``, ``--big-frames`` change it; ``--quick`` is a smoke run. Every
 configuration runs in a fresh process (so peaks never leak from one to the next); an out-of-memory
 configuration is a result (OOM), not a crash. The goal's pair runs first; ``--max-minutes`` (CUDA
-5.5, CPU 15, estimate 60) skips what is left when time runs out (recorded as skipped), a running
-configuration is killed at the limit (timeout).
+5.5, CPU 15, estimate 60) skips what is left when time runs out (recorded as skipped, as is one
+still running when the guard is reached); one that runs past ``--config-timeout`` is killed
+(timeout).
 
 On the GPU machine (repo copied, package not installed; no matplotlib there: plot afterwards)::
 
@@ -1152,6 +1153,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             res: dict[str, Any] = {"status": "skipped", "error": f"time guard ({max_minutes:g} min) reached"}
         else:
             res = run_config(spec, min(args.config_timeout, left), heartbeat=30.0, tag=tag)
+            if res["status"] == "timeout" and left < args.config_timeout:  # cut by the guard, not slow
+                res.update(status="skipped", error=f"time guard ({max_minutes:g} min) reached while it ran")
         res = {**c, **res}
         results.append(res)
         if res["status"] == "ok":

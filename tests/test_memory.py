@@ -1,13 +1,16 @@
-"""LiveBytes and the fake-tensor estimate of ``launch/bench_memory.py --device estimate``."""
+"""LiveBytes, the fake-tensor estimate of ``launch/bench_memory.py --device estimate``, and its time limits."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
 import torch
 
 from multi_dist.memory import LiveBytes
+
+from .conftest import run_script
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "launch"))
 import bench_memory  # noqa: E402
@@ -50,3 +53,23 @@ def test_the_fake_tensor_estimate_matches_a_real_step() -> None:
     assert abs(est["step_peak_bytes"] - real["step_peak_bytes"]) <= 0.02 * real["step_peak_bytes"], (real, est)
     assert (est["static_bytes"], est["batch_bytes"]) == (real["static_bytes"], real["batch_bytes"])
     assert est["ops_per_step"] == real["ops_per_step"] > 1000  # the same ops dispatched, fake or real
+
+
+def test_a_configuration_cut_by_the_time_guard_is_skipped_and_a_slow_one_times_out(tmp_path: Path) -> None:
+    """Two limits, two statuses. One configuration killed at ``--config-timeout`` is a finding
+    (``timeout``: too slow for the limit); one still running when ``--max-minutes`` runs out was
+    cut by the budget, whatever its speed (``skipped``, as are those never started). A
+    configuration takes more than 10 s here: a fresh interpreter, the model, warm-up, then at
+    least 1 s of steps."""
+    base = ["launch/bench_memory.py", "--device", "cpu", "--threads", "1", "--frames", "64", "--text", "32"]
+    statuses = {}
+    for name, limit in {"slow": ["--config-timeout", "1"], "guard": ["--max-minutes", "0.1"]}.items():
+        out = tmp_path / f"{name}.json"
+        proc = run_script(*base, *limit, "--json", str(out))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        statuses[name] = [(r["status"], r["error"]) for r in json.loads(out.read_text())["results"]]
+    assert len(statuses["slow"]) == len(statuses["guard"]) > 2
+    assert set(statuses["slow"]) == {("timeout", "killed after 1 s")}
+    first, *rest = statuses["guard"]
+    assert first == ("skipped", "time guard (0.1 min) reached while it ran")
+    assert set(rest) == {("skipped", "time guard (0.1 min) reached")}
