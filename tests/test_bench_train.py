@@ -7,6 +7,8 @@ import argparse
 import json
 import math
 import sys
+import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -127,3 +129,42 @@ def test_the_host_floor_times_a_real_run_and_derives_the_batch_from_it(demo_corp
     assert r["profile"]["host_ops_per_step"] > 10_000  # the base step's ops, profiled
     assert "base skeleton Z2 eager" in proc.stdout and "min batch" in proc.stdout
     assert (tmp_path / "floor.png").stat().st_size > 10_000
+    assert "partial" not in report  # rewritten after each configuration, then in full at the end
+
+
+def processes_naming(text: str) -> set[int]:
+    pids = set()
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if text in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                pids.add(int(proc.name))
+        except OSError:  # gone meanwhile
+            pass
+    return pids
+
+
+def test_a_configuration_past_its_timeout_is_killed_with_its_ranks(demo_corpus: Path, tmp_path: Path) -> None:
+    """``--timeout`` ends one configuration, not the benchmark: the row records the error, and the
+    launcher and both ranks (each names the run folder on its command line) are killed, so none
+    keeps its GPU memory from the configurations after it."""
+    run_dir = tmp_path / "slow"
+    over = ["--config", "configs/pretrain/tiny.yaml", f"data.path={demo_corpus / 'train'}", "val=null"]
+    seen: set[int] = set()
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            seen.update(processes_naming(f"run_dir={run_dir}"))
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        r = bench_train.run_pretrain(2, over, run_dir, timeout=20, steps=4000)
+    finally:
+        done.set()
+        watcher.join()
+    assert r["error"].startswith("timed out after 20 s (--timeout)") and 20 <= r["wall_s"] < 40
+    assert len(seen) >= 4  # the runner, the launcher and the two ranks were up
+    time.sleep(1)
+    assert seen & processes_naming(f"run_dir={run_dir}") == set()
