@@ -51,7 +51,8 @@ On the GPU machine (repo copied, package not installed; no matplotlib there: plo
 
 - ``--device estimate`` (no GPU needed): the CUDA grid's peaks estimated on CPU without computing
   anything. Model, batch and optimizer are fake tensors (shapes and dtypes only), bf16 comes from
-  CPU autocast (the same casts as CUDA's for matmuls, attention and norms), and
+  CPU autocast (the same casts as CUDA's for matmuls and attention; CUDA's runs layer norms and
+  softmax in float32 where CPU's keeps a bf16 input in bf16, so those outputs count half), and
   ``multi_dist.memory.LiveBytes`` counts live tensor bytes through forward, backward and AdamW.
   The batch's mask indices are found on the host, as in training, so no op's shape depends on
   values (the step would fail on fake tensors if one did). Checked against the H200 measurements (per-layer
@@ -369,10 +370,10 @@ def step_memory(spec: dict[str, Any], fake: bool) -> dict[str, Any]:
 def estimate_one(spec: dict[str, Any]) -> dict[str, Any]:
     """The CUDA peak of one training step, estimated on CPU without computing anything:
     :func:`step_memory` on fake tensors (CPU autocast makes the same bf16 casts as CUDA's for
-    matmuls, attention and norms). Peak = weights + optimizer state + batch + the step's peak, as
-    ``max_memory_allocated`` counts them (without the allocator's rounding, cuBLAS workspaces and
-    the attention kernels' scratch). An op whose shape depends on values (one that would wait for
-    the GPU in training) fails here."""
+    matmuls and attention, not for norms and softmax, which CUDA's runs in float32). Peak =
+    weights + optimizer state + batch + the step's peak, as ``max_memory_allocated`` counts them
+    (without the allocator's rounding, cuBLAS workspaces and the attention kernels' scratch). An
+    op whose shape depends on values (one that would wait for the GPU in training) fails here."""
     t0 = time.perf_counter()
     import_model_only()
     res = step_memory(spec, fake=True)
