@@ -54,16 +54,10 @@ class ProfileConfig:
 
 PHASES = ("data", "forward", "nan_check", "backward", "optimizer", "drain")
 _PHASE = "phase/"
-# CUDA runtime calls by what the host does in them (driver-API names included)
-_LAUNCH = (
-    "cudaLaunchKernel",
-    "cudaLaunchKernelExC",
-    "cudaLaunchCooperativeKernel",
-    "cuLaunchKernel",  # the driver API: triton's kernels (compile)
-    "cuLaunchKernelEx",
-    "cuLaunchCooperativeKernel",
-    "cudaGraphLaunch",
-)
+# CUDA runtime calls by what the host does in them. Launches by prefix: the runtime's
+# cudaLaunchKernel, cudaLaunchKernelExC, cudaLaunchCooperativeKernel (and versioned spellings),
+# the driver API's cuLaunchKernel(Ex) that triton's kernels (compile) use, CUDA graphs
+_LAUNCH = ("cudaLaunch", "cuLaunch", "cudaGraphLaunch")
 # the host blocked until the GPU caught up (cudaFree synchronises the device: allocator retries)
 _WAIT = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy", "cudaFree")
 # copies: a pageable device-to-host copy (.cpu(), .tolist()) blocks inside cudaMemcpyAsync
@@ -150,7 +144,7 @@ def summarize(prof: Any, wall_s: float, steps: int, cuda: bool, top: int) -> dic
     phases["other"] = max(0.0, wall_s * 1e3 / steps - sum(phases.values()))
     out["phase_ms_per_step"] = phases
     if cuda:
-        launches = [e for e in host if e.name in _LAUNCH]
+        launches = [e for e in host if e.name.startswith(_LAUNCH)]
         out["launches_per_step"] = len(launches) / steps
         out["cuda_launch_ms_per_step"] = sum(e.time_range.end - e.time_range.start for e in launches) / 1e3 / steps
         waits = (e.time_range.end - e.time_range.start for e in host if e.name in _WAIT)
@@ -166,7 +160,8 @@ def summarize(prof: Any, wall_s: float, steps: int, cuda: bool, top: int) -> dic
     if cuda:
         kernels = sorted((e.time_range.start, e.time_range.end) for e in events if kernel(e))
         out["kernels_per_step"] = len(kernels) / steps
-        out["device_busy"] = _union_us(kernels) / 1e6 / wall_s
+        # no kernel at all means the profiler got no GPU activity (CUPTI unavailable), not an idle GPU
+        out["device_busy"] = _union_us(kernels) / 1e6 / wall_s if kernels else None
     averages = [  # operators only: no annotations (the loop's phases, the optimizer's step)
         a for a in prof.key_averages() if getattr(a, key) > 0 and not a.is_user_annotation and (kernel(a) or not cuda)
     ]
@@ -203,8 +198,9 @@ def describe(summary: dict[str, Any]) -> str:
         f"profile: steps {summary.get('first_step', '?')}-{summary.get('last_step', '?')}, "
         f"{summary['wall_s_per_step'] * 1e3:.0f} ms/step ({phases} ms)"
     )
-    if busy is not None:
-        line += f", GPU busy {busy:.0%}, waits for it {summary['cuda_wait_ms_per_step']:.0f} ms/step"
+    if "launches_per_step" in summary:  # a CUDA run
+        line += f", GPU busy {busy:.0%}" if busy is not None else ", GPU busy unknown (no kernel recorded)"
+        line += f", waits for it {summary['cuda_wait_ms_per_step']:.0f} ms/step"
         line += f", in copies {summary['cuda_copy_ms_per_step']:.0f}"
         line += f", {summary['launches_per_step']:.0f} launches/step"
     return line + f", {summary['host_ops_per_step']:.0f} host ops/step"

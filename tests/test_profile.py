@@ -106,6 +106,11 @@ def test_phases_launches_and_waits_from_the_host_timeline() -> None:
     assert line.startswith("profile: steps 3-4, 5 ms/step (data 0, forward 2, nan_check 0, backward 0")
     assert "GPU busy 50%, waits for it 1 ms/step, in copies 0, 1 launches/step" in line
 
+    # no kernel recorded (the profiler got no GPU activity): unknown, not an idle GPU
+    blind = summarize(_Profile([e for e in prof.events() if e.device_type.name == "CPU"]), 10e-3, 2, True, 5)
+    assert blind["device_busy"] is None and blind["kernels_per_step"] == 0 and blind["launches_per_step"] == 1.0
+    assert "GPU busy unknown (no kernel recorded), waits for it 1 ms/step" in describe({**blind, "first_step": 3})
+
     cpu = summarize(prof, wall_s=10e-3, steps=2, cuda=False, top=5)  # a CPU run has no CUDA figures
     assert "launches_per_step" not in cpu and "device_busy" not in cpu
     assert cpu["phase_ms_per_step"] == phases
