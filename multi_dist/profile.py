@@ -55,9 +55,10 @@ class ProfileConfig:
 PHASES = ("data", "forward", "nan_check", "backward", "optimizer", "drain")
 _PHASE = "phase/"
 # CUDA runtime calls by what the host does in them. Launches by prefix: the runtime's
-# cudaLaunchKernel, cudaLaunchKernelExC, cudaLaunchCooperativeKernel (and versioned spellings),
-# the driver API's cuLaunchKernel(Ex) that triton's kernels (compile) use, CUDA graphs
-_LAUNCH = ("cudaLaunch", "cuLaunch", "cudaGraphLaunch")
+# cudaLaunchKernel, cudaLaunchKernelExC, cudaLaunchCooperativeKernel, the driver API's
+# cuLaunchKernel(Ex) that triton's kernels (compile) use, CUDA graphs in both APIs, and the
+# per-thread default stream's spellings of each (cudaLaunchKernel_ptsz, ...)
+_LAUNCH = ("cudaLaunch", "cuLaunch", "cudaGraphLaunch", "cuGraphLaunch")
 # the host blocked until the GPU caught up (cudaFree synchronises the device: allocator retries)
 _WAIT = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy", "cudaFree")
 # copies: a pageable device-to-host copy (.cpu(), .tolist()) blocks inside cudaMemcpyAsync

@@ -111,6 +111,17 @@ def test_phases_launches_and_waits_from_the_host_timeline() -> None:
     assert blind["device_busy"] is None and blind["kernels_per_step"] == 0 and blind["launches_per_step"] == 1.0
     assert "GPU busy unknown (no kernel recorded), waits for it 1 ms/step" in describe({**blind, "first_step": 3})
 
+    # every spelling of a launch counts, a copy does not
+    names = (
+        "cudaLaunchKernel_ptsz",
+        "cudaLaunchKernelExC",
+        "cuLaunchKernelEx",
+        "cudaGraphLaunch_ptsz",
+        "cuGraphLaunch",
+    )
+    calls = _Profile([_Event(n, "cpu", 0, 10) for n in (*names, "cudaMemcpyAsync")])
+    assert summarize(calls, wall_s=1e-3, steps=1, cuda=True, top=5)["launches_per_step"] == len(names)
+
     cpu = summarize(prof, wall_s=10e-3, steps=2, cuda=False, top=5)  # a CPU run has no CUDA figures
     assert "launches_per_step" not in cpu and "device_busy" not in cpu
     assert cpu["phase_ms_per_step"] == phases
