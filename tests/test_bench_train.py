@@ -168,3 +168,46 @@ def test_a_configuration_past_its_timeout_is_killed_with_its_ranks(demo_corpus: 
     assert len(seen) >= 4  # the runner, the launcher and the two ranks were up
     time.sleep(1)
     assert seen & processes_naming(f"run_dir={run_dir}") == set()
+
+
+def test_each_configuration_is_saved_as_it_ends(demo_corpus: Path, tmp_path: Path) -> None:
+    """The JSON is rewritten after every configuration, marked partial until the last, so a
+    command killed between them keeps what it measured. Two floor configurations, each cut by a
+    4 s ``--timeout``: the file holds the first alone while the second runs, then both in full."""
+    out = tmp_path / "floor.json"
+    argv = ["--host-floor", "--zero", "2", "1", "--compile", "off", "--timeout", "4", "--corpus", str(demo_corpus)]
+    argv += ["--json", str(out), "--out-dir", str(tmp_path / "runs")]
+    seen: list[dict] = []
+    worker = threading.Thread(target=bench_train.main, args=(argv,))
+    worker.start()
+    while worker.is_alive():
+        try:
+            report = json.loads(out.read_text())
+        except (OSError, ValueError):  # not written yet, or caught mid-write
+            report = None
+        if report and (not seen or report != seen[-1]):
+            seen.append(report)
+        time.sleep(0.05)
+    worker.join()
+    final = json.loads(out.read_text())
+    partial = [len(r["results"]) for r in seen if r.get("partial")]  # the last, [2], is soon overwritten
+    assert partial[:1] == [1] and set(partial) <= {1, 2}
+    assert "partial" not in final and [r["zero"] for r in final["results"]] == [2, 1]
+    assert all(r["error"].startswith("timed out after 4 s") for r in final["results"])
+
+
+def test_gpu_bench_checks_its_inputs_before_the_first_run(tmp_path: Path) -> None:
+    """train and floor read the demo corpus and a tokenizer: without them gpu_bench.sh stops in
+    seconds, saying how to make them, before it touches the GPU or its output folder."""
+    import os
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "TOKENIZER": str(tmp_path / "no-tokenizer"), "PYTHON": sys.executable}
+    for part in ("train", "floor"):
+        out = tmp_path / part
+        proc = subprocess.run(
+            ["bash", "launch/gpu_bench.sh", str(out), part], cwd=root, env=env, capture_output=True, text=True
+        )
+        assert proc.returncode == 2 and "run make gpu-prep" in proc.stderr, proc.stderr[-2000:]
+        assert not out.exists()
