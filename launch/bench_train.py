@@ -69,11 +69,12 @@ def run_pretrain(nproc: int, overrides: list[str], run_dir: Path, timeout: float
     """``steps`` measured steps (log windows of ``steps // 4``; the first, with start-up and
     warm-up, is dropped), then :data:`PROFILED_STEPS` more under the profiler, whose summary
     (rank 0) comes back under ``profile``."""
-    from multi_dist.dist import deepspeed_command
+    from multi_dist.dist import deepspeed_command, free_port, remove_shm_segments
 
     shutil.rmtree(run_dir, ignore_errors=True)  # a run folder left by an earlier benchmark would resume
+    port = free_port()
     cmd = [
-        *deepspeed_command(nproc),
+        *deepspeed_command(nproc, port),
         "launch/pretrain.py",
         f"run_dir={run_dir}",
         *overrides,
@@ -92,6 +93,7 @@ def run_pretrain(nproc: int, overrides: list[str], run_dir: Path, timeout: float
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         _, stderr = proc.communicate()
+        remove_shm_segments(port)  # killed in start-up, its ranks had not unlinked them yet
         return {"error": f"timed out after {timeout:.0f} s (--timeout)\n" + stderr[-2000:], "wall_s": time.time() - t0}
     if proc.returncode != 0:
         return {"error": stderr[-2000:], "wall_s": time.time() - t0}

@@ -134,6 +134,17 @@ def _unlink_shm_segment(info: DistInfo) -> None:
         path.unlink()
 
 
+def remove_shm_segments(port: int) -> list[Path]:
+    """The shared-memory segments of a local run on ``port`` that were killed before its ranks
+    unlinked them (killed during start-up, see :func:`_unlink_shm_segment`): removed, and returned.
+    Only for a run that is over: a live run's ranks may not have mapped them yet."""
+    found = sorted(Path("/dev/shm").glob(f"{SHM_SEGMENT}_{os.getuid()}_*_{port}_*"))
+    for path in found:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    return found
+
+
 def host_group() -> Any:
     """A process group for small host-side messages (flags, counters) that must not wait for the
     GPU: the default group where it is gloo, else a gloo group made once (every rank must call

@@ -20,6 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from multi_dist.config import load_config
+from multi_dist.dist import SHM_SEGMENT
 from multi_dist.model import MuLTI
 from multi_dist.objectives import LossConfig, PretrainLoss
 from multi_dist.train import TrainConfig
@@ -178,6 +179,7 @@ def test_each_configuration_is_saved_as_it_ends(demo_corpus: Path, tmp_path: Pat
     argv = ["--host-floor", "--zero", "2", "1", "--compile", "off", "--timeout", "4", "--corpus", str(demo_corpus)]
     argv += ["--json", str(out), "--out-dir", str(tmp_path / "runs")]
     seen: list[dict] = []
+    shm_before = set(Path("/dev/shm").glob(f"{SHM_SEGMENT}_*"))
     worker = threading.Thread(target=bench_train.main, args=(argv,))
     worker.start()
     while worker.is_alive():
@@ -194,6 +196,8 @@ def test_each_configuration_is_saved_as_it_ends(demo_corpus: Path, tmp_path: Pat
     assert partial[:1] == [1] and set(partial) <= {1, 2}
     assert "partial" not in final and [r["zero"] for r in final["results"]] == [2, 1]
     assert all(r["error"].startswith("timed out after 4 s") for r in final["results"])
+    # killed in start-up, before the ranks unlinked DeepSpeed's shared memory (46 MB here): removed
+    assert set(Path("/dev/shm").glob(f"{SHM_SEGMENT}_*")) <= shm_before
 
 
 def test_gpu_bench_checks_its_inputs_before_the_first_run(tmp_path: Path) -> None:

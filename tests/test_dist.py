@@ -3,9 +3,12 @@ test_train.py and test_objectives.py)."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
-from multi_dist.dist import discover
+from multi_dist.dist import SHM_SEGMENT, discover, free_port, remove_shm_segments
 
 
 def test_torch_style_launchers() -> None:
@@ -39,3 +42,22 @@ def test_plain_python_is_a_world_of_one() -> None:
 def test_an_impossible_rank_is_refused() -> None:
     with pytest.raises(ValueError, match="rank 4 is outside the world size 4"):
         discover({"RANK": "4", "WORLD_SIZE": "4"})
+
+
+def test_the_shared_memory_of_a_killed_run_is_removed_by_its_port() -> None:
+    """A run killed in start-up leaves DeepSpeed's segments (one per rank, named by uid, address,
+    port and rank); removing them by port takes that run's and no other's."""
+    port = free_port()
+    other = port + 1  # a name only: another run's port
+    uid = os.getuid()
+    mine = [Path("/dev/shm") / f"{SHM_SEGMENT}_{uid}_127.0.0.1_{port}_{rank}" for rank in (0, 1)]
+    theirs = Path("/dev/shm") / f"{SHM_SEGMENT}_{uid}_127.0.0.1_{other}_0"
+    try:
+        for path in (*mine, theirs):
+            path.write_bytes(b"\0" * 64)
+        assert remove_shm_segments(port) == mine
+        assert not any(p.exists() for p in mine) and theirs.exists()
+        assert remove_shm_segments(port) == []
+    finally:
+        for path in (*mine, theirs):
+            path.unlink(missing_ok=True)
