@@ -20,10 +20,18 @@ forward to finish on the GPU: a long one means the host got far ahead (the GPU i
 bottleneck); a short one with a low ``device_busy`` means the host could not keep the GPU fed.
 ``cuda_wait_ms_per_step`` sums the host's time in synchronisations (``drain`` included);
 ``cuda_copy_ms_per_step`` its time in copy calls, where a copy from pageable memory blocks.
+
+Where the GPU waited, and what the step would take if it never did: ``gpu_kernel_ms_per_step`` is
+the time some kernel ran (the step's time at the GPU's own pace; model FLOPs over it are the MFU
+that faster kernels, not a faster host, would have to raise), and ``gpu_idle_ms_by_phase`` splits
+the rest of the wall time by the host's phase at that moment (kernels and host calls share one
+clock in the trace): idle time under ``optimizer`` is the GPU waiting while the host dispatches
+the optimizer's many small ops, idle time under ``data`` the GPU waiting for the next batch.
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import json
 import os
@@ -139,9 +147,11 @@ def summarize(prof: Any, wall_s: float, steps: int, cuda: bool, top: int) -> dic
     }
     host = [e for e in events if e.device_type == DeviceType.CPU]
     phases = {name: 0.0 for name in PHASES}
+    spans: list[tuple[float, float, str]] = []  # the phases on the host's timeline
     for e in host:
         if e.name.startswith(_PHASE) and e.name[len(_PHASE) :] in phases:
             phases[e.name[len(_PHASE) :]] += (e.time_range.end - e.time_range.start) / 1e3 / steps
+            spans.append((e.time_range.start, e.time_range.end, e.name[len(_PHASE) :]))
     phases["other"] = max(0.0, wall_s * 1e3 / steps - sum(phases.values()))
     out["phase_ms_per_step"] = phases
     if cuda:
@@ -163,6 +173,11 @@ def summarize(prof: Any, wall_s: float, steps: int, cuda: bool, top: int) -> dic
         out["kernels_per_step"] = len(kernels) / steps
         # no kernel at all means the profiler got no GPU activity (CUPTI unavailable), not an idle GPU
         out["device_busy"] = _union_us(kernels) / 1e6 / wall_s if kernels else None
+        if kernels and host:
+            start = min(e.time_range.start for e in host)
+            idle = idle_by_phase(kernels, spans, start, start + wall_s * 1e6)
+            out["gpu_kernel_ms_per_step"] = _union_us(kernels) / 1e3 / steps
+            out["gpu_idle_ms_by_phase"] = {k: v / 1e3 / steps for k, v in idle.items()}
     averages = [  # operators only: no annotations (the loop's phases, the optimizer's step)
         a for a in prof.key_averages() if getattr(a, key) > 0 and not a.is_user_annotation and (kernel(a) or not cuda)
     ]
@@ -191,6 +206,46 @@ def _union_us(intervals: list[tuple[float, float]]) -> float:
     return covered
 
 
+def _merge(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Sorted ``(start, end)`` intervals as disjoint, sorted ones (their union)."""
+    merged: list[tuple[float, float]] = []
+    for s, e in intervals:
+        if merged and s <= merged[-1][1]:
+            if e > merged[-1][1]:
+                merged[-1] = (merged[-1][0], e)
+        else:
+            merged.append((s, e))
+    return merged
+
+
+def idle_by_phase(
+    kernels: list[tuple[float, float]], spans: list[tuple[float, float, str]], start: float, end: float
+) -> dict[str, float]:
+    """The time in ``[start, end]`` no kernel ran, by the host's phase at that moment: ``spans``
+    are the phases' ``(start, end, name)`` on the host's timeline (disjoint), ``kernels`` the
+    sorted kernel intervals; idle time outside every span is ``other``. Same unit as the input."""
+    busy = _merge(kernels)
+    begins = [s for s, _ in busy]
+
+    def covered(s: float, e: float) -> float:  # kernel time within [s, e]
+        total, i = 0.0, max(0, bisect.bisect_right(begins, s) - 1)
+        while i < len(busy) and busy[i][0] < e:
+            total += max(0.0, min(e, busy[i][1]) - max(s, busy[i][0]))
+            i += 1
+        return total
+
+    out = {name: 0.0 for name in (*PHASES, "other")}
+    in_spans = 0.0
+    for s, e, name in spans:
+        s, e = max(s, start), min(e, end)
+        if e > s:
+            idle = (e - s) - covered(s, e)
+            out[name] += idle
+            in_spans += idle
+    out["other"] = max(0.0, (end - start) - covered(start, end) - in_spans)
+    return out
+
+
 def describe(summary: dict[str, Any]) -> str:
     """One line of a summary: time per step, the phases that took it, the GPU's busy share."""
     phases = ", ".join(f"{k} {v:.0f}" for k, v in summary["phase_ms_per_step"].items())
@@ -201,6 +256,11 @@ def describe(summary: dict[str, Any]) -> str:
     )
     if "launches_per_step" in summary:  # a CUDA run
         line += f", GPU busy {busy:.0%}" if busy is not None else ", GPU busy unknown (no kernel recorded)"
+        idle = summary.get("gpu_idle_ms_by_phase")
+        if idle:  # where the GPU waited: the phases that kept it waiting longest
+            worst = sorted(((v, k) for k, v in idle.items() if v >= 0.5), reverse=True)[:3]
+            line += f" (kernels {summary['gpu_kernel_ms_per_step']:.0f} ms/step; idle under "
+            line += (", ".join(f"{k} {v:.0f}" for v, k in worst) or "no phase") + " ms)"
         line += f", waits for it {summary['cuda_wait_ms_per_step']:.0f} ms/step"
         line += f", in copies {summary['cuda_copy_ms_per_step']:.0f}"
         line += f", {summary['launches_per_step']:.0f} launches/step"

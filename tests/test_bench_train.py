@@ -215,3 +215,22 @@ def test_gpu_bench_checks_its_inputs_before_the_first_run(tmp_path: Path) -> Non
         )
         assert proc.returncode == 2 and "run make gpu-prep" in proc.stderr, proc.stderr[-2000:]
         assert not out.exists()
+
+
+def test_the_cuda_table_shows_the_mfu_at_the_gpus_own_pace() -> None:
+    """A GPU run's row shows its MFU and, from the profiled kernel time, the MFU had the GPU never
+    waited; a failed run's row says so and the columns stay aligned."""
+    base = {"preset": "base", "batch": 96, "compile": True, "checkpointing": False, "zero": 0, "peak_mem_gib": 112.8}
+    busy = {"host_ops_per_step": 40170, "device_busy": 0.62}
+    rows = [
+        {**base, "clips_per_s": 144.4, "speed_vs_first": 1.0, "mfu_vs_nominal": 0.310, "mfu_at_gpu_pace": 0.387}
+        | {"profile": busy},
+        {**base, "zero": 2, "clips_per_s": 69.1, "speed_vs_first": 0.48, "mfu_vs_nominal": 0.149, "profile": busy},
+        {**base, "batch": 128, "error": "timed out"},
+    ]
+    header, first, second, failed = bench_train.format_table(rows).splitlines()
+    assert header.endswith("MFU at GPU pace")
+    assert first.split()[-2:] == ["31.0%", "38.7%"] and first.startswith("base b96 Z0 compiled")
+    assert second.split()[-2:] == ["14.9%", "-"] and len(second) == len(first) == len(header)
+    assert failed.split()[-1] == "FAILED"
+    assert "at GPU pace" not in bench_train.format_table(rows[1:])  # no profile with kernels: no column

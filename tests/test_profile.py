@@ -4,7 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from multi_dist.profile import PHASES, _union_us, describe, summarize
+from multi_dist.profile import PHASES, _union_us, describe, idle_by_phase, summarize
 
 
 @pytest.mark.parametrize(
@@ -102,13 +102,23 @@ def test_phases_launches_and_waits_from_the_host_timeline() -> None:
     assert out["cuda_wait_ms_per_step"] == pytest.approx((900 + 100 + 580) / 2 / 1e3)
     assert out["cuda_copy_ms_per_step"] == pytest.approx(0.2)
     assert out["device_busy"] == pytest.approx(0.5)
+    # the kernel (1-6 ms) left the GPU idle in the first forward before 1 ms, in the second after
+    # 6 ms, during the first batch's data, the drain, and 7.3-9 and 9.6-10 ms outside any phase
+    assert out["gpu_kernel_ms_per_step"] == pytest.approx(2.5)
+    idle = out["gpu_idle_ms_by_phase"]
+    assert idle == pytest.approx(
+        {"data": 0.05, "forward": 1.1, "nan_check": 0, "backward": 0, "optimizer": 0, "drain": 0.3, "other": 1.05}
+    )
+    assert sum(idle.values()) + out["gpu_kernel_ms_per_step"] == pytest.approx(5.0)  # the wall time per step
     line = describe({**out, "first_step": 3, "last_step": 4})
     assert line.startswith("profile: steps 3-4, 5 ms/step (data 0, forward 2, nan_check 0, backward 0")
-    assert "GPU busy 50%, waits for it 1 ms/step, in copies 0, 1 launches/step" in line
+    assert "GPU busy 50% (kernels 2 ms/step; idle under forward 1, other 1 ms), waits for it 1 ms/step" in line
+    assert "in copies 0, 1 launches/step" in line
 
     # no kernel recorded (the profiler got no GPU activity): unknown, not an idle GPU
     blind = summarize(_Profile([e for e in prof.events() if e.device_type.name == "CPU"]), 10e-3, 2, True, 5)
     assert blind["device_busy"] is None and blind["kernels_per_step"] == 0 and blind["launches_per_step"] == 1.0
+    assert "gpu_idle_ms_by_phase" not in blind and "gpu_kernel_ms_per_step" not in blind
     assert "GPU busy unknown (no kernel recorded), waits for it 1 ms/step" in describe({**blind, "first_step": 3})
 
     # every spelling of a launch counts, a copy does not
@@ -133,3 +143,20 @@ def test_phases_launches_and_waits_from_the_host_timeline() -> None:
         "cudaMemcpy",
         "cuLaunchKernel",
     ]
+
+
+def test_idle_time_is_split_by_the_phase_the_host_was_in() -> None:
+    """Kernels of two streams overlap (counted once); a phase reaching past the window counts only
+    inside it; a gap between phases is ``other``; a kernel running on after the host's optimizer
+    phase ended does not make that phase idle."""
+    kernels = sorted([(10, 40), (30, 60), (100, 150), (155, 200), (290, 320)])
+    spans = [(0, 50, "forward"), (50, 120, "backward"), (130, 250, "optimizer"), (250, 400, "data")]
+    idle = idle_by_phase(kernels, spans, start=0, end=300)
+    # forward 0-50: idle 0-10; backward 50-120: idle 60-100; optimizer 130-250: idle 150-155, 200-250;
+    # data 250-300 (cut at the window's end): idle 250-290; nothing outside the phases
+    assert idle == pytest.approx(
+        {"data": 40, "forward": 10, "nan_check": 0, "backward": 40, "optimizer": 55, "drain": 0, "other": 0}
+    )
+    gap = idle_by_phase(kernels, [(0, 50, "forward"), (130, 250, "optimizer")], start=0, end=300)
+    assert gap["other"] == pytest.approx(40 + 40)  # 60-100 and 250-290: no phase ran
+    assert idle_by_phase([], spans, 0, 300)["optimizer"] == 120  # no kernel: idle throughout
