@@ -5,11 +5,12 @@
 #   bash launch/gpu_bench.sh OUT_DIR train [bench_train options, e.g. --batch 32]
 #   bash launch/gpu_bench.sh OUT_DIR floor [bench_train options, e.g. --zero 2 1]
 #
-# Each part takes minutes (train: 4 runs, 2 of them compiling, each ending with a checkpoint);
+# Each part takes minutes (train: 2 compiled runs, each ending with a checkpoint);
 # where one command may run 10 minutes, run one part per call. ``all`` runs the three.
 # memory: bench_memory's CUDA grid (base preset, bf16, 16 and 64 frames, text 32): MuLTI vs dense.
-# train:  bench_train's CUDA grid (base preset, 16 frames, bf16, ZeRO-2): batch 8 and 32, eager
-#         and compiled, each run profiled (GPU busy fraction, kernels per step) and its MFU.
+# train:  bench_train's CUDA grid (base preset, 16 frames, bf16, compiled): batch 96 with ZeRO-0
+#         and ZeRO-2, each run profiled (GPU busy, where the GPU waited) and its MFU. Batch 96 needs
+#         the H200's memory (113 GiB with ZeRO-0); on an 80 GB card pass --batch 48.
 # floor:  bench_train --host-floor: the base step's ops on a skeleton that computes next to
 #         nothing (ZeRO 2/1/0 x eager/compiled: 6 short runs, 3 compiling): the host's ms per
 #         step, launches included, and the smallest batch that could reach the MFU goal.
@@ -41,7 +42,7 @@ if [[ $what == memory || $what == all ]]; then
 fi
 if [[ $what == train || $what == all ]]; then
   "$py" launch/bench_train.py --quick --json "$out/train.json" --plot "$out/train.png" --timeout 240 \
-    --tokenizer "$tokenizer" --batch 8 32 --compile off on "${extra[@]}" 2>&1 | tee "$out/train.log"
+    --tokenizer "$tokenizer" --batch 96 --compile on --zero 0 2 "${extra[@]}" 2>&1 | tee "$out/train.log"
 fi
 if [[ $what == floor || $what == all ]]; then
   "$py" launch/bench_train.py --host-floor --quick --json "$out/floor.json" --plot "$out/floor.png" --timeout 240 \

@@ -244,6 +244,18 @@ def _check_start(cfg: TrainConfig) -> None:
                 raise ValueError(f"{where}={corpus.num_frames} exceeds model.max_frames={cfg.model.max_frames}")
 
 
+def zero_advice(zero: ZeroConfig, world_size: int, cuda: bool) -> str | None:
+    """A warning for a ZeRO stage that partitions nothing: one process on a GPU, no offload.
+    Measured on one H200 (README, Training throughput): the base preset at batch 64, compiled, ran
+    1.86x faster with stage 0 than with stage 2, whose per-gradient work then buys nothing."""
+    if world_size > 1 or not cuda or zero.stage == 0 or zero.offload_optimizer or zero.offload_params:
+        return None
+    return (
+        f"zero.stage={zero.stage} on a single process partitions nothing; zero.stage=0 trains the same "
+        "model faster (1.86x for the base preset on one H200: README, Training throughput)"
+    )
+
+
 def _val_config(cfg: TrainConfig, task: Task) -> DataConfig | None:
     if cfg.val is None or not (cfg.val.path or cfg.val.corpora):
         return None
@@ -292,6 +304,9 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, float]], None] | No
     host_group = distributed.host_group() if world > 1 else None
     device = distributed.device(info)
     bf16 = use_bf16(cfg)
+    advice = zero_advice(cfg.zero, world, device.type == "cuda")
+    if advice and rank == 0:
+        log.warning(advice)
     run_dir = Path(cfg.run_dir)
     ckpt_dir = run_dir / "checkpoints"
     _check_start(cfg)
