@@ -44,6 +44,7 @@ its processes with it, and recorded as an error.
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import math
 import os
@@ -68,10 +69,13 @@ CHECKPOINT_FRAMES = 8  # checkpointing on: the vision tower in chunks of 8 frame
 PROFILED_STEPS = 2
 
 
-def run_pretrain(nproc: int, overrides: list[str], run_dir: Path, timeout: float, steps: int) -> dict[str, Any]:
+def run_pretrain(
+    nproc: int, overrides: list[str], run_dir: Path, timeout: float, steps: int, traces: str | None = None
+) -> dict[str, Any]:
     """``steps`` measured steps (log windows of ``steps // 4``; the first, with start-up and
     warm-up, is dropped), then :data:`PROFILED_STEPS` more under the profiler, whose summary
-    (rank 0) comes back under ``profile``."""
+    (rank 0) comes back under ``profile``; with ``traces``, rank 0's Chrome trace of them is
+    saved there too, gzipped, as ``trace_<run folder>.json.gz``."""
     from multi_dist.dist import deepspeed_command, free_port, remove_shm_segments
 
     shutil.rmtree(run_dir, ignore_errors=True)  # a run folder left by an earlier benchmark would resume
@@ -106,6 +110,11 @@ def run_pretrain(nproc: int, overrides: list[str], run_dir: Path, timeout: float
     if not rows:
         return {"error": "no steady-state window logged", "wall_s": time.time() - t0}
     summary = run_dir / "profile" / "summary_rank0.json"
+    trace = run_dir / "profile" / "trace_rank0.json"
+    if traces and trace.is_file():  # for a machine that is given back with its run folders
+        Path(traces).mkdir(parents=True, exist_ok=True)
+        with trace.open("rb") as src, gzip.open(Path(traces) / f"trace_{run_dir.name}.json.gz", "wb") as dst:
+            shutil.copyfileobj(src, dst)
     return {
         "clips_per_s": sum(r["perf/clips_per_s"] for r in rows) / len(rows),
         "step_s": sum(r["perf/step_s"] for r in rows) / len(rows),
@@ -150,7 +159,8 @@ def cpu_grid(args: argparse.Namespace, out_dir: Path, save: Save) -> list[dict[s
                     f"ckpt_every={10**6}",
                     "wandb.mode=disabled",
                 ]
-                r = run_pretrain(nproc, over, out_dir / f"{preset}_z{stage}_n{nproc}", args.timeout, steps)
+                run_dir = out_dir / f"{preset}_z{stage}_n{nproc}"
+                r = run_pretrain(nproc, over, run_dir, args.timeout, steps, args.traces)
                 r.update(preset=preset, zero=stage, nproc=nproc)
                 results.append(r)
                 save(results)
@@ -301,7 +311,7 @@ def cuda_grid(args: argparse.Namespace, out_dir: Path, save: Save) -> tuple[list
     for i, (batch, comp, ckpt, zero) in enumerate(grid):
         over = base_overrides(args, batch, comp == "on", ckpt == "on", zero)
         tag = f"base_b{batch}_compile{comp}_ckpt{ckpt}" + (f"_z{zero}" if zero != 2 else "")
-        r = run_pretrain(1, over, out_dir / tag, args.timeout, steps)
+        r = run_pretrain(1, over, out_dir / tag, args.timeout, steps, args.traces)
         r.update(preset="base", batch=batch, compile=comp == "on", checkpointing=ckpt == "on", frames=FRAMES, zero=zero)
         r["text_len"] = args.text_len
         if "error" not in r:
@@ -351,7 +361,7 @@ def floor_grid(args: argparse.Namespace, out_dir: Path, save: Save) -> tuple[lis
         # with the measured process for this machine's cores
         over = [*base_overrides(args, 2, comp == "on", False, zero), *skeleton_overrides(), "data.num_workers=1"]
         tag = f"skeleton_z{zero}_compile{comp}"
-        r = run_pretrain(1, over, out_dir / tag, args.timeout, steps)
+        r = run_pretrain(1, over, out_dir / tag, args.timeout, steps, args.traces)
         r.update(preset="base skeleton", zero=zero, compile=comp == "on", batch=2, frames=FRAMES, floor=True)
         if "error" not in r:
             host_s = r["step_s"] * (1 - r["data_wait_frac"])  # the step's own time, without waits for data
@@ -514,6 +524,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--workers", type=int, default=8, help="CUDA: data workers")
     p.add_argument("--timeout", type=float, default=900, help="per configuration, seconds")
     p.add_argument("--out-dir", default="runs/bench_train")
+    p.add_argument("--traces", help="save each run's profiled steps here too: trace_<run>.json.gz (Perfetto reads it)")
     args = p.parse_args(argv)
     import torch
 

@@ -10,7 +10,8 @@
 # memory: bench_memory's CUDA grid (base preset, bf16, 16 and 64 frames, text 32): MuLTI vs dense.
 # train:  bench_train's CUDA grid (base preset, 16 frames, bf16, compiled): batch 96 with ZeRO-0
 #         and ZeRO-2, each run profiled (GPU busy, where the GPU waited) and its MFU. Batch 96 needs
-#         the H200's memory (113 GiB with ZeRO-0); on an 80 GB card pass --batch 48.
+#         the H200's memory (113 GiB with ZeRO-0); on an 80 GB card pass --batch 48. The profiled
+#         steps' traces come too (trace_<run>.json.gz, a few MB each: open them in Perfetto).
 # floor:  bench_train --host-floor: the base step's ops on a skeleton that computes next to
 #         nothing (ZeRO 2/1/0 x eager/compiled: 6 short runs, 3 compiling): the host's ms per
 #         step, launches included, and the smallest batch that could reach the MFU goal.
@@ -41,7 +42,7 @@ if [[ $what == memory || $what == all ]]; then
     --frames 16 64 --text 32 "${extra[@]}" 2>&1 | tee "$out/memory.log"
 fi
 if [[ $what == train || $what == all ]]; then
-  "$py" launch/bench_train.py --quick --json "$out/train.json" --plot "$out/train.png" --timeout 240 \
+  "$py" launch/bench_train.py --quick --json "$out/train.json" --plot "$out/train.png" --timeout 240 --traces "$out" \
     --tokenizer "$tokenizer" --batch 96 --compile on --zero 0 2 "${extra[@]}" 2>&1 | tee "$out/train.log"
 fi
 if [[ $what == floor || $what == all ]]; then

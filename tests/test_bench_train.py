@@ -4,6 +4,7 @@ it divides by count CPU's attention as the GPU's."""
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import math
 import sys
@@ -112,6 +113,8 @@ def test_the_host_floor_times_a_real_run_and_derives_the_batch_from_it(demo_corp
         str(tmp_path / "floor.png"),
         "--out-dir",
         str(tmp_path / "runs"),
+        "--traces",
+        str(tmp_path / "traces"),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
@@ -130,6 +133,10 @@ def test_the_host_floor_times_a_real_run_and_derives_the_batch_from_it(demo_corp
     assert r["profile"]["host_ops_per_step"] > 10_000  # the base step's ops, profiled
     assert "base skeleton Z2 eager" in proc.stdout and "min batch" in proc.stdout
     assert (tmp_path / "floor.png").stat().st_size > 10_000
+    # the profiled steps' trace, gzipped where a lent machine's output folder can take it
+    with gzip.open(tmp_path / "traces" / "trace_skeleton_z2_compileoff.json.gz", "rt") as f:
+        events = json.load(f)["traceEvents"]
+    assert sum(e.get("name") == "phase/optimizer" for e in events) == 2  # one per profiled step
     assert "partial" not in report  # rewritten after each configuration, then in full at the end
 
 
