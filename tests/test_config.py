@@ -116,20 +116,3 @@ CONFIG_CLASSES = {
 def test_every_config_file_parses(path: Path) -> None:
     cls = CONFIG_CLASSES.get(path.parts[0]) or CONFIG_CLASSES[path.name]
     load_config(cls, ROOT / "configs" / path)
-
-
-def test_a_zero_stage_that_partitions_nothing_gets_a_warning() -> None:
-    """One process on a GPU without offload: stages 1-3 partition nothing, and the warning names
-    the field and the faster setting; with 2 processes, on CPU, at stage 0, or with an offload
-    (which needs a ZeRO stage), none."""
-    from multi_dist.train import ZeroConfig, zero_advice
-
-    for stage in (1, 2, 3):
-        advice = zero_advice(ZeroConfig(stage=stage), world_size=1, cuda=True)
-        assert advice is not None and advice.startswith(f"zero.stage={stage} on a single process")
-        assert "zero.stage=0" in advice
-    assert zero_advice(ZeroConfig(stage=2), world_size=2, cuda=True) is None
-    assert zero_advice(ZeroConfig(stage=2), world_size=1, cuda=False) is None
-    assert zero_advice(ZeroConfig(stage=0), world_size=1, cuda=True) is None
-    assert zero_advice(ZeroConfig(stage=2, offload_optimizer=True), world_size=1, cuda=True) is None
-    assert zero_advice(ZeroConfig(stage=3, offload_params=True), world_size=1, cuda=True) is None

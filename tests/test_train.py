@@ -318,3 +318,62 @@ def test_compiled_layers_train_like_eager_layers(corpus: Path, tmp_path: Path) -
         for key in ("train/loss_vtc", "train/loss_vtm", "train/loss_mlm", "train/loss_mcm"):
             assert a[step][key] == pytest.approx(b[step][key], rel=1e-4), (step, key)
     assert a[3]["train/loss"] != a[1]["train/loss"]
+
+
+_ALIGNMENT_SCRIPT = """
+import json, os, sys, torch, deepspeed
+from multi_dist.config import load_config
+from multi_dist.tasks import make_task
+from multi_dist.train import ALIGN_ELEMENTS, TrainConfig, _build_model, build_ds_config, param_groups
+out = {}
+for stage in (1, 2):
+    for order in ("ours", "model"):
+        cfg = load_config(TrainConfig, "configs/pretrain/tiny.yaml", [f"zero.stage={stage}", "precision=bf16"])
+        torch.manual_seed(0)
+        model = _build_model(cfg, make_task(cfg.task, None, 0, loss=cfg.loss))
+        groups = param_groups(model, cfg.optim)
+        if order == "model":  # the same groups in the model's order of parameters
+            rank = {id(p): i for i, p in enumerate(model.parameters())}
+            groups = [{**g, "params": sorted(g["params"], key=lambda p: rank[id(p)])} for g in groups]
+        opt = torch.optim.AdamW(groups)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=build_ds_config(cfg, 1))
+        params = list(engine.module.named_parameters())
+        assert all(p.dtype == torch.bfloat16 for _, p in params)
+        out[f"{stage}/{order}"] = {
+            "params": len(params),
+            "flat": type(engine.optimizer).__name__,
+            "misaligned": [n for n, p in params if p.numel() % ALIGN_ELEMENTS == 0 and p.data_ptr() % 16],
+            "odd": [n for n, p in params if p.numel() % ALIGN_ELEMENTS],
+        }
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_zero_packs_every_parameter_on_a_16_byte_boundary() -> None:
+    """Real DeepSpeed ZeRO-1 and ZeRO-2 (one gloo process, bf16): the flat buffer they make of each
+    parameter group leaves every parameter whose size is a multiple of 8 elements on a 16-byte
+    boundary, as the GPU's fast matmul kernels need. The control, the same groups in the model's
+    order, shows what this guards against: one odd-sized parameter early in a group (``logit_scale``)
+    moves every bias and norm after it off the boundary."""
+    from multi_dist.dist import free_port
+
+    env = {
+        **os.environ,
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", _ALIGNMENT_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))[7:])
+    for stage in (1, 2):
+        ours, control = out[f"{stage}/ours"], out[f"{stage}/model"]
+        assert ours["flat"] == control["flat"] == "DeepSpeedZeroOptimizer"
+        assert ours["misaligned"] == [], ours["misaligned"][:5]
+        assert "logit_scale" in ours["odd"] and ours["params"] > 100
+        assert len(control["misaligned"]) > 50  # the biases and norms of every layer
+        assert any(n.endswith("self_attn.q_proj.bias") for n in control["misaligned"])
