@@ -228,7 +228,11 @@ class VideoEncoder(_LayeredEncoder):
         return getattr(self.backbone, "vision_model", self.backbone)  # transformers 4.x nests CLIP's tower
 
     def _layers(self) -> nn.ModuleList:
-        return self._tower.encoder.layers if self.cfg.kind == "clip" else self._tower.encoder.layer
+        tower = self._tower
+        if self.cfg.kind == "clip":
+            return tower.encoder.layers
+        encoder = getattr(tower, "encoder", None)  # ViT: transformers 4.x nests its layers, 5.x does not
+        return encoder.layer if encoder is not None else tower.layers
 
     def _frozen_modules(self) -> list[nn.Module]:
         tower = self._tower
