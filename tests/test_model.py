@@ -468,3 +468,60 @@ def test_finetuning_from_an_export_applies_the_runs_checkpointing(tmp_path: Path
     assert model.checkpointing and model.video.checkpointing and model.video.checkpoint_frames == 4
     assert model.label_head is not None and model.cfg.fusion.width == 32  # tiny's, from the export
     assert (cfg.model.checkpointing, cfg.model.checkpoint_frames) == (True, 4)
+
+
+@pytest.mark.parametrize(
+    ("size", "patch", "bias"),
+    [((32, 32), (8, 8), False), ((35, 37), (8, 8), True), ((24, 32), (4, 8), True)],  # with leftovers; not square
+)
+def test_the_patch_embedding_as_a_matmul_equals_the_convolution(
+    size: tuple[int, int], patch: tuple[int, int], bias: bool
+) -> None:
+    """Outputs and every gradient (weight, bias, pixels) as ``nn.Conv2d`` gives them, pixels that
+    fill no patch dropped alike; the output reaches the backbone's token layout without a copy."""
+    from multi_dist.model.encoders import PatchConv
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 16, patch, stride=patch, bias=bias)
+    holder = torch.nn.Sequential(conv)
+    assert PatchConv.swap_into(holder) == 1
+    fast = holder[0]
+    assert type(fast) is PatchConv and fast.weight is conv.weight and (fast.bias is conv.bias)
+    x = torch.randn(2, 3, *size, requires_grad=True)
+    ref = conv(x)  # nn.Conv2d's own forward, same parameters
+    out = fast(x)
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(ref)
+    grads = torch.autograd.grad((ref * g).sum(), [x, conv.weight, *([conv.bias] if bias else [])])
+    fast_grads = torch.autograd.grad((out * g).sum(), [x, fast.weight, *([fast.bias] if bias else [])])
+    for a, b in zip(fast_grads, grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert out.flatten(2).transpose(1, 2).is_contiguous()  # what CLIP and ViT do next: views only
+
+
+@pytest.mark.parametrize("kind", ["clip", "vit"])
+def test_the_video_towers_embed_patches_with_a_matmul_and_unchanged_weights(kind: str) -> None:
+    """The tiny presets' towers (CLIP, and ViT with the same sizes) get the matmul patch embedding
+    under the same state-dict keys, the whole Hugging Face tower's output is the convolution's, and
+    the video encoder runs over either (ViT's layers moved out of ``encoder`` in transformers 5)."""
+    import copy
+
+    from multi_dist.model.encoders import EncoderConfig, PatchConv, VideoEncoder, build_backbone
+
+    cfg = model_config("tiny").vision
+    cfg = EncoderConfig(**{**cfg.__dict__, "kind": kind})
+    torch.manual_seed(0)
+    backbone = build_backbone(cfg)
+    swapped = copy.deepcopy(backbone)
+    assert PatchConv.swap_into(swapped) == 1
+    assert swapped.state_dict().keys() == backbone.state_dict().keys()
+    pixels = torch.randn(2, 3, cfg.arch["image_size"], cfg.arch["image_size"])
+    torch.testing.assert_close(
+        swapped(pixel_values=pixels).last_hidden_state, backbone(pixel_values=pixels).last_hidden_state
+    )
+    encoder = VideoEncoder(cfg)
+    assert sum(isinstance(m, PatchConv) for m in encoder.modules()) == 1
+    assert not any(type(m) is torch.nn.Conv2d for m in encoder.modules())
+    tokens, glob = encoder(torch.randint(0, 256, (2, 3, 3, 32, 32), dtype=torch.uint8))  # ViT ran too
+    assert tokens.shape == (2, 3, 1 + 16, 32) and glob.shape == (2, 32) and tokens.isfinite().all()
