@@ -10,6 +10,8 @@ CPU, NCCL on GPU) through DeepSpeed so that its engine finds it.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import logging
 import os
 import re
 import socket
@@ -19,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+log = logging.getLogger("multi_dist.dist")
 
 
 @dataclass(frozen=True)
@@ -109,9 +113,43 @@ def init(info: DistInfo | None = None) -> DistInfo:
         torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
+        load_op("ShareMemCommBuilder")  # what init_distributed loads next: here, safe from a stale lock
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
         _unlink_shm_segment(info)
     return info
+
+
+def load_op(builder_name: str) -> Any:
+    """DeepSpeed's op ``builder_name`` (e.g. ``ShareMemCommBuilder``, ``CPUAdamBuilder``), built
+    or loaded under a lock that the kernel releases when its holder dies; None where this
+    accelerator has no such op. DeepSpeed keeps the loaded op, so its own later ``load()`` of it
+    returns at once.
+
+    torch's JIT build guards an op's build folder with a plain lock file. A process killed while
+    it holds that file (a run killed during start-up: kill -9, a Slurm preemption, a benchmark's
+    timeout; each rank's start-up takes it, even when there is nothing to build) leaves it behind,
+    and every later run of this environment then waits for it forever, printing nothing (seen in
+    this project's test suite, where a 4-second timeout killed a run's start-up). Here the whole
+    load runs under an ``flock`` beside the folder: whoever holds it is the only one of our
+    processes in torch's build, so a lock file found then was left by a dead process, and goes."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+    from torch.utils.cpp_extension import _get_build_directory
+
+    builder = get_accelerator().create_op_builder(builder_name)
+    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        return None
+    folder = Path(_get_build_directory(builder.name, verbose=False))
+    with open(folder.parent / f".{builder.name}.flock", "a") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)  # released when this process exits, however it exits
+        try:
+            stale = folder / "lock"
+            if stale.exists():
+                log.warning("removing %s: left by a process killed while it built or loaded %s", stale, builder.name)
+                stale.unlink(missing_ok=True)
+            return builder.load(verbose=False)
+        finally:
+            fcntl.flock(guard, fcntl.LOCK_UN)
 
 
 SHM_SEGMENT = "deepspeed_allreduce_buffer"

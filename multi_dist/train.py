@@ -339,6 +339,7 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, float]], None] | No
     if cfg.zero.offload_optimizer:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
+        distributed.load_op("CPUAdamBuilder")  # the op DeepSpeedCPUAdam loads, safe from a stale lock
         optimizer = DeepSpeedCPUAdam(groups, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, adamw_mode=True)
     else:
         optimizer = torch.optim.AdamW(groups, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)

@@ -4,11 +4,15 @@ test_train.py and test_objectives.py)."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from multi_dist.dist import SHM_SEGMENT, discover, free_port, remove_shm_segments
+
+from .conftest import ROOT
 
 
 def test_torch_style_launchers() -> None:
@@ -61,3 +65,26 @@ def test_the_shared_memory_of_a_killed_run_is_removed_by_its_port() -> None:
     finally:
         for path in (*mine, theirs):
             path.unlink(missing_ok=True)
+
+
+def test_a_lock_left_by_a_killed_start_up_does_not_hang_the_next_run() -> None:
+    """torch's JIT build of DeepSpeed's shared-memory op guards its folder with a plain lock file,
+    which a rank killed during start-up leaves behind; every later start of this environment then
+    waited for it forever (a sweep test hung so). A real one-process DeepSpeed start (gloo) with
+    such a file in place completes, removes it, and says so."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = Path(_get_build_directory("deepspeed_shm_comm", verbose=False)) / "lock"
+    lock.touch()  # what a process killed inside torch's build or load leaves
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    script = "from multi_dist import dist; info = dist.init(); print('WORLD', info.world_size, info.launcher)"
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180
+        )
+        left = lock.exists()
+    finally:
+        lock.unlink(missing_ok=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "WORLD 1 single" in proc.stdout
+    assert not left and f"removing {lock}: left by a process killed" in proc.stderr
