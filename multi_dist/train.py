@@ -205,6 +205,35 @@ def param_groups(model: MuLTI, cfg: OptimConfig, initialized: bool = False) -> l
     ]
 
 
+def check_param_order(
+    saved: list[list[str]] | None, current: list[list[str]], model_order: list[str], where: Path
+) -> None:
+    """Refuse to resume a checkpoint whose optimizer groups list the parameters in another order
+    than this run's. DeepSpeed restores its flat buffers (ZeRO-1/2/3) and the optimizer's state by
+    position, not by name, so such a checkpoint would load scrambled, silently. ``saved`` is None
+    for a checkpoint written before the order was recorded, when each group followed the model's
+    order of parameters (``model_order``; :func:`param_groups` packs odd-sized ones last since)."""
+    if saved is None:
+        rank = {n: i for i, n in enumerate(model_order)}
+        saved = [sorted(group, key=rank.__getitem__) for group in current]
+    if saved == current:
+        return
+    first = next(
+        (
+            f"group {i} position {j}: {a} where this run has {b}"
+            for i, (old, new) in enumerate(zip(saved, current))
+            for j, (a, b) in enumerate(zip(old, new))
+            if a != b
+        ),
+        f"{len(saved)} groups of {[len(g) for g in saved]} where this run has {[len(g) for g in current]}",
+    )
+    raise RuntimeError(
+        f"{where} holds the optimizer's parameters in another order than this run ({first}): DeepSpeed "
+        "would restore them by position, scrambled. Resume it with the multi-dist version that wrote it, "
+        "or start a new run from its weights (init=...)"
+    )
+
+
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
     """Linear warmup to 1, then cosine down to ``min_ratio``."""
     if step < warmup:
@@ -336,6 +365,8 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, float]], None] | No
         save_config(cfg, run_dir / "config.yaml")
         (run_dir / TASK_FILE).write_text(json.dumps(task_state))
     groups = param_groups(model, cfg.optim, initialized=bool(cfg.init))
+    names = {id(p): n for n, p in model.named_parameters()}
+    param_order = [[names[id(p)] for p in g["params"]] for g in groups]
     if cfg.zero.offload_optimizer:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
@@ -354,6 +385,8 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, float]], None] | No
     state = TrainState()
     tag = checkpoint.latest_tag(ckpt_dir) if cfg.resume else None
     if tag is not None:
+        saved_order = json.loads((ckpt_dir / tag / checkpoint.COMPLETE).read_text()).get("param_order")
+        check_param_order(saved_order, param_order, list(names.values()), ckpt_dir / tag)
         trainer, rank_state = checkpoint.load(engine, ckpt_dir, tag)
         state = TrainState(**trainer["state"])
         stream.load_state_dict(rank_state["data"])
@@ -443,10 +476,10 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, float]], None] | No
                 window, t_window, wait_window, steps_window, frames_window = {}, time.perf_counter(), 0.0, 0, 0
             saved = state.step % cfg.ckpt_every == 0 or state.step == cfg.steps
             if saved:
-                _save(engine, ckpt_dir, state, cfg, stream, rank, task)
+                _save(engine, ckpt_dir, state, cfg, stream, rank, task, param_order)
             if _stop_agreed(world, host_group):
                 if not saved:
-                    _save(engine, ckpt_dir, state, cfg, stream, rank, task)
+                    _save(engine, ckpt_dir, state, cfg, stream, rank, task, param_order)
                 if rank == 0:
                     print(f"stopped at step {state.step} on request (signal {_STOP['signal']})", flush=True)
                 return {"stopped": True, "steps": state.step, "samples": state.samples}
@@ -500,12 +533,20 @@ def _peak_gib(device: torch.device) -> float:
 
 
 def _save(
-    engine: Any, ckpt_dir: Path, state: TrainState, cfg: TrainConfig, stream: VideoTextStream, rank: int, task: Task
+    engine: Any,
+    ckpt_dir: Path,
+    state: TrainState,
+    cfg: TrainConfig,
+    stream: VideoTextStream,
+    rank: int,
+    task: Task,
+    param_order: list[list[str]],
 ) -> None:
     trainer = {
         "state": dataclasses.asdict(state),
         "config": to_dict(cfg),
         "task": {"task": task.name, "vocab": task.vocab},
+        "param_order": param_order,  # the optimizer's groups, by name: checked on resume
     }
     rank_state = {"data": stream.state_dict(), "rng": checkpoint.rng_state()}
     # the model's self-contained config beside the weights: evaluation rebuilds it with no hub access

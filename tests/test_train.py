@@ -377,3 +377,30 @@ def test_zero_packs_every_parameter_on_a_16_byte_boundary() -> None:
         assert "logit_scale" in ours["odd"] and ours["params"] > 100
         assert len(control["misaligned"]) > 50  # the biases and norms of every layer
         assert any(n.endswith("self_attn.q_proj.bias") for n in control["misaligned"])
+
+
+def test_a_checkpoint_with_another_parameter_order_is_refused_not_scrambled(corpus: Path, tmp_path: Path) -> None:
+    """DeepSpeed restores the optimizer's flat buffers by position. A checkpoint written before
+    odd-sized parameters were packed last (no recorded order: each group in the model's order) would
+    resume scrambled without a word; it is refused, naming the checkpoint and the first difference,
+    before DeepSpeed loads it. A checkpoint of this version records its order and resumes."""
+    run = tmp_path / "run"
+    args = ["val=null", "zero.stage=2", "log_every=1", "ckpt_every=2"]
+    first = pretrain(1, *tiny_args(corpus, run, *args, "steps=2"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    trainer_file = run / "checkpoints" / "step_00000002" / "trainer.json"
+    trainer = json.loads(trainer_file.read_text())
+    order = trainer["param_order"]
+    assert "logit_scale" in order[-1] and order[-1].index("logit_scale") > order[-1].index("text_query")
+
+    again = pretrain(1, *tiny_args(corpus, run, *args, "steps=3"))  # the same version: resumes
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from" in again.stdout and "step_00000002" in again.stdout
+
+    del trainer["param_order"]  # as an older version wrote it
+    trainer_file.write_text(json.dumps(trainer))
+    (run / "checkpoints" / "latest").write_text("step_00000002")
+    legacy = pretrain(1, *tiny_args(corpus, run, *args, "steps=4"))
+    assert legacy.returncode != 0
+    assert f"{run / 'checkpoints' / 'step_00000002'} holds the optimizer's parameters in another order" in legacy.stderr
+    assert "logit_scale where this run has" in legacy.stderr
