@@ -172,11 +172,12 @@ def summarize(prof: Any, wall_s: float, steps: int, cuda: bool, top: int) -> dic
         kernels = sorted((e.time_range.start, e.time_range.end) for e in events if kernel(e))
         out["kernels_per_step"] = len(kernels) / steps
         # no kernel at all means the profiler got no GPU activity (CUPTI unavailable), not an idle GPU
-        out["device_busy"] = _union_us(kernels) / 1e6 / wall_s if kernels else None
+        busy_us = _union_us(kernels)
+        out["device_busy"] = busy_us / 1e6 / wall_s if kernels else None
         if kernels and host:
             start = min(e.time_range.start for e in host)
             idle = idle_by_phase(kernels, spans, start, start + wall_s * 1e6)
-            out["gpu_kernel_ms_per_step"] = _union_us(kernels) / 1e3 / steps
+            out["gpu_kernel_ms_per_step"] = busy_us / 1e3 / steps
             out["gpu_idle_ms_by_phase"] = {k: v / 1e3 / steps for k, v in idle.items()}
     averages = [  # operators only: no annotations (the loop's phases, the optimizer's step)
         a for a in prof.key_averages() if getattr(a, key) > 0 and not a.is_user_annotation and (kernel(a) or not cuda)
@@ -197,13 +198,7 @@ def summarize(prof: Any, wall_s: float, steps: int, cuda: bool, top: int) -> dic
 
 def _union_us(intervals: list[tuple[float, float]]) -> float:
     """Length of the union of sorted ``(start, end)`` intervals (kernels of several streams overlap)."""
-    covered, end = 0.0, float("-inf")
-    for s, e in intervals:
-        if e <= end:
-            continue
-        covered += e - max(s, end)
-        end = e
-    return covered
+    return sum(e - s for s, e in _merge(intervals))
 
 
 def _merge(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
