@@ -104,6 +104,11 @@ def _prune(ckpt_dir: Path, keep: int, current: str) -> None:
             shutil.rmtree(ckpt_dir / t, ignore_errors=True)
 
 
+def read_trainer(ckpt_dir: str | Path, tag: str) -> dict[str, Any]:
+    """The trainer state (``trainer.json``) of checkpoint ``tag``, without touching the engine."""
+    return json.loads((Path(ckpt_dir) / tag / COMPLETE).read_text())
+
+
 def load(engine: Any, ckpt_dir: str | Path, tag: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """Collective: restores the engine (weights, optimizer, scheduler); returns (trainer, rank state)."""
     ckpt_dir = Path(ckpt_dir)
@@ -115,4 +120,4 @@ def load(engine: Any, ckpt_dir: str | Path, tag: str) -> tuple[dict[str, Any], d
     if not rank_file.is_file():
         raise RuntimeError(f"{rank_file} is missing: was the checkpoint written with another world size?")
     rank_state = torch.load(rank_file, weights_only=True)
-    return json.loads((ckpt_dir / tag / COMPLETE).read_text()), rank_state
+    return read_trainer(ckpt_dir, tag), rank_state

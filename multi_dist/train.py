@@ -385,7 +385,7 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, float]], None] | No
     state = TrainState()
     tag = checkpoint.latest_tag(ckpt_dir) if cfg.resume else None
     if tag is not None:
-        saved_order = json.loads((ckpt_dir / tag / checkpoint.COMPLETE).read_text()).get("param_order")
+        saved_order = checkpoint.read_trainer(ckpt_dir, tag).get("param_order")
         check_param_order(saved_order, param_order, list(names.values()), ckpt_dir / tag)
         trainer, rank_state = checkpoint.load(engine, ckpt_dir, tag)
         state = TrainState(**trainer["state"])
