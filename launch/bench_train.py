@@ -29,8 +29,11 @@ kernel launches). For each ZeRO stage x ``compile`` asked for it reports the hos
 per step, with ratios to the first, and the smallest batch whose step, at the MFU goal on the
 card (CPU: an H100/H200's nominal peak), gives the GPU more work than that: below it the base
 step cannot reach the goal, since even kernels running at the goal would wait for the host (a
-necessary condition, not a sufficient one). On CPU the runs are fp32 and their times include CPU
-kernels' fixed costs on tiny tensors; a GPU host pays kernel launches and bf16 casts instead.
+necessary condition, not a sufficient one). The runs are bf16 on CPU too, so that DeepSpeed wraps
+the optimizer as it does on a GPU (the wrapper depends on precision and stage: ZeRO-1's
+``BF16_Optimizer`` steps whole flat buffers, ZeRO-0's ``FP16_UnfusedOptimizer`` each parameter on
+its own). On CPU the times include CPU kernels' fixed costs on tiny tensors; a GPU host pays
+kernel launches instead.
 
 Every run then profiles two more steps (``profile.start``, see :mod:`multi_dist.profile`): host
 ops per step and, on CUDA, the GPU's busy fraction, which says whether the step is bound by the
@@ -359,7 +362,10 @@ def floor_grid(args: argparse.Namespace, out_dir: Path, save: Save) -> tuple[lis
     for i, (zero, comp) in enumerate(grid):
         # one data worker: the loader's 32 px clips are cheap, and more workers would compete
         # with the measured process for this machine's cores
+        # bf16 on CPU too: DeepSpeed picks its optimizer wrapper by precision and ZeRO stage, and the
+        # wrappers' per-parameter work is much of the host's step
         over = [*base_overrides(args, 2, comp == "on", False, zero), *skeleton_overrides(), "data.num_workers=1"]
+        over += ["precision=bf16"]
         tag = f"skeleton_z{zero}_compile{comp}"
         r = run_pretrain(1, over, out_dir / tag, args.timeout, steps, args.traces)
         r.update(preset="base skeleton", zero=zero, compile=comp == "on", batch=2, frames=FRAMES, floor=True)
@@ -513,7 +519,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         type=int,
         nargs="+",
         choices=[0, 1, 2, 3],
-        help="CUDA and --host-floor: ZeRO stages (CUDA: 2; --host-floor: 2 1 0)",
+        help="CUDA and --host-floor: ZeRO stages (CUDA: 2; --host-floor: 1 2 0)",
     )
     p.add_argument(
         "--host-floor",
@@ -541,7 +547,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         json_path.write_text(json.dumps({**report, "partial": True, "results": results}, indent=1))
 
     if args.host_floor:
-        args.zero = args.zero or [2, 1, 0]
+        args.zero = args.zero or [1, 2, 0]
         results, info = floor_grid(args, out_dir, save)
         report["machine"].update(info)
     elif torch.cuda.is_available():

@@ -3,17 +3,19 @@
 #
 #   bash launch/gpu_bench.sh OUT_DIR memory [bench_memory options, e.g. --checkpoint-frames 16]
 #   bash launch/gpu_bench.sh OUT_DIR train [bench_train options, e.g. --batch 32]
-#   bash launch/gpu_bench.sh OUT_DIR floor [bench_train options, e.g. --zero 2 1]
+#   bash launch/gpu_bench.sh OUT_DIR floor [bench_train options, e.g. --zero 1 2]
 #
 # Each part takes minutes (train: 2 compiled runs, each ending with a checkpoint);
 # where one command may run 10 minutes, run one part per call. ``all`` runs the three.
 # memory: bench_memory's CUDA grid (base preset, bf16, 16 and 64 frames, text 32): MuLTI vs dense.
-# train:  bench_train's CUDA grid (base preset, 16 frames, bf16, compiled): batch 96 with ZeRO-0
-#         and ZeRO-2, each run profiled (GPU busy, where the GPU waited) and its MFU. Batch 96 needs
-#         the H200's memory (113 GiB with ZeRO-0); on an 80 GB card pass --batch 48. The profiled
+# train:  bench_train's CUDA grid (base preset, 16 frames, bf16, compiled): batch 96 with ZeRO-1
+#         (DeepSpeed's BF16_Optimizer: flat buffers, a few ops per step) and ZeRO-0 (its unfused
+#         per-parameter wrapper: 144 clips/s, 31% MFU on an H200 before), each run profiled (GPU
+#         busy, where the GPU waited) and its MFU. Batch 96 needs the H200's memory (113 GiB with
+#         ZeRO-0); on an 80 GB card pass --batch 48. The profiled
 #         steps' traces come too (trace_<run>.json.gz, a few MB each: open them in Perfetto).
 # floor:  bench_train --host-floor: the base step's ops on a skeleton that computes next to
-#         nothing (ZeRO 2/1/0 x eager/compiled: 6 short runs, 3 compiling): the host's ms per
+#         nothing (ZeRO 1/2/0 x eager/compiled: 6 short runs, 3 compiling): the host's ms per
 #         step, launches included, and the smallest batch that could reach the MFU goal.
 # JSON, plots and logs go to OUT_DIR (each JSON rewritten after every configuration, so a command
 # cut short keeps what it measured); the runs' traces stay under runs/. train and floor need the
@@ -43,7 +45,7 @@ if [[ $what == memory || $what == all ]]; then
 fi
 if [[ $what == train || $what == all ]]; then
   "$py" launch/bench_train.py --quick --json "$out/train.json" --plot "$out/train.png" --timeout 240 --traces "$out" \
-    --tokenizer "$tokenizer" --batch 96 --compile on --zero 0 2 "${extra[@]}" 2>&1 | tee "$out/train.log"
+    --tokenizer "$tokenizer" --batch 96 --compile on --zero 1 0 "${extra[@]}" 2>&1 | tee "$out/train.log"
 fi
 if [[ $what == floor || $what == all ]]; then
   "$py" launch/bench_train.py --host-floor --quick --json "$out/floor.json" --plot "$out/floor.png" --timeout 240 \

@@ -131,6 +131,8 @@ def test_the_host_floor_times_a_real_run_and_derives_the_batch_from_it(demo_corp
     assert r["min_batch_for_goal"] == math.ceil(r["host_ms_per_step"] / info["goal_ms_per_clip"]) >= 1
     assert r["time_vs_first"] == 1.0
     assert r["profile"]["host_ops_per_step"] > 10_000  # the base step's ops, profiled
+    # in bf16 as on a GPU, so that DeepSpeed wraps the optimizer as it does there
+    assert "precision: bf16" in (tmp_path / "runs" / "skeleton_z2_compileoff" / "config.yaml").read_text()
     assert "base skeleton Z2 eager" in proc.stdout and "min batch" in proc.stdout
     assert (tmp_path / "floor.png").stat().st_size > 10_000
     # the profiled steps' trace, gzipped where a lent machine's output folder can take it
