@@ -590,12 +590,14 @@ def _save(
 
 def _export(engine: Any, folder: Path, cfg: TrainConfig, rank: int, task_state: dict[str, Any]) -> None:
     """The final model as a folder that ``MuLTI.from_pretrained`` loads (ZeRO-3 parameters are
-    gathered first), with the tokenizer beside it."""
+    gathered first), with the tokenizer beside it. A bf16 run exports fp32 weights: the optimizer's
+    fp32 master copy of each trained parameter, not its bf16 rounding."""
     import deepspeed
 
     from .data.text import load_tokenizer
 
     module: MuLTI = engine.module
+    masters = master_weights(engine, keep=rank == 0) if use_bf16(cfg) else {}
     gather = (
         deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
         if cfg.zero.stage == 3
@@ -603,17 +605,47 @@ def _export(engine: Any, folder: Path, cfg: TrainConfig, rank: int, task_state: 
     )
     with gather:
         if rank == 0:
-            if use_bf16(cfg):  # export fp32 weights, whatever the training precision
-                module = _fp32_copy(module)
+            if use_bf16(cfg):
+                module = _fp32_copy(module, masters)
             module.save_pretrained(folder, tokenizer=load_tokenizer(cfg.data.tokenizer))
             (folder / TASK_FILE).write_text(json.dumps(task_state))
     if dist_.is_initialized():
         dist_.barrier()
 
 
-def _fp32_copy(module: MuLTI) -> MuLTI:
+def master_weights(engine: Any, keep: bool = True) -> dict[str, torch.Tensor]:
+    """The fp32 master copy of each trained parameter of a bf16 engine, by name, on the CPU.
+
+    ZeRO 1-3 (``BF16_Optimizer`` included) partition it across the ranks and DeepSpeed gathers
+    each parameter's (``safe_get_full_fp32_param``, a collective: every rank calls this, and only
+    those with ``keep`` hold the result); stage 0's ``FP16_UnfusedOptimizer`` keeps it whole, beside
+    each bf16 parameter. Frozen parameters have none: their bf16 value is all the run holds."""
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    opt = engine.optimizer
+    unfused = {}
+    if isinstance(opt, FP16_UnfusedOptimizer):
+        unfused = {id(lp): hp for lps, hps in zip(opt.fp16_groups, opt.fp32_groups) for lp, hp in zip(lps, hps)}
+    masters = {}
+    for name, p in engine.module.named_parameters():
+        if not p.requires_grad:
+            continue
+        full = unfused.get(id(p)) if unfused else safe_get_full_fp32_param(p)
+        if full is None:
+            raise RuntimeError(f"{type(opt).__name__} holds no fp32 master copy of {name}")
+        if keep:
+            masters[name] = full.detach().float().cpu()
+    return masters
+
+
+def _fp32_copy(module: MuLTI, masters: dict[str, torch.Tensor]) -> MuLTI:
+    """``module`` in fp32, each parameter in ``masters`` from there. Matched by tensor, not name:
+    a tied weight (the MLM decoder's) appears in the state dict under a second name."""
+    by_tensor = {id(p): masters[n] for n, p in module.named_parameters() if n in masters}
+    state = module.state_dict(keep_vars=True)
     copy = MuLTI(module.cfg)
-    copy.load_state_dict({k: v.float() for k, v in module.state_dict().items()})
+    copy.load_state_dict({k: by_tensor.get(id(v), v.detach()).float() for k, v in state.items()})
     return copy
 
 

@@ -329,7 +329,8 @@ from bench_memory import make_batch
 from multi_dist.config import load_config
 from multi_dist.evaluate import to_device
 from multi_dist.tasks import make_task
-from multi_dist.train import ALIGN_ELEMENTS, TrainConfig, _build_model, build_ds_config, name_zero_stage, param_groups
+from multi_dist.train import ALIGN_ELEMENTS, TrainConfig, _build_model, build_ds_config, master_weights
+from multi_dist.train import name_zero_stage, param_groups
 
 class Ops(TorchDispatchMode):
     n = 0
@@ -338,8 +339,8 @@ class Ops(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 out = {}
-for stage in (0, 1, 2):
-    for order in ("ours", "model") if stage else ("ours",):
+for stage in (0, 1, 2, 3):
+    for order in ("ours", "model") if stage in (1, 2) else ("ours",):
         cfg = load_config(TrainConfig, "configs/pretrain/tiny.yaml", [f"zero.stage={stage}", "precision=bf16"])
         torch.manual_seed(0)
         task = make_task(cfg.task, None, 0, loss=cfg.loss)
@@ -353,13 +354,14 @@ for stage in (0, 1, 2):
         name_zero_stage(engine.optimizer)
         params = list(engine.module.named_parameters())
         assert all(p.dtype == torch.bfloat16 for _, p in params)
-        r = out[f"{stage}/{order}"] = {
-            "params": len(params),
-            "wrapper": type(engine.optimizer).__name__,
-            "misaligned": [n for n, p in params if p.numel() % ALIGN_ELEMENTS == 0 and p.data_ptr() % 16],
-            "odd": [n for n, p in params if p.numel() % ALIGN_ELEMENTS],
-            "zero_stage": engine.optimizer.state_dict().get("zero_stage"),
-        }
+        r = out[f"{stage}/{order}"] = {"wrapper": type(engine.optimizer).__name__}
+        if stage < 3:  # (ZeRO-3's parameters are empty between uses)
+            r.update(
+                params=len(params),
+                misaligned=[n for n, p in params if p.numel() % ALIGN_ELEMENTS == 0 and p.data_ptr() % 16],
+                odd=[n for n, p in params if p.numel() % ALIGN_ELEMENTS],
+                zero_stage=engine.optimizer.state_dict().get("zero_stage"),
+            )
         if order == "ours":
             batch = make_batch(2, cfg.data.num_frames, cfg.data.image_size, cfg.data.max_text_len, "cpu")
             batch = to_device(batch, torch.device("cpu"), True)
@@ -370,15 +372,27 @@ for stage in (0, 1, 2):
                 with Ops() as step:
                     engine.step()
             r.update(backward_ops=backward.n, step_ops=step.n)
+            masters = master_weights(engine)
+            with deepspeed.zero.GatheredParameters([p for _, p in params], enabled=stage == 3):
+                bf16 = {n: p.detach().float() for n, p in params if n in masters}
+            r.update(
+                masters=len(masters),
+                trained=sum(p.requires_grad for _, p in params),
+                fp32=all(m.dtype == torch.float32 for m in masters.values()),
+                rounds_to_bf16=all(torch.equal(m.bfloat16().float(), bf16[n]) for n, m in masters.items()),
+                finer=sum(not torch.equal(m, bf16[n]) for n, m in masters.items()),
+            )
 print("RESULT " + json.dumps(out))
 """
 
 
-def test_bf16_optimizer_wrappers_flat_aligned_and_lean() -> None:
-    """Real DeepSpeed engines on the ``tiny`` model in bf16 (one gloo process), stages 0, 1 and 2.
+def test_bf16_engines_wrappers_layout_ops_and_master_weights() -> None:
+    """Real DeepSpeed engines on the ``tiny`` model in bf16 (one gloo process), stages 0 to 3.
 
     - The wrapper DeepSpeed picks: ZeRO-1 gets ``BF16_Optimizer`` (fp32 gradients, flat buffers:
-      :func:`build_ds_config`), ZeRO-2 its ZeRO optimizer, ZeRO-0 ``FP16_UnfusedOptimizer``.
+      :func:`build_ds_config`), ZeRO-2 and 3 its ZeRO optimizers, ZeRO-0 ``FP16_UnfusedOptimizer``.
+    - What a bf16 run exports (:func:`master_weights`), after two steps: an fp32 master copy of
+      every trained parameter, which rounds to the bf16 parameter and, for most, holds more than it.
     - The ops one optimizer step dispatches (counted, not timed: each is a kernel launch on a GPU):
       ZeRO-1's is a few whole-buffer ops, ZeRO-0's per-parameter copies and scalings around the
       AdamW step (measured 650 against 4,379; ZeRO-2 3,665). The bound, a quarter, leaves room for
@@ -403,8 +417,17 @@ def test_bf16_optimizer_wrappers_flat_aligned_and_lean() -> None:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))[7:])
-    wrappers = {stage: out[f"{stage}/ours"]["wrapper"] for stage in (0, 1, 2)}
-    assert wrappers == {0: "FP16_UnfusedOptimizer", 1: "BF16_Optimizer", 2: "DeepSpeedZeroOptimizer"}
+    wrappers = {stage: out[f"{stage}/ours"]["wrapper"] for stage in (0, 1, 2, 3)}
+    assert wrappers == {
+        0: "FP16_UnfusedOptimizer",
+        1: "BF16_Optimizer",
+        2: "DeepSpeedZeroOptimizer",
+        3: "DeepSpeedZeroOptimizer_Stage3",
+    }
+    for stage in (0, 1, 2, 3):  # what a bf16 run exports: the fp32 master weights, more than bf16 holds
+        r = out[f"{stage}/ours"]
+        assert r["masters"] == r["trained"] > 100 and r["fp32"] and r["rounds_to_bf16"], (stage, r)
+        assert r["finer"] > 0.8 * r["masters"], (stage, r)  # observed 147-148 of 161
     assert out["1/ours"]["zero_stage"] == 1 and out["2/ours"]["zero_stage"] == 2
     lean, unfused, zero2 = (out[f"{stage}/ours"]["step_ops"] for stage in (1, 0, 2))
     assert 0 < lean < unfused / 4 and lean < zero2 / 4, (lean, unfused, zero2)
@@ -426,7 +449,8 @@ def test_bf16_zero1_checkpoints_resume_exactly_convert_and_refuse_another_order(
       logs step 3 as it did the first time (tolerance 1e-6: bf16 on CPU runs the same kernels in
       the same order; observed equal).
     - DeepSpeed's ``zero_to_fp32.py`` converts the checkpoint: the fp32 master weights it gathers
-      from both ranks, rounded to bf16, are the exported model's weights, bit for bit.
+      from both ranks are the exported model's weights, bit for bit (the export takes the masters
+      too, not their bf16 rounding).
     - The checkpoint records the order of the optimizer's parameters. DeepSpeed restores its flat
       buffers by position, so a checkpoint written before odd-sized parameters were packed last
       (no recorded order: each group in the model's order) would resume scrambled without a word;
@@ -462,12 +486,14 @@ def test_bf16_zero1_checkpoints_resume_exactly_convert_and_refuse_another_order(
     state = {}
     for f in converted.glob("*.bin"):
         state.update(torch.load(f, weights_only=True))
-    exported = MuLTI.from_pretrained(run / "model").state_dict()
-    trainable = {n for n, p in MuLTI.from_pretrained(run / "model").named_parameters() if p.requires_grad}
+    model = MuLTI.from_pretrained(run / "model")
+    exported = model.state_dict()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable <= set(state), sorted(trainable - set(state))[:5]
     for name, value in state.items():
         assert value.dtype == torch.float32, name
-        assert torch.equal(value.bfloat16().float(), exported[name]), name
+        assert torch.equal(value, exported[name]), name
+    assert any(not torch.equal(state[n], state[n].bfloat16().float()) for n in trainable)  # more than bf16
 
     trainer_file = ckpt / "step_00000003" / "trainer.json"
     trainer = json.loads(trainer_file.read_text())
