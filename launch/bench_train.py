@@ -30,9 +30,8 @@ per step, with ratios to the first, and the smallest batch whose step, at the MF
 card (CPU: an H100/H200's nominal peak), gives the GPU more work than that: below it the base
 step cannot reach the goal, since even kernels running at the goal would wait for the host (a
 necessary condition, not a sufficient one). The runs are bf16 on CPU too, so that DeepSpeed wraps
-the optimizer as it does on a GPU (the wrapper depends on precision and stage: ZeRO-1's
-``BF16_Optimizer`` steps whole flat buffers, ZeRO-0's ``FP16_UnfusedOptimizer`` each parameter on
-its own). On CPU the times include CPU kernels' fixed costs on tiny tensors; a GPU host pays
+the optimizer as it does on a GPU (its wrapper depends on precision and stage; README,
+Pretraining). On CPU the times include CPU kernels' fixed costs on tiny tensors; a GPU host pays
 kernel launches instead.
 
 Every run then profiles two more steps (``profile.start``, see :mod:`multi_dist.profile`): host
@@ -362,8 +361,7 @@ def floor_grid(args: argparse.Namespace, out_dir: Path, save: Save) -> tuple[lis
     for i, (zero, comp) in enumerate(grid):
         # one data worker: the loader's 32 px clips are cheap, and more workers would compete
         # with the measured process for this machine's cores
-        # bf16 on CPU too: DeepSpeed picks its optimizer wrapper by precision and ZeRO stage, and the
-        # wrappers' per-parameter work is much of the host's step
+        # bf16 on CPU too: DeepSpeed's optimizer wrapper, much of the host's step, depends on it
         over = [*base_overrides(args, 2, comp == "on", False, zero), *skeleton_overrides(), "data.num_workers=1"]
         over += ["precision=bf16"]
         tag = f"skeleton_z{zero}_compile{comp}"

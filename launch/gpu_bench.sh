@@ -9,11 +9,10 @@
 # where one command may run 10 minutes, run one part per call. ``all`` runs the three.
 # memory: bench_memory's CUDA grid (base preset, bf16, 16 and 64 frames, text 32): MuLTI vs dense.
 # train:  bench_train's CUDA grid (base preset, 16 frames, bf16, compiled): batch 96 with ZeRO-1
-#         (DeepSpeed's BF16_Optimizer: flat buffers, a few ops per step) and ZeRO-0 (its unfused
-#         per-parameter wrapper: 144 clips/s, 31% MFU on an H200 before), each run profiled (GPU
-#         busy, where the GPU waited) and its MFU. Batch 96 needs the H200's memory (113 GiB with
-#         ZeRO-0); on an 80 GB card pass --batch 48. The profiled
-#         steps' traces come too (trace_<run>.json.gz, a few MB each: open them in Perfetto).
+#         and ZeRO-0 (144 clips/s, 31% MFU on an H200 before; README, Benchmarks), each run
+#         profiled (GPU busy, where the GPU waited) and its MFU. Batch 96 needs the H200's memory
+#         (113 GiB with ZeRO-0); on an 80 GB card pass --batch 48. The profiled steps' traces
+#         come too (trace_<run>.json.gz, a few MB each: open them in Perfetto).
 # floor:  bench_train --host-floor: the base step's ops on a skeleton that computes next to
 #         nothing (ZeRO 1/2/0 x eager/compiled: 6 short runs, 3 compiling): the host's ms per
 #         step, launches included, and the smallest batch that could reach the MFU goal.

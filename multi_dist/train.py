@@ -145,14 +145,10 @@ def use_bf16(cfg: TrainConfig) -> bool:
 def build_ds_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
     """The DeepSpeed config, derived from ours (nothing in it is written twice).
 
-    bf16 at ZeRO stage 1 accumulates gradients in fp32, which makes DeepSpeed wrap the optimizer
-    in its ``BF16_Optimizer``: the bf16 weights, fp32 master weights and fp32 gradients each in
-    one flat buffer per parameter group, clipped and stepped as a few whole tensors. With bf16
-    gradients it would wrap in ``DeepSpeedZeroOptimizer`` instead, and at stage 0 (which has no
-    fp32-gradient wrapper) it wraps in ``FP16_UnfusedOptimizer``, whose every step copies, scales
-    and steps each parameter on its own. On the base preset's skeleton (``bench_train.py
-    --host-floor``, bf16, eager) a stage-0 step dispatched 2.6x the host ops of a stage-1 step,
-    and its optimizer took 4.4x as long (60 against 13 ms on 2 CPU cores)."""
+    bf16 at ZeRO stage 1 accumulates gradients in fp32, and reduces them in fp32 (by default
+    DeepSpeed would round the fp32 sums to bf16 for the all-reduce, even on one GPU). That makes
+    DeepSpeed wrap the optimizer in its ``BF16_Optimizer``, the leanest of its bf16 wrappers on the
+    host (README, Pretraining: the wrappers compared)."""
     zero: dict[str, Any] = {"stage": cfg.zero.stage}
     # not with CPU offload: that steps on the CPU, in ZeRO's own wrapper
     fp32_grads = use_bf16(cfg) and cfg.zero.stage == 1 and not cfg.zero.offload_optimizer
@@ -167,7 +163,7 @@ def build_ds_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": use_bf16(cfg)},
-        **({"data_types": {"grad_accum_dtype": "fp32"}} if fp32_grads else {}),
+        **({"data_types": {"grad_accum_dtype": "fp32"}, "communication_data_type": "fp32"} if fp32_grads else {}),
         "fp16": {"enabled": False},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
@@ -224,8 +220,8 @@ def name_zero_stage(optimizer: Any) -> None:
     zero checkpoint"), although they hold what it reads of a ZeRO-1 checkpoint: each rank's
     partition of each group's fp32 master weights, in the model's shapes' order, padded as ZeRO-1
     pads. With the stage named, ``zero_to_fp32.py`` converts them (``tests/test_train.py``: from two
-    ranks, the weights the run trained, bit for bit once rounded to bf16); loading a checkpoint
-    reads only the keys it knows. Any other optimizer is left as it is."""
+    ranks, the fp32 master weights the run exports, bit for bit); loading a checkpoint reads only
+    the keys it knows. Any other optimizer is left as it is."""
     from deepspeed.checkpoint.constants import ZERO_STAGE
     from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
 
@@ -632,9 +628,9 @@ def master_weights(engine: Any, keep: bool = True) -> dict[str, torch.Tensor]:
         if not p.requires_grad:
             continue
         full = unfused.get(id(p)) if unfused else safe_get_full_fp32_param(p)
-        if full is None:
-            raise RuntimeError(f"{type(opt).__name__} holds no fp32 master copy of {name}")
-        if keep:
+        if full is None:  # the same on every rank: the optimizer's kind decides
+            log.warning("%s holds no fp32 master copy of %s: exporting its bf16 value", type(opt).__name__, name)
+        elif keep:
             masters[name] = full.detach().float().cpu()
     return masters
 
