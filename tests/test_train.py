@@ -68,8 +68,11 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def zero3_run(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two ranks, ZeRO-3, in bf16 as on a GPU: each rank holds half of the parameters and of their
+    fp32 master copy (the other runs here are fp32, bar the bf16 ZeRO-1 one)."""
     run = tmp_path_factory.mktemp("zero3") / "run"
-    proc = pretrain(2, *tiny_args(corpus, run, "zero.stage=3", "steps=40", "log_every=1", "ckpt_every=20"))
+    args = ("zero.stage=3", "precision=bf16", "steps=40", "log_every=1", "ckpt_every=20")
+    proc = pretrain(2, *tiny_args(corpus, run, *args))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run
 
@@ -177,9 +180,12 @@ def test_zero_to_fp32_conversion_loads_into_the_model(zero3_run: Path, tmp_path:
     missing, unexpected = model.load_state_dict(state, strict=False)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert not unexpected and not (set(missing) & trainable), (missing, unexpected)
+    # the export is the fp32 master weights too, gathered from both ranks (not their bf16 rounding)
     reference = exported.state_dict()
     for name, value in state.items():
-        torch.testing.assert_close(value.float(), reference[name].float(), msg=name)
+        assert value.dtype == reference[name].dtype == torch.float32, name
+        assert torch.equal(value, reference[name]), name
+    assert any(not torch.equal(state[n], state[n].bfloat16().float()) for n in trainable)
 
 
 def test_one_and_two_processes_give_the_same_losses(corpus: Path, tmp_path: Path) -> None:
