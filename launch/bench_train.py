@@ -362,8 +362,8 @@ def floor_grid(args: argparse.Namespace, out_dir: Path, save: Save) -> tuple[lis
         # one data worker: the loader's 32 px clips are cheap, and more workers would compete
         # with the measured process for this machine's cores
         # bf16 on CPU too: DeepSpeed's optimizer wrapper, much of the host's step, depends on it
-        over = [*base_overrides(args, 2, comp == "on", False, zero), *skeleton_overrides(), "data.num_workers=1"]
-        over += ["precision=bf16"]
+        over = [*base_overrides(args, 2, comp == "on", False, zero), *skeleton_overrides()]
+        over += ["data.num_workers=1", "precision=bf16"]
         tag = f"skeleton_z{zero}_compile{comp}"
         r = run_pretrain(1, over, out_dir / tag, args.timeout, steps, args.traces)
         r.update(preset="base skeleton", zero=zero, compile=comp == "on", batch=2, frames=FRAMES, floor=True)

@@ -213,6 +213,20 @@ def param_groups(model: MuLTI, cfg: OptimConfig, initialized: bool = False) -> l
     ]
 
 
+def build_optimizer(cfg: TrainConfig, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    """AdamW over ``groups`` (:func:`param_groups`), for DeepSpeed to wrap: on the CPU with ZeRO
+    offload, else PyTorch's multi-tensor (``foreach``) step, which PyTorch picks by itself on a GPU
+    only; on CPU too, so that a CPU run (the host floor in ``launch/bench_train.py``) dispatches the
+    optimizer ops a GPU's does."""
+    betas, eps = tuple(cfg.optim.betas), cfg.optim.eps
+    if cfg.zero.offload_optimizer:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        distributed.load_op("CPUAdamBuilder")  # the op DeepSpeedCPUAdam loads, safe from a stale lock
+        return DeepSpeedCPUAdam(groups, betas=betas, eps=eps, adamw_mode=True)
+    return torch.optim.AdamW(groups, betas=betas, eps=eps, foreach=True)
+
+
 def name_zero_stage(optimizer: Any) -> None:
     """Make DeepSpeed's ``BF16_Optimizer`` name its ZeRO stage (1) in its checkpoints.
 
@@ -392,15 +406,7 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, float]], None] | No
     groups = param_groups(model, cfg.optim, initialized=bool(cfg.init))
     names = {id(p): n for n, p in model.named_parameters()}
     param_order = [[names[id(p)] for p in g["params"]] for g in groups]
-    if cfg.zero.offload_optimizer:
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-        distributed.load_op("CPUAdamBuilder")  # the op DeepSpeedCPUAdam loads, safe from a stale lock
-        optimizer = DeepSpeedCPUAdam(groups, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, adamw_mode=True)
-    else:
-        # foreach: the multi-tensor step PyTorch picks by itself on a GPU only; on CPU too, so that a
-        # CPU run (the host floor in launch/bench_train.py) dispatches the optimizer ops a GPU's does
-        optimizer = torch.optim.AdamW(groups, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, foreach=True)
+    optimizer = build_optimizer(cfg, groups)
     o = cfg.optim
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, o.warmup_steps, cfg.steps, o.min_lr_ratio)

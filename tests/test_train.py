@@ -157,11 +157,11 @@ def test_zero2_two_processes_learn_with_wandb_offline_and_a_profile(corpus: Path
         assert any(e.get("name") == "aten::mm" for e in trace["traceEvents"])
 
 
-def test_zero_to_fp32_conversion_loads_into_the_model(zero3_run: Path, tmp_path: Path) -> None:
-    ckpt = zero3_run / "checkpoints"
-    tag = (ckpt / "latest").read_text().strip()
-    assert tag == "step_00000040"
-    out = tmp_path / "fp32"
+def assert_converts_to_the_export(run: Path, tag: str, out: Path) -> None:
+    """DeepSpeed's ``zero_to_fp32.py`` converts checkpoint ``tag`` of a bf16 run; its weights load
+    into the model and are the run's export bit for bit: both the fp32 master weights, gathered
+    from every rank, and finer than their bf16 rounding."""
+    ckpt = run / "checkpoints"
     proc = subprocess.run(
         [sys.executable, str(ckpt / "zero_to_fp32.py"), str(ckpt), str(out), "--tag", tag],
         capture_output=True,
@@ -175,17 +175,22 @@ def test_zero_to_fp32_conversion_loads_into_the_model(zero3_run: Path, tmp_path:
     for f in out.glob("*.bin"):
         state.update(torch.load(f, weights_only=True))
     assert state, f"no converted weights in {out}"
-    exported = MuLTI.from_pretrained(zero3_run / "model")
+    exported = MuLTI.from_pretrained(run / "model")
     model = MuLTI(exported.cfg)
     missing, unexpected = model.load_state_dict(state, strict=False)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert not unexpected and not (set(missing) & trainable), (missing, unexpected)
-    # the export is the fp32 master weights too, gathered from both ranks (not their bf16 rounding)
     reference = exported.state_dict()
     for name, value in state.items():
         assert value.dtype == reference[name].dtype == torch.float32, name
         assert torch.equal(value, reference[name]), name
     assert any(not torch.equal(state[n], state[n].bfloat16().float()) for n in trainable)
+
+
+def test_zero_to_fp32_conversion_loads_into_the_model(zero3_run: Path, tmp_path: Path) -> None:
+    tag = (zero3_run / "checkpoints" / "latest").read_text().strip()
+    assert tag == "step_00000040"
+    assert_converts_to_the_export(zero3_run, tag, tmp_path / "fp32")
 
 
 def test_one_and_two_processes_give_the_same_losses(corpus: Path, tmp_path: Path) -> None:
@@ -335,8 +340,8 @@ from bench_memory import make_batch
 from multi_dist.config import load_config
 from multi_dist.evaluate import to_device
 from multi_dist.tasks import make_task
-from multi_dist.train import ALIGN_ELEMENTS, TrainConfig, _build_model, build_ds_config, master_weights
-from multi_dist.train import name_zero_stage, param_groups
+from multi_dist.train import ALIGN_ELEMENTS, TrainConfig, _build_model, build_ds_config, build_optimizer
+from multi_dist.train import master_weights, name_zero_stage, param_groups
 
 class Ops(TorchDispatchMode):
     n = 0
@@ -344,20 +349,26 @@ class Ops(TorchDispatchMode):
         self.n += 1
         return func(*args, **(kwargs or {}))
 
+def engine_for(*overrides, order="ours"):
+    # the tiny model's engine in bf16, built as train() builds it; order="model": the same groups
+    # in the model's order of parameters
+    cfg = load_config(TrainConfig, "configs/pretrain/tiny.yaml", ["precision=bf16", *overrides])
+    torch.manual_seed(0)
+    task = make_task(cfg.task, None, 0, loss=cfg.loss)
+    model = _build_model(cfg, task)
+    groups = param_groups(model, cfg.optim)
+    if order == "model":
+        rank = {id(p): i for i, p in enumerate(model.parameters())}
+        groups = [{**g, "params": sorted(g["params"], key=lambda p: rank[id(p)])} for g in groups]
+    optimizer = build_optimizer(cfg, groups)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=build_ds_config(cfg, 1))
+    name_zero_stage(engine.optimizer)
+    return cfg, task, engine
+
 out = {}
 for stage in (0, 1, 2, 3):
     for order in ("ours", "model") if stage in (1, 2) else ("ours",):
-        cfg = load_config(TrainConfig, "configs/pretrain/tiny.yaml", [f"zero.stage={stage}", "precision=bf16"])
-        torch.manual_seed(0)
-        task = make_task(cfg.task, None, 0, loss=cfg.loss)
-        model = _build_model(cfg, task)
-        groups = param_groups(model, cfg.optim)
-        if order == "model":  # the same groups in the model's order of parameters
-            rank = {id(p): i for i, p in enumerate(model.parameters())}
-            groups = [{**g, "params": sorted(g["params"], key=lambda p: rank[id(p)])} for g in groups]
-        opt = torch.optim.AdamW(groups, foreach=True)
-        engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=build_ds_config(cfg, 1))
-        name_zero_stage(engine.optimizer)
+        cfg, task, engine = engine_for(f"zero.stage={stage}", order=order)
         params = list(engine.module.named_parameters())
         assert all(p.dtype == torch.bfloat16 for _, p in params)
         r = out[f"{stage}/{order}"] = {"wrapper": type(engine.optimizer).__name__}
@@ -389,11 +400,7 @@ for stage in (0, 1, 2, 3):
                 finer=sum(not torch.equal(m, bf16[n]) for n, m in masters.items()),
             )
 # bf16 ZeRO-1 over two micro-batches: the fp32 gradients the step gets are fp32 sums, not bf16
-cfg = load_config(TrainConfig, "configs/pretrain/tiny.yaml", ["zero.stage=1", "precision=bf16", "grad_accum=2"])
-torch.manual_seed(0)
-model = _build_model(cfg, task)
-opt = torch.optim.AdamW(param_groups(model, cfg.optim), foreach=True)
-engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=build_ds_config(cfg, 1))
+cfg, task, engine = engine_for("zero.stage=1", "grad_accum=2")
 bf16_step = engine.optimizer.step
 
 def step(*args, **kwargs):  # what the optimizer gets at the boundary, after the all-reduce
@@ -506,25 +513,7 @@ def test_bf16_zero1_checkpoints_resume_exactly_convert_and_refuse_another_order(
     for key in ("train/loss", "train/loss_vtc", "train/loss_vtm", "train/loss_mlm", "train/loss_mcm"):
         assert metrics(run)[3][key] == pytest.approx(logged[key], rel=1e-6, abs=1e-7), key
 
-    converted = tmp_path / "fp32"
-    proc = subprocess.run(
-        [sys.executable, str(ckpt / "zero_to_fp32.py"), str(ckpt), str(converted), "--tag", "step_00000003"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    state = {}
-    for f in converted.glob("*.bin"):
-        state.update(torch.load(f, weights_only=True))
-    model = MuLTI.from_pretrained(run / "model")
-    exported = model.state_dict()
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable <= set(state), sorted(trainable - set(state))[:5]
-    for name, value in state.items():
-        assert value.dtype == torch.float32, name
-        assert torch.equal(value, exported[name]), name
-    assert any(not torch.equal(state[n], state[n].bfloat16().float()) for n in trainable)  # more than bf16
+    assert_converts_to_the_export(run, "step_00000003", tmp_path / "fp32")
 
     trainer_file = ckpt / "step_00000003" / "trainer.json"
     trainer = json.loads(trainer_file.read_text())
