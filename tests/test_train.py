@@ -372,6 +372,7 @@ for stage in (0, 1, 2, 3):
         params = list(engine.module.named_parameters())
         assert all(p.dtype == torch.bfloat16 for _, p in params)
         r = out[f"{stage}/{order}"] = {"wrapper": type(engine.optimizer).__name__}
+        r["foreach"] = [g["foreach"] for g in engine.optimizer.optimizer.param_groups]  # the AdamW it wraps
         if stage < 3:  # (ZeRO-3's parameters are empty between uses)
             r.update(
                 params=len(params),
@@ -434,7 +435,8 @@ def test_bf16_engines_wrappers_layout_ops_and_master_weights() -> None:
       the same groups in the model's order, shows what that guards against: one odd-sized parameter
       early in a group (``logit_scale``) moves every bias and norm after it off the boundary.
     - ZeRO-1's checkpoints name their stage (:func:`name_zero_stage`), as ``zero_to_fp32.py`` needs.
-    - ZeRO-1 with two micro-batches per step hands the optimizer fp32 sums, not bf16 roundings."""
+    - ZeRO-1 with two micro-batches per step hands the optimizer fp32 sums, not bf16 roundings.
+    - Every stage wraps an AdamW with the multi-tensor (``foreach``) step, on CPU too."""
     from multi_dist.dist import free_port
 
     env = {
@@ -462,6 +464,8 @@ def test_bf16_engines_wrappers_layout_ops_and_master_weights() -> None:
         assert r["masters"] == r["trained"] > 100 and r["fp32"] and r["rounds_to_bf16"], (stage, r)
         assert r["finer"] > 0.8 * r["masters"], (stage, r)  # observed 147-148 of 161
     assert out["1/ours"]["zero_stage"] == 1 and out["2/ours"]["zero_stage"] == 2
+    # AdamW's multi-tensor step on CPU too (PyTorch picks it on GPUs only), as the host floor needs
+    assert all(r["foreach"] and all(r["foreach"]) for r in out.values() if "foreach" in r), out
     # two micro-batches summed in fp32 and reduced in fp32, so many gradients are off the bf16 grid
     # (observed 634,816 of 1,100,868: a sum of two bf16 values often fits bf16 again). With
     # DeepSpeed's default bf16 all-reduce, which rounds the fp32 sums on one rank too: none.
