@@ -1,7 +1,10 @@
 """Typed, strict configuration: dataclasses + sparse YAML files + ``a.b=c`` overrides.
 
 Three layers, applied in order: the dataclass defaults, a YAML file that names only what it
-changes, then command-line overrides such as ``data.batch_size=8``. Every key is checked
+changes, then command-line overrides such as ``data.batch_size=8``. A section may be given as
+the path of a YAML file that holds it (``data: configs/data/webvid_cc3m.yaml`` in a file, or
+``data=configs/data/webvid.yaml`` on the command line); later keys of that section
+(``data.batch_size=8``) apply on top of the file's. Every key is checked
 against the dataclass it lands in, so a typo fails at start-up with the dotted name of the key
 (and a close match when there is one) instead of being silently ignored.
 """
@@ -39,8 +42,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
+        if is_section_file(value):
+            try:
+                return _from_dict(tp, load_section(value, key), key)
+            except ConfigError as err:
+                raise ConfigError(f"{err} (in {value}, given for '{key}')") from err
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping for {tp.__name__}, got {value!r}")
+            raise ConfigError(f"{key}: expected a mapping for {tp.__name__} or a YAML file holding one, got {value!r}")
         return _from_dict(tp, value, key)
     if origin in (Union, types.UnionType):
         args = get_args(tp)
@@ -179,10 +187,26 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+def is_section_file(value: Any) -> bool:
+    """A section given as the path of a YAML file that holds it (``data: configs/data/webvid.yaml``)."""
+    return isinstance(value, str) and value.endswith((".yaml", ".yml"))
+
+
+def load_section(path: str, key: str) -> dict[str, Any]:
+    """The mapping in the YAML file ``path``, given for the section ``key``. Relative paths are
+    read from the directory you launched from, as every path in a config is."""
+    try:
+        return load_yaml(path)
+    except ConfigError as err:
+        raise ConfigError(f"{key}: {err}") from err
+
+
 def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
     node = tree
-    for part in path[:-1]:
+    for i, part in enumerate(path[:-1]):
         child = node.get(part)
+        if is_section_file(child):  # ``data.batch_size=8`` after ``data: FILE``: FILE's keys, then this one
+            child = node[part] = load_section(child, ".".join(path[: i + 1]))
         if not isinstance(child, dict):
             child = {}
             node[part] = child
@@ -217,11 +241,11 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> T:
     """Defaults of ``cls``, then the YAML file at ``path``, then ``a.b=c`` overrides."""
     data: dict[str, Any] = load_yaml(path) if path is not None else {}
-    for text in overrides:
-        keys, value = parse_override(text)
-        _set_path(data, keys, value)
+    parsed = [parse_override(text) for text in overrides]
     where = f" (from {path})" if path is not None else ""
     try:
+        for keys, value in parsed:
+            _set_path(data, keys, value)  # (reads a section's file that a key goes into)
         return from_dict(cls, data)
     except ConfigError as err:
         raise ConfigError(f"{err}{where}") from err

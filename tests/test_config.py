@@ -101,6 +101,47 @@ def test_missing_config_file_is_named(tmp_path: Path) -> None:
         load_config(Outer, tmp_path / "nope.yaml")
 
 
+def test_a_section_given_as_a_yaml_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``inner: FILE`` (or ``inner=FILE``) reads the section from FILE; later keys of it apply on
+    top, in order; errors name the key and both files."""
+    monkeypatch.chdir(tmp_path)  # relative section paths are read from where you launch
+    (tmp_path / "sections").mkdir()
+    (tmp_path / "sections" / "fast.yaml").write_text("lr: 0.5\nmode: b\n")
+    (tmp_path / "sections" / "slow.yml").write_text("lr: 0.001\n")
+    top = tmp_path / "top.yaml"
+    top.write_text("steps: 7\ninner: sections/fast.yaml\n")
+    cfg = load_config(Outer, top)
+    assert (cfg.steps, cfg.inner.lr, cfg.inner.mode, cfg.inner.layers) == (7, 0.5, "b", [1, 2])
+    cfg = load_config(Outer, top, ["inner.layers=[9]", "inner.mode=a"])  # on top of the file's keys
+    assert (cfg.inner.lr, cfg.inner.mode, cfg.inner.layers) == (0.5, "a", [9])
+    cfg = load_config(Outer, top, ["inner.mode=a", "inner=sections/slow.yml"])  # a later file replaces it all
+    assert (cfg.inner.lr, cfg.inner.mode) == (0.001, "a")
+    assert load_config(Outer, None, ["inner=sections/slow.yml", "inner.name=x"]).inner.name == "x"
+    with pytest.raises(ConfigError, match=r"^inner: config file not found: sections/nope\.yaml"):
+        load_config(Outer, None, ["inner=sections/nope.yaml"])
+    with pytest.raises(ConfigError, match=r"^inner: config file not found: sections/nope\.yaml \(from .*top\.yaml\)$"):
+        load_config(Outer, top, ["inner=sections/nope.yaml", "inner.mode=b"])
+    (tmp_path / "sections" / "typo.yaml").write_text("lrr: 1\n")
+    with pytest.raises(
+        ConfigError,
+        match=r"'inner\.lrr'; did you mean 'lr'\? \(in sections/typo\.yaml, given for 'inner'\) \(from .*top",
+    ):
+        load_config(Outer, top, ["inner=sections/typo.yaml"])
+    with pytest.raises(
+        ConfigError, match=r"inner: expected a mapping for Inner or a YAML file holding one, got 'fast'"
+    ):
+        load_config(Outer, None, ["inner=fast"])
+    # the shipped data sections, as a training config's data and val (a DataConfig or null)
+    monkeypatch.chdir(ROOT)
+    over = ["model.preset=tiny", "data=configs/data/webvid_cc3m.yaml", "val=configs/data/webvid.yaml"]
+    cfg = load_config(TrainConfig, None, over)
+    assert [c.path for c in cfg.data.corpora] == ["/data/webvid", "/data/cc3m"] and cfg.data.corpora[1].kind == "image"
+    assert cfg.val is not None and cfg.val.path == "/data/webvid"
+    saved = tmp_path / "saved.yaml"  # a run folder keeps the section itself, not the file's name
+    save_config(cfg, saved)
+    assert load_config(TrainConfig, saved) == cfg and "webvid_cc3m.yaml" not in saved.read_text()
+
+
 # Every config file in configs/ parses into the config class it is for.
 CONFIG_CLASSES = {
     "demo.yaml": DemoConfig,
@@ -113,6 +154,7 @@ CONFIG_CLASSES = {
 
 
 @pytest.mark.parametrize("path", sorted(p.relative_to(ROOT / "configs") for p in (ROOT / "configs").rglob("*.yaml")))
-def test_every_config_file_parses(path: Path) -> None:
+def test_every_config_file_parses(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(ROOT)  # where their section files (configs/data/...) are read from
     cls = CONFIG_CLASSES.get(path.parts[0]) or CONFIG_CLASSES[path.name]
     load_config(cls, ROOT / "configs" / path)
