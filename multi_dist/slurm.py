@@ -175,15 +175,15 @@ def check_data(command: str, cfg: Any, world_size: int) -> None:
     from .evaluate import eval_data_config
 
     if command == "evaluate":
-        streams = [eval_data_config(cfg.data)]
+        streams = [("data", eval_data_config(cfg.data), True)]
     else:
-        streams = [cfg.data]
+        streams = [("data", cfg.data, False)]
         if cfg.val is not None and (cfg.val.path or cfg.val.corpora):
-            streams.append(eval_data_config(cfg.val))
-    for data in streams:
+            streams.append(("val", eval_data_config(cfg.val), True))
+    for key, data, evaluation in streams:
         # the shards are what is checked here: no MCM answer vocabulary is counted at submit time
         data = dataclasses.replace(data, mcm=dataclasses.replace(data.mcm, enabled=False))
-        VideoTextStream(data, rank=0, world_size=world_size)
+        VideoTextStream(data, rank=0, world_size=world_size, key=key, evaluation=evaluation)
 
 
 @dataclass(frozen=True)

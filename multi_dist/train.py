@@ -392,7 +392,7 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, float]], None] | No
     )
     val_cfg = _val_config(cfg, task)
     if val_cfg is not None:
-        VideoTextStream(val_cfg, rank, world)  # the same checks for the validation set, before training
+        VideoTextStream(val_cfg, rank, world, key="val", evaluation=True)  # its checks, before training
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = _build_model(cfg, task)

@@ -167,8 +167,17 @@ def test_resampled_mode_gives_every_rank_the_same_batch_count_despite_uneven_sha
 
 
 def test_too_few_shards_in_epoch_mode_fails_clearly(demo_corpus: Path) -> None:
-    with pytest.raises(ValueError, match=r"4 shard\(s\) cannot feed 2 rank\(s\) x 3 worker\(s\).*resampled=true"):
-        VideoTextStream(cfg_for(demo_corpus / "val", resampled=False, num_workers=3), rank=0, world_size=2)
+    few = cfg_for(demo_corpus / "val", resampled=False, num_workers=3)
+    advice = r"fewer data\.num_workers, or data\.resampled=true\.$"
+    with pytest.raises(
+        ValueError, match=r"4 shard\(s\) cannot feed 2 rank\(s\) x 3 worker\(s\): in epoch mode.*" + advice
+    ):
+        VideoTextStream(few, rank=0, world_size=2)
+    # an evaluation's stream (epoch mode forced) advises what can change there, under its key
+    with pytest.raises(
+        ValueError, match=r": evaluation reads every sample once.*fewer data\.num_workers or fewer ranks\.$"
+    ):
+        VideoTextStream(few, rank=0, world_size=2, evaluation=True)
     # resampled mode has no such limit
     VideoTextStream(cfg_for(demo_corpus / "val", resampled=True, num_workers=3), rank=0, world_size=2)
 

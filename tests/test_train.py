@@ -282,7 +282,12 @@ def test_non_finite_loss_stops_or_skips_as_configured(corpus: Path, tmp_path: Pa
     [
         ("optim.lrr=1", "unknown config key 'optim.lrr'"),
         ("data.path=/nonexistent/shards", "dataset path does not exist: /nonexistent/shards"),
-        ("val.num_workers=5", r"4 shard(s) cannot feed 1 rank(s) x 5 worker(s)"),
+        (  # the advice fits a validation set: epoch mode is no choice there
+            "val.num_workers=5",
+            "4 shard(s) cannot feed 1 rank(s) x 5 worker(s): evaluation reads every sample once, and every "
+            "worker needs at least one shard, else ranks stall waiting for each other. Use more shards (build "
+            "with a smaller --samples-per-shard), fewer val.num_workers or fewer ranks, or val=null.",
+        ),
         ("zero.stage=4", "zero.stage must be 0, 1, 2 or 3"),
     ],
 )

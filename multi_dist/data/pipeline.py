@@ -667,13 +667,18 @@ class VideoTextStream:
         world_size: int = 1,
         task_collate: TaskCollate | None = None,
         pin_memory: bool = False,
+        key: str = "data",
+        evaluation: bool = False,
     ) -> None:
         """``pin_memory``: batches in page-locked memory (with worker processes), for a training
-        process that copies them to a GPU: the copy then runs asynchronously."""
+        process that copies them to a GPU: the copy then runs asynchronously. ``key``: the config
+        section ``cfg`` came from (``data``, ``val``), and ``evaluation``: a stream that must read
+        every sample once (epoch mode forced, :func:`multi_dist.evaluate.eval_data_config`); the
+        start-up errors name the one and advise by the other."""
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
         cfg.validate()
-        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.cfg, self.rank, self.world_size, self.key = cfg, rank, world_size, key
         self.task_collate = task_collate
         self.pin_memory = pin_memory
         self.corpora = resolve_corpora(cfg)
@@ -685,11 +690,16 @@ class VideoTextStream:
         if not cfg.resampled and max(len(c.shards) for c in sampled) < slots:
             counts = ", ".join(f"{c.name}: {len(c.shards)}" for c in sampled)
             what = f"{len(sampled[0].shards)} shard(s)" if len(self.corpora) == 1 else f"shards ({counts})"
+            mode = "evaluation reads every sample once" if evaluation else "in epoch mode"
+            if evaluation:  # epoch mode is not a choice there
+                fixes = f"fewer {key}.num_workers or fewer ranks" + (f", or {key}=null" if key == "val" else "")
+            else:
+                fixes = f"fewer {key}.num_workers, or {key}.resampled=true"
             raise ValueError(
-                f"{self._where()}: {what} cannot feed {world_size} rank(s) x "
-                f"{self.num_workers} worker(s) in epoch mode (every worker needs at least one shard, "
-                f"else ranks stall waiting for each other). Use more shards (build with a smaller "
-                f"--samples-per-shard), fewer data.num_workers, or data.resampled=true."
+                f"{self._where()}: {what} cannot feed {world_size} rank(s) x {self.num_workers} "
+                f"worker(s): {mode}, and every worker needs at least one shard, else ranks stall "
+                f"waiting for each other. Use more shards (build with a smaller --samples-per-shard), "
+                f"{fixes}."
             )
         if cfg.resampled and cfg.epoch_samples is None:
             unsized = [c for c in sampled if c.sizes is None]
@@ -708,7 +718,7 @@ class VideoTextStream:
         self.skipped_keys: deque[str] = deque(maxlen=1000)
 
     def _where(self) -> str:
-        return self.cfg.path if len(self.corpora) == 1 and not self.cfg.corpora else "data.corpora"
+        return self.cfg.path if len(self.corpora) == 1 and not self.cfg.corpora else f"{self.key}.corpora"
 
     def _fresh_positions(self) -> list[WorkerPosition]:
         return [WorkerPosition(corpus={c.name: 0 for c in self.corpora}) for _ in range(self.num_workers)]

@@ -198,7 +198,9 @@ def run_evaluation(
     was_training = model.training
     model.eval()
     pin = ctx.device.type == "cuda"
-    stream = iter(VideoTextStream(data, ctx.rank, ctx.world, task.collate_fn(training=False), pin_memory=pin))
+    stream = iter(
+        VideoTextStream(data, ctx.rank, ctx.world, task.collate_fn(training=False), pin_memory=pin, evaluation=True)
+    )
     records: list[dict[str, Any]] = []
     local: dict[str, Any] = {}
     last = None
