@@ -289,6 +289,56 @@ def snapshot_code(dest: Path, root: Path | None = None) -> Path:
     return dest
 
 
+def task_cpus(s: SlurmConfig, cfg: Any) -> int:
+    """CPUs per task: ``--cpus-per-task``, else the rank's process and its loader workers."""
+    return s.cpus_per_task or cfg.data.num_workers + 1
+
+
+def partition_cpus(partition: str | None) -> tuple[str, int] | None:
+    """The partition (``None``: the cluster's default) and the most CPUs one of its nodes has,
+    from ``sinfo``; ``None`` where sinfo cannot tell (no Slurm here: a dry run off the cluster)."""
+    try:
+        out = subprocess.run(
+            ["sinfo", "--noheader", "--Node", "--format=%P %c"], capture_output=True, text=True, timeout=30
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return None
+    most: dict[str, int] = {}
+    default = None
+    for line in out.stdout.splitlines():
+        name, _, cpus = line.strip().partition(" ")
+        if not cpus.strip().isdigit():
+            continue
+        if name.endswith("*"):
+            name = default = name[:-1]
+        most[name] = max(most.get(name, 0), int(cpus))
+    name = partition or default
+    if name is None:
+        return None
+    if name not in most:
+        raise ValueError(f"--partition {name}: sinfo lists no such partition (it lists {', '.join(sorted(most))})")
+    return name, most[name]
+
+
+def check_cpus(s: SlurmConfig, cfg: Any) -> None:
+    """Refuse a job that asks more CPUs of a node than the partition's nodes have: Slurm would
+    take it and keep it pending for ever (reason ``PartitionConfig``)."""
+    found = partition_cpus(s.partition)
+    if found is None:
+        return
+    name, most = found
+    cpus = task_cpus(s, cfg)
+    if s.ranks_per_node * cpus > most:
+        default = "" if s.cpus_per_task else " (its default: data.num_workers + 1)"
+        raise ValueError(
+            f"{s.ranks_per_node} task(s) per node x --cpus-per-task {cpus}{default} = "
+            f"{s.ranks_per_node * cpus} CPUs per node, but the nodes of partition '{name}' have at most "
+            f"{most} (sinfo): Slurm would keep the job pending. Lower --cpus-per-task or the tasks per node."
+        )
+
+
 def sbatch_parameters(s: SlurmConfig, command: str, cfg: Any, code: Path) -> dict[str, Any]:
     """submitit's sbatch parameters: one task per rank, USR2 before the limit, requeueable, run
     from the code snapshot."""
@@ -297,7 +347,7 @@ def sbatch_parameters(s: SlurmConfig, command: str, cfg: Any, code: Path) -> dic
         "time": s.time_min,
         "nodes": s.nodes,
         "ntasks_per_node": s.ranks_per_node,
-        "cpus_per_task": s.cpus_per_task or cfg.data.num_workers + 1,
+        "cpus_per_task": task_cpus(s, cfg),
         "signal_delay_s": s.signal_delay_s,
         "setup": [
             f"unset {' '.join(UNSET)}",
@@ -435,8 +485,12 @@ def main(argv: list[str] | None = None, doc: str | None = None) -> list[dict[str
         signal_delay_s=args.signal_delay_s,
         job_name=args.job_name,
     )
-    elements = plan(args.command, args.config, args.overrides, args.configs, args.checkpoints)
-    s.validate()
-    for e in elements:
-        check_data(args.command, e.cfg, s.world_size)
+    try:  # nothing is written or submitted before these pass: an error is all there is to say
+        elements = plan(args.command, args.config, args.overrides, args.configs, args.checkpoints)
+        s.validate()
+        for e in elements:
+            check_data(args.command, e.cfg, s.world_size)
+            check_cpus(s, e.cfg)
+    except (ValueError, OSError) as err:  # (ConfigError is a ValueError; a missing path an OSError)
+        sys.exit(f"error: {err}")
     return submit(args.command, elements, s, dry_run=args.dry_run, argv=argv)

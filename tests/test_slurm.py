@@ -185,23 +185,30 @@ def test_requeue_only_after_the_time_limit_warning_and_within_max_requeues(
     assert "requeued 2 time(s) already (--max-requeues 2)" in capsys.readouterr().out
 
 
-def test_a_bad_config_fails_before_anything_is_submitted(cluster: SlurmCluster, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["optim.lrr=1", "--cpus-per-task", "1"], "error: unknown config key 'optim.lrr'"),
+        # 2 tasks x (data.num_workers + 1 = 2) CPUs on the test cluster's 2-CPU node: Slurm itself
+        # would take the job and keep it pending for ever
+        (
+            [],
+            "error: 2 task(s) per node x --cpus-per-task 2 (its default: data.num_workers + 1) = 4 CPUs per "
+            "node, but the nodes of partition 'debug' have at most 2 (sinfo)",
+        ),
+        (["--cpus-per-task", "1", "--partition", "gpu"], "error: --partition gpu: sinfo lists no such partition"),
+    ],
+)
+def test_a_bad_job_fails_before_anything_is_submitted(
+    cluster: SlurmCluster, tmp_path: Path, args: list[str], message: str
+) -> None:
     before = job_ids(cluster)
     run = tmp_path / "run"
-    proc = slurm_launch(
-        "pretrain",
-        "--config",
-        "configs/pretrain/tiny.yaml",
-        f"run_dir={run}",
-        "optim.lrr=1",
-        "--tasks-per-node",
-        "2",
-        "--time",
-        "1",
-    )
+    config = ["--config", "configs/pretrain/tiny.yaml", f"run_dir={run}"]
+    proc = slurm_launch("pretrain", *config, "--tasks-per-node", "2", "--time", "5", *args)
     assert proc.returncode != 0
-    assert "unknown config key 'optim.lrr'" in proc.stderr, proc.stderr[-2000:]
-    assert "submitted" not in proc.stdout
+    assert message in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "submitted" not in proc.stdout
     assert job_ids(cluster) == before
     assert not run.exists()
 
