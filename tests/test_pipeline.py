@@ -170,14 +170,20 @@ def test_too_few_shards_in_epoch_mode_fails_clearly(demo_corpus: Path) -> None:
     few = cfg_for(demo_corpus / "val", resampled=False, num_workers=3)
     advice = r"fewer data\.num_workers, or data\.resampled=true\.$"
     with pytest.raises(
-        ValueError, match=r"4 shard\(s\) cannot feed 2 rank\(s\) x 3 worker\(s\): in epoch mode.*" + advice
+        ValueError, match=r"4 shard\(s\) cannot feed 2 rank\(s\) x 3 worker\(s\) in epoch mode: .*" + advice
     ):
         VideoTextStream(few, rank=0, world_size=2)
-    # an evaluation's stream (epoch mode forced) advises what can change there, under its key
+    # an evaluation's stream (epoch mode forced) cuts its loader workers to the shards instead: 4
+    # shards feed 2 ranks x 2 workers, and every sample is read once; with fewer shards than ranks
+    # it fails, advising what can change there
+    evaluation = [VideoTextStream(few, rank, 2, evaluation=True) for rank in (0, 1)]
+    assert [s.num_workers for s in evaluation] == [2, 2] and few.num_workers == 3
+    keys = [k for s in evaluation for batch in s for k in batch["key"]]
+    assert len(keys) == len(set(keys)) == sum(json.loads((demo_corpus / "val" / "sizes.json").read_text()).values())
     with pytest.raises(
-        ValueError, match=r": evaluation reads every sample once.*fewer data\.num_workers or fewer ranks\.$"
+        ValueError, match=r"cannot feed 5 rank\(s\): evaluation reads every sample once.*or fewer ranks\.$"
     ):
-        VideoTextStream(few, rank=0, world_size=2, evaluation=True)
+        VideoTextStream(few, rank=0, world_size=5, evaluation=True)
     # resampled mode has no such limit
     VideoTextStream(cfg_for(demo_corpus / "val", resampled=True, num_workers=3), rank=0, world_size=2)
 

@@ -282,17 +282,17 @@ def test_non_finite_loss_stops_or_skips_as_configured(corpus: Path, tmp_path: Pa
     [
         ("optim.lrr=1", "unknown config key 'optim.lrr'"),
         ("data.path=/nonexistent/shards", "dataset path does not exist: /nonexistent/shards"),
-        (  # the advice fits a validation set: epoch mode is no choice there
-            "val.num_workers=5",
-            "4 shard(s) cannot feed 1 rank(s) x 5 worker(s): evaluation reads every sample once, and every "
-            "worker needs at least one shard, else ranks stall waiting for each other. Use more shards (build "
-            "with a smaller --samples-per-shard), fewer val.num_workers or fewer ranks, or val=null.",
+        (  # 16 training shards in epoch mode (a small validation set gets fewer loader workers instead)
+            "data.resampled=false data.num_workers=17",
+            "16 shard(s) cannot feed 1 rank(s) x 17 worker(s) in epoch mode: every worker needs at least one "
+            "shard, else ranks stall waiting for each other. Use more shards (build with a smaller "
+            "--samples-per-shard), fewer data.num_workers, or data.resampled=true.",
         ),
         ("zero.stage=4", "zero.stage must be 0, 1, 2 or 3"),
     ],
 )
 def test_start_up_errors_name_the_problem(corpus: Path, tmp_path: Path, override: str, message: str) -> None:
-    proc = pretrain(1, *tiny_args(corpus, tmp_path / "run", override))
+    proc = pretrain(1, *tiny_args(corpus, tmp_path / "run", *override.split()))
     assert proc.returncode != 0
     assert message in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "run" / "checkpoints").exists()

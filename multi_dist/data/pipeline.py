@@ -28,6 +28,7 @@ decoding them), and the stream continues with the batches an uninterrupted run w
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import logging
@@ -673,7 +674,8 @@ class VideoTextStream:
         """``pin_memory``: batches in page-locked memory (with worker processes), for a training
         process that copies them to a GPU: the copy then runs asynchronously. ``key``: the config
         section ``cfg`` came from (``data``, ``val``), and ``evaluation``: a stream that must read
-        every sample once (epoch mode forced, :func:`multi_dist.evaluate.eval_data_config`); the
+        every sample once (epoch mode forced, :func:`multi_dist.evaluate.eval_data_config`), whose
+        loader workers are cut to the shards there are (a test split is often a few shards); the
         start-up errors name the one and advise by the other."""
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
@@ -686,20 +688,32 @@ class VideoTextStream:
         self.shards = [s for c in self.corpora for s in c.shards]
         self.num_workers = max(cfg.num_workers, 1)
         sampled = [c for c in self.corpora if c.weight > 0]
-        slots = world_size * self.num_workers
-        if not cfg.resampled and max(len(c.shards) for c in sampled) < slots:
+        most = max(len(c.shards) for c in sampled)
+        if evaluation and world_size <= most < world_size * self.num_workers:
+            # a small evaluation set: fewer loader workers per rank, each with a shard of its own
+            fit = most // world_size
+            if rank == 0:
+                log.warning(
+                    "%s: %d shard(s) feed %d rank(s) x %d loader worker(s), not the %d of %s.num_workers "
+                    "(evaluation reads every sample once: a shard per worker)",
+                    self._where(), most, world_size, fit, cfg.num_workers, key,
+                )  # fmt: skip
+            cfg = self.cfg = dataclasses.replace(cfg, num_workers=fit)
+            self.num_workers = fit
+        if not cfg.resampled and most < world_size * self.num_workers:
             counts = ", ".join(f"{c.name}: {len(c.shards)}" for c in sampled)
             what = f"{len(sampled[0].shards)} shard(s)" if len(self.corpora) == 1 else f"shards ({counts})"
-            mode = "evaluation reads every sample once" if evaluation else "in epoch mode"
-            if evaluation:  # epoch mode is not a choice there
-                fixes = f"fewer {key}.num_workers or fewer ranks" + (f", or {key}=null" if key == "val" else "")
-            else:
-                fixes = f"fewer {key}.num_workers, or {key}.resampled=true"
+            more = "Use more shards (build with a smaller --samples-per-shard)"
+            if evaluation:  # epoch mode is no choice there, and the workers are cut already
+                raise ValueError(
+                    f"{self._where()}: {what} cannot feed {world_size} rank(s): evaluation reads every sample "
+                    f"once, and every rank needs at least one shard, else ranks stall waiting for each other. "
+                    f"{more} or fewer ranks" + (f", or {key}=null." if key == "val" else ".")
+                )
             raise ValueError(
-                f"{self._where()}: {what} cannot feed {world_size} rank(s) x {self.num_workers} "
-                f"worker(s): {mode}, and every worker needs at least one shard, else ranks stall "
-                f"waiting for each other. Use more shards (build with a smaller --samples-per-shard), "
-                f"{fixes}."
+                f"{self._where()}: {what} cannot feed {world_size} rank(s) x {self.num_workers} worker(s) in "
+                f"epoch mode: every worker needs at least one shard, else ranks stall waiting for each other. "
+                f"{more}, fewer {key}.num_workers, or {key}.resampled=true."
             )
         if cfg.resampled and cfg.epoch_samples is None:
             unsized = [c for c in sampled if c.sizes is None]
