@@ -42,11 +42,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
-        if is_section_file(value):
+        if is_section_file(value):  # (a list's item; a field's file is read by _from_dict)
+            section = read_section(value, key)
             try:
-                return _from_dict(tp, load_section(value, key), key)
+                return _from_dict(tp, section, key)
             except ConfigError as err:
-                raise ConfigError(f"{err} (in {value}, given for '{key}')") from err
+                raise ConfigError(f"{err} (in {section.origin}, given for '{key}')") from err
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping for {tp.__name__} or a YAML file holding one, got {value!r}")
         return _from_dict(tp, value, key)
@@ -117,14 +118,30 @@ def _unknown_key(cls: type, name: str, key: str) -> ConfigError:
     return ConfigError(f"unknown config key '{key}'{hint}")
 
 
+def _takes_section(tp: Any) -> bool:
+    """A field typed as a config dataclass (or one of them or null)."""
+    if get_origin(tp) in (Union, types.UnionType):
+        return any(_takes_section(a) for a in get_args(tp))
+    return dataclasses.is_dataclass(tp)
+
+
 def _from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
+    hints = typing.get_type_hints(cls)
+    # sections given as files are read first, so that a preset (below) fills what they leave out
+    # as it does for a section written inline; errors in them name the file
+    data = {
+        name: read_section(value, f"{prefix}.{name}" if prefix else name)
+        if is_section_file(value) and _takes_section(hints.get(name))
+        else value
+        for name, value in data.items()
+    }
+    origins = {name: value.origin for name, value in data.items() if isinstance(value, Section)}
     expand = getattr(cls, "expand_preset", None)
     if expand is not None:  # a named preset fills the fields the data does not give
         try:
             data = expand(data)
         except ValueError as err:
             raise ConfigError(f"{prefix}.{err}" if prefix else str(err)) from err
-    hints = typing.get_type_hints(cls)
     known = {f.name: f for f in dataclasses.fields(cls) if f.init}
     kwargs = {}
     for name, value in data.items():
@@ -139,7 +156,12 @@ def _from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
             if moved is not None:
                 raise ConfigError(f"config key '{key}' has moved: {moved[0]}")
             raise _unknown_key(cls, str(name), key)
-        kwargs[name] = _coerce(value, hints[name], key)
+        try:
+            kwargs[name] = _coerce(value, hints[name], key)
+        except ConfigError as err:
+            if name in origins:
+                raise ConfigError(f"{err} (in {origins[name]}, given for '{key}')") from err
+            raise
     try:
         obj = cls(**kwargs)
     except TypeError as err:
@@ -192,13 +214,21 @@ def is_section_file(value: Any) -> bool:
     return isinstance(value, str) and value.endswith((".yaml", ".yml"))
 
 
-def load_section(path: str, key: str) -> dict[str, Any]:
+class Section(dict):
+    """A section's mapping as read from a YAML file (``origin``), for its errors to name the file."""
+
+    origin: str
+
+
+def read_section(path: str, key: str) -> Section:
     """The mapping in the YAML file ``path``, given for the section ``key``. Relative paths are
     read from the directory you launched from, as every path in a config is."""
     try:
-        return load_yaml(path)
+        section = Section(load_yaml(path))
     except ConfigError as err:
         raise ConfigError(f"{key}: {err}") from err
+    section.origin = path
+    return section
 
 
 def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
@@ -206,7 +236,7 @@ def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
     for i, part in enumerate(path[:-1]):
         child = node.get(part)
         if is_section_file(child):  # ``data.batch_size=8`` after ``data: FILE``: FILE's keys, then this one
-            child = node[part] = load_section(child, ".".join(path[: i + 1]))
+            child = node[part] = read_section(child, ".".join(path[: i + 1]))
         if not isinstance(child, dict):
             child = {}
             node[part] = child

@@ -65,9 +65,11 @@ def eval_data_config(data: DataConfig) -> DataConfig:
 
 
 def evaluate_task(
-    model: MuLTI, task: Task, data: DataConfig, ctx: EvalContext, max_batches: int = 0
+    model: MuLTI, task: Task, data: DataConfig, ctx: EvalContext, max_batches: int = 0, key: str = "data"
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    return run_evaluation(model, task, task.data_config(eval_data_config(data), training=False), ctx, max_batches)
+    """``key``: the config section ``data`` came from (``val`` during training), for its messages."""
+    data = task.data_config(eval_data_config(data), training=False)
+    return run_evaluation(model, task, data, ctx, max_batches, key)
 
 
 def scalars(metrics: dict[str, Any], prefix: str = "eval/") -> dict[str, float]:

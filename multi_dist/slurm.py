@@ -62,7 +62,7 @@ from pathlib import Path
 from typing import Any
 
 from .cli import COMMANDS, load
-from .config import save_config
+from .config import ConfigError, save_config
 
 RESUMABLE = ("pretrain", "finetune")
 STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
@@ -169,8 +169,9 @@ def plan(
 def check_data(command: str, cfg: Any, world_size: int) -> None:
     """The start-up checks of the data streams (:class:`multi_dist.data.pipeline.VideoTextStream`)
     for the job's world size, run before the job waits in the queue: the shards exist, their sizes
-    are known or ``data.epoch_samples`` is set, and in epoch mode (``data.resampled=false``; always
-    for validation and evaluation) every (rank, loader worker) has a shard of its own."""
+    are known or ``data.epoch_samples`` is set, and in epoch mode (``data.resampled=false``) every
+    (rank, loader worker) has a shard of its own; a validation or evaluation set (always epoch
+    mode) needs a shard per rank, and its loader workers are cut to fit."""
     from .data.pipeline import VideoTextStream
     from .evaluate import eval_data_config
 
@@ -295,17 +296,19 @@ def task_cpus(s: SlurmConfig, cfg: Any) -> int:
 
 
 def partition_cpus(partition: str | None) -> tuple[str, int] | None:
-    """The partition (``None``: the cluster's default) and the most CPUs one of its nodes has,
-    from ``sinfo``; ``None`` where sinfo cannot tell (no Slurm here: a dry run off the cluster)."""
+    """The partition the job goes to and the most CPUs one of its nodes has, from ``sinfo``;
+    ``None`` where sinfo cannot tell (no Slurm here: a dry run off the cluster). The partition is
+    ``partition``, else ``SBATCH_PARTITION``, else the cluster's default, as for sbatch; of a list
+    (``a,b``: the job runs in whichever starts it first), the one with the largest nodes."""
+    env = {k: v for k, v in os.environ.items() if k != "SINFO_PARTITION"}  # (it would hide the others)
+    cmd = ["sinfo", "--all", "--noheader", "--Node", "--format=%P %c"]  # --all: hidden partitions too
     try:
-        out = subprocess.run(
-            ["sinfo", "--noheader", "--Node", "--format=%P %c"], capture_output=True, text=True, timeout=30
-        )
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30, env=env)
     except (OSError, subprocess.TimeoutExpired):
         return None
     if out.returncode != 0:
         return None
-    most: dict[str, int] = {}
+    most: dict[str, int] = {}  # one line per node and partition it is in
     default = None
     for line in out.stdout.splitlines():
         name, _, cpus = line.strip().partition(" ")
@@ -314,18 +317,20 @@ def partition_cpus(partition: str | None) -> tuple[str, int] | None:
         if name.endswith("*"):
             name = default = name[:-1]
         most[name] = max(most.get(name, 0), int(cpus))
-    name = partition or default
-    if name is None:
+    names = partition or os.environ.get("SBATCH_PARTITION") or default
+    if not names:
         return None
-    if name not in most:
-        raise ValueError(f"--partition {name}: sinfo lists no such partition (it lists {', '.join(sorted(most))})")
-    return name, most[name]
+    unknown = [n for n in names.split(",") if n not in most]
+    if unknown:
+        listed = ", ".join(sorted(most))
+        raise ValueError(f"--partition {names}: sinfo lists no partition {', '.join(unknown)} (it lists {listed})")
+    return max(((n, most[n]) for n in names.split(",")), key=lambda found: found[1])
 
 
-def check_cpus(s: SlurmConfig, cfg: Any) -> None:
-    """Refuse a job that asks more CPUs of a node than the partition's nodes have: Slurm would
-    take it and keep it pending for ever (reason ``PartitionConfig``)."""
-    found = partition_cpus(s.partition)
+def check_cpus(s: SlurmConfig, cfg: Any, found: tuple[str, int] | None) -> None:
+    """Refuse a job that asks more CPUs of a node than the partition's nodes have (``found``:
+    :func:`partition_cpus`): Slurm would take it and keep it pending for ever (reason
+    ``PartitionConfig``)."""
     if found is None:
         return
     name, most = found
@@ -490,7 +495,11 @@ def main(argv: list[str] | None = None, doc: str | None = None) -> list[dict[str
         s.validate()
         for e in elements:
             check_data(args.command, e.cfg, s.world_size)
-            check_cpus(s, e.cfg)
-    except (ValueError, OSError) as err:  # (ConfigError is a ValueError; a missing path an OSError)
+        found = partition_cpus(s.partition)
+        for e in elements:
+            check_cpus(s, e.cfg, found)
+    except (ValueError, FileNotFoundError) as err:
+        if type(err) not in (ValueError, ConfigError, FileNotFoundError):  # (a JSON or codec error: the traceback)
+            raise
         sys.exit(f"error: {err}")
     return submit(args.command, elements, s, dry_run=args.dry_run, argv=argv)

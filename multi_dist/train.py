@@ -518,7 +518,7 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, float]], None] | No
                     print(f"stopped at step {state.step} on request (signal {_STOP['signal']})", flush=True)
                 return {"stopped": True, "steps": state.step, "samples": state.samples}
             if val_cfg is not None and cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < cfg.steps:
-                metrics, _ = evaluate_task(engine.module, task, val_cfg, ctx, cfg.eval_batches)
+                metrics, _ = evaluate_task(engine.module, task, val_cfg, ctx, cfg.eval_batches, key="val")
                 emit(state.step, scalars(metrics))
         summary: dict[str, Any] = {
             "steps": state.step,
@@ -528,7 +528,7 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, float]], None] | No
             "last_losses": logger.last_losses(),
         }
         if val_cfg is not None:
-            metrics, predictions = evaluate_task(engine.module, task, val_cfg, ctx, cfg.eval_batches)
+            metrics, predictions = evaluate_task(engine.module, task, val_cfg, ctx, cfg.eval_batches, key="val")
             final = scalars(metrics)
             emit(state.step, final)
             summary["eval"] = final

@@ -114,23 +114,27 @@ def test_a_section_given_as_a_yaml_file(tmp_path: Path, monkeypatch: pytest.Monk
     assert (cfg.steps, cfg.inner.lr, cfg.inner.mode, cfg.inner.layers) == (7, 0.5, "b", [1, 2])
     cfg = load_config(Outer, top, ["inner.layers=[9]", "inner.mode=a"])  # on top of the file's keys
     assert (cfg.inner.lr, cfg.inner.mode, cfg.inner.layers) == (0.5, "a", [9])
-    cfg = load_config(Outer, top, ["inner.mode=a", "inner=sections/slow.yml"])  # a later file replaces it all
+    cfg = load_config(Outer, top, ["inner.mode=b", "inner=sections/slow.yml"])  # a later file replaces it all
     assert (cfg.inner.lr, cfg.inner.mode) == (0.001, "a")
     assert load_config(Outer, None, ["inner=sections/slow.yml", "inner.name=x"]).inner.name == "x"
-    with pytest.raises(ConfigError, match=r"^inner: config file not found: sections/nope\.yaml"):
+    with pytest.raises(ConfigError, match=r"^inner: config file not found: sections/nope\.yaml$"):
         load_config(Outer, None, ["inner=sections/nope.yaml"])
     with pytest.raises(ConfigError, match=r"^inner: config file not found: sections/nope\.yaml \(from .*top\.yaml\)$"):
         load_config(Outer, top, ["inner=sections/nope.yaml", "inner.mode=b"])
     (tmp_path / "sections" / "typo.yaml").write_text("lrr: 1\n")
-    with pytest.raises(
-        ConfigError,
-        match=r"'inner\.lrr'; did you mean 'lr'\? \(in sections/typo\.yaml, given for 'inner'\) \(from .*top",
-    ):
+    typo = r"'inner\.lrr'; did you mean 'lr'\? \(in sections/typo\.yaml, given for 'inner'\)"
+    with pytest.raises(ConfigError, match=typo + r" \(from .*top"):
         load_config(Outer, top, ["inner=sections/typo.yaml"])
+    with pytest.raises(ConfigError, match=typo + "$"):  # also where a later key made it read the file
+        load_config(Outer, None, ["inner=sections/typo.yaml", "inner.mode=b"])
     with pytest.raises(
         ConfigError, match=r"inner: expected a mapping for Inner or a YAML file holding one, got 'fast'"
     ):
         load_config(Outer, None, ["inner=fast"])
+    # under a model preset, a section's file fills in as the same keys inline would
+    (tmp_path / "sections" / "vision.yaml").write_text("adapter: {dim: 32}\n")
+    inline = load_config(TrainConfig, None, ["model.preset=tiny", "model.vision.adapter.dim=32"]).model
+    assert load_config(TrainConfig, None, ["model.preset=tiny", "model.vision=sections/vision.yaml"]).model == inline
     # the shipped data sections, as a training config's data and val (a DataConfig or null)
     monkeypatch.chdir(ROOT)
     over = ["model.preset=tiny", "data=configs/data/webvid_cc3m.yaml", "val=configs/data/webvid.yaml"]

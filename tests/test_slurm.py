@@ -33,10 +33,10 @@ SIGNAL_DELAY_S = 20
 limit: 10 to 40 s into a 1-minute job, after the task has installed its handlers."""
 
 
-def slurm_launch(*args: str) -> subprocess.CompletedProcess:
+def slurm_launch(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """``python launch/slurm.py ...`` from the repository root, as a user runs it."""
     cmd = [sys.executable, "launch/slurm.py", *args]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -125,6 +125,22 @@ def requeued_run(cluster: SlurmCluster, demo_corpus: Path, tmp_path_factory: pyt
     }
 
 
+def test_the_submit_time_data_check_fits_a_small_validation_set(demo_corpus: Path) -> None:
+    """The validation set (4 shards, asked for 5 loader workers a rank) gets fewer workers where it
+    has fewer shards than ranks x workers; below a shard a rank it fails, naming it and what can
+    change there."""
+    from multi_dist import slurm
+    from multi_dist.cli import load
+
+    over = [f"data.path={demo_corpus / 'train'}", f"val.path={demo_corpus / 'val'}", "val.num_workers=5"]
+    cfg = load("pretrain", str(ROOT / "configs/pretrain/tiny.yaml"), over)
+    slurm.check_data("pretrain", cfg, 2)  # 2 ranks x 2 workers
+    with pytest.raises(
+        ValueError, match=r"/val: 4 shard\(s\) cannot feed 5 rank\(s\).* or fewer ranks, or val=null\.$"
+    ):
+        slurm.check_data("pretrain", cfg, 5)
+
+
 def test_dry_run_prints_the_batch_script_and_submits_nothing(demo_corpus: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     proc = slurm_launch(
@@ -147,6 +163,7 @@ def test_dry_run_prints_the_batch_script_and_submits_nothing(demo_corpus: Path, 
         "--mem",
         "64",
         "--dry-run",
+        env={**os.environ, "SLURM_CONF": "/nonexistent"},  # off a cluster: no sinfo to ask about "gpu"
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
@@ -185,27 +202,28 @@ def test_requeue_only_after_the_time_limit_warning_and_within_max_requeues(
     assert "requeued 2 time(s) already (--max-requeues 2)" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (["optim.lrr=1", "--cpus-per-task", "1"], "error: unknown config key 'optim.lrr'"),
-        # 2 tasks x (data.num_workers + 1 = 2) CPUs on the test cluster's 2-CPU node: Slurm itself
-        # would take the job and keep it pending for ever
-        (
-            [],
-            "error: 2 task(s) per node x --cpus-per-task 2 (its default: data.num_workers + 1) = 4 CPUs per "
-            "node, but the nodes of partition 'debug' have at most 2 (sinfo)",
+@pytest.mark.parametrize("problem", ["config", "cpus", "partition"])
+def test_a_bad_job_fails_before_anything_is_submitted(cluster: SlurmCluster, tmp_path: Path, problem: str) -> None:
+    """A typo in the config; more CPUs per node than the test cluster's node has (tasks per node
+    x data.num_workers + 1 = 2 CPUs each), which Slurm would take and keep pending for ever; a
+    partition the cluster lacks."""
+    p, fits = cluster.partition, ["--tasks-per-node", "1", "--cpus-per-task", "1"]
+    args, message = {
+        "config": (["optim.lrr=1", *fits], "error: unknown config key 'optim.lrr'"),
+        "cpus": (
+            ["--tasks-per-node", str(cluster.cpus)],
+            f"error: {cluster.cpus} task(s) per node x --cpus-per-task 2 (its default: data.num_workers + 1) = "
+            f"{2 * cluster.cpus} CPUs per node, but the nodes of partition '{p}' have at most {cluster.cpus} (sinfo)",
         ),
-        (["--cpus-per-task", "1", "--partition", "gpu"], "error: --partition gpu: sinfo lists no such partition"),
-    ],
-)
-def test_a_bad_job_fails_before_anything_is_submitted(
-    cluster: SlurmCluster, tmp_path: Path, args: list[str], message: str
-) -> None:
+        "partition": (
+            [*fits, "--partition", f"{p},gpu"],
+            f"error: --partition {p},gpu: sinfo lists no partition gpu (it lists {p})",
+        ),
+    }[problem]
     before = job_ids(cluster)
     run = tmp_path / "run"
     config = ["--config", "configs/pretrain/tiny.yaml", f"run_dir={run}"]
-    proc = slurm_launch("pretrain", *config, "--tasks-per-node", "2", "--time", "5", *args)
+    proc = slurm_launch("pretrain", *config, "--time", "5", *args)
     assert proc.returncode != 0
     assert message in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and "submitted" not in proc.stdout

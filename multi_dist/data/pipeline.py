@@ -233,7 +233,7 @@ class Corpus:
         return sum(self.sizes.values()) if self.sizes is not None else None
 
 
-def resolve_corpora(cfg: DataConfig) -> list[Corpus]:
+def resolve_corpora(cfg: DataConfig, key: str = "data") -> list[Corpus]:
     """The corpora of ``cfg`` with their shards and sizes; a corpus that cannot be read fails here,
     at start-up, named."""
     entries = cfg.corpus_configs()
@@ -245,7 +245,7 @@ def resolve_corpora(cfg: DataConfig) -> list[Corpus]:
         except (FileNotFoundError, ValueError) as err:
             if not several:
                 raise
-            raise type(err)(f"corpus '{c.name}' (data.corpora[{i}]): {err}") from err
+            raise type(err)(f"corpus '{c.name}' ({key}.corpora[{i}]): {err}") from err
         corpora.append(
             Corpus(
                 name=c.name,
@@ -649,6 +649,10 @@ def collate(samples: list[dict[str, Any]], tokenizer: Any, max_len: int, info: d
 # The rank-level stream
 
 
+_WORKERS_CUT: set[tuple[str, int]] = set()
+"""The evaluation sets whose loader workers were cut (and said so), with the world size."""
+
+
 class VideoTextStream:
     """Batches for one rank, one epoch per ``iter()``; resumable through ``state_dict()``.
 
@@ -683,16 +687,17 @@ class VideoTextStream:
         self.cfg, self.rank, self.world_size, self.key = cfg, rank, world_size, key
         self.task_collate = task_collate
         self.pin_memory = pin_memory
-        self.corpora = resolve_corpora(cfg)
+        self.corpora = resolve_corpora(cfg, key)
         self.frames = stream_frames(self.corpora)
         self.shards = [s for c in self.corpora for s in c.shards]
         self.num_workers = max(cfg.num_workers, 1)
         sampled = [c for c in self.corpora if c.weight > 0]
         most = max(len(c.shards) for c in sampled)
-        if evaluation and world_size <= most < world_size * self.num_workers:
+        if evaluation and not cfg.resampled and world_size <= most < world_size * self.num_workers:
             # a small evaluation set: fewer loader workers per rank, each with a shard of its own
             fit = most // world_size
-            if rank == 0:
+            if rank == 0 and (self._where(), world_size) not in _WORKERS_CUT:  # (once, not every evaluation)
+                _WORKERS_CUT.add((self._where(), world_size))
                 log.warning(
                     "%s: %d shard(s) feed %d rank(s) x %d loader worker(s), not the %d of %s.num_workers "
                     "(evaluation reads every sample once: a shard per worker)",
@@ -720,7 +725,7 @@ class VideoTextStream:
             if unsized:
                 where = cfg.path if len(self.corpora) == 1 else ", ".join(f"corpus '{c.name}'" for c in unsized)
                 raise ValueError(
-                    f"{where}: no sizes.json or _stats.json to tell the epoch length; set data.epoch_samples"
+                    f"{where}: no sizes.json or _stats.json to tell the epoch length; set {key}.epoch_samples"
                 )
         self.vocab = self._answer_vocab() if cfg.mcm.enabled else None
         self.epoch = 0

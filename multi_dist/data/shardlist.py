@@ -50,7 +50,10 @@ def shard_sizes(shards: list[str]) -> dict[str, int] | None:
         p = Path(shard)
         sizes_file = p.parent / "sizes.json"
         if sizes_file not in loaded:
-            loaded[sizes_file] = json.loads(sizes_file.read_text()) if sizes_file.is_file() else {}
+            try:
+                loaded[sizes_file] = json.loads(sizes_file.read_text()) if sizes_file.is_file() else {}
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{sizes_file}: not valid JSON ({err})") from err
         if p.name in loaded[sizes_file]:
             sizes[shard] = int(loaded[sizes_file][p.name])
             continue

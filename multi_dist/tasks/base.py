@@ -188,7 +188,7 @@ def zero_loss(like: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def run_evaluation(
-    model: MuLTI, task: Task, data: DataConfig, ctx: EvalContext, max_batches: int = 0
+    model: MuLTI, task: Task, data: DataConfig, ctx: EvalContext, max_batches: int = 0, key: str = "data"
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Evaluate ``task`` on an epoch of ``data``: every rank runs the same number of forward passes
     (ZeRO-3 gathers parameters collectively, so a rank that runs out of batches repeats its last
@@ -198,9 +198,8 @@ def run_evaluation(
     was_training = model.training
     model.eval()
     pin = ctx.device.type == "cuda"
-    stream = iter(
-        VideoTextStream(data, ctx.rank, ctx.world, task.collate_fn(training=False), pin_memory=pin, evaluation=True)
-    )
+    collate = task.collate_fn(training=False)
+    stream = iter(VideoTextStream(data, ctx.rank, ctx.world, collate, pin_memory=pin, key=key, evaluation=True))
     records: list[dict[str, Any]] = []
     local: dict[str, Any] = {}
     last = None
