@@ -300,10 +300,11 @@ def partition_cpus(partition: str | None) -> tuple[str, int] | None:
     ``None`` where sinfo cannot tell (no Slurm here: a dry run off the cluster). The partition is
     ``partition``, else ``SBATCH_PARTITION``, else the cluster's default, as for sbatch; of a list
     (``a,b``: the job runs in whichever starts it first), the one with the largest nodes."""
-    env = {k: v for k, v in os.environ.items() if k != "SINFO_PARTITION"}  # (it would hide the others)
-    cmd = ["sinfo", "--all", "--noheader", "--Node", "--format=%P %c"]  # --all: hidden partitions too
+    # --all: hidden partitions too (a user other than root sees them only so), and all of them
+    # where SINFO_PARTITION would show one
+    cmd = ["sinfo", "--all", "--noheader", "--Node", "--format=%P %c"]
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30, env=env)
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
         return None
     if out.returncode != 0:

@@ -194,6 +194,7 @@ KillWait={self.kill_wait_s}
 MinJobAge=600
 NodeName={self.node} CPUs={self.cpus} RealMemory={_real_memory_mb()} State=UNKNOWN
 PartitionName={self.partition} Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
+PartitionName=hidden Nodes={self.node} Hidden=YES MaxTime=INFINITE State=UP
 """
 
     def _env(self) -> dict[str, str]:

@@ -202,6 +202,28 @@ def test_requeue_only_after_the_time_limit_warning_and_within_max_requeues(
     assert "requeued 2 time(s) already (--max-requeues 2)" in capsys.readouterr().out
 
 
+def test_the_partition_and_its_cpus_come_from_sinfo(cluster: SlurmCluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the pre-submit check reads of the test cluster: its default partition, a hidden one
+    (which plain ``sinfo`` shows root but no other user: ``--all`` is what lets those submit, and
+    the tests run as root, so they cannot tell), ``SBATCH_PARTITION`` as sbatch reads it,
+    ``SINFO_PARTITION`` ignored (plain ``sinfo`` would list that partition alone), a list, and
+    nothing off a cluster."""
+    from multi_dist.slurm import partition_cpus
+
+    n, default = cluster.cpus, cluster.partition
+    assert partition_cpus(None) == (default, n)
+    assert partition_cpus("hidden") == ("hidden", n)
+    assert partition_cpus(f"hidden,{default}") == ("hidden", n)  # (as large: the first)
+    monkeypatch.setenv("SBATCH_PARTITION", "hidden")
+    assert partition_cpus(None) == ("hidden", n)
+    monkeypatch.setenv("SINFO_PARTITION", "hidden")  # would make sinfo list that one alone
+    assert partition_cpus(default) == (default, n)
+    with pytest.raises(ValueError, match=rf"--partition {default},gpu: sinfo lists no partition gpu \(it lists"):
+        partition_cpus(f"{default},gpu")
+    monkeypatch.setenv("SLURM_CONF", "/nonexistent")
+    assert partition_cpus("gpu") is None
+
+
 @pytest.mark.parametrize("problem", ["config", "cpus", "partition"])
 def test_a_bad_job_fails_before_anything_is_submitted(cluster: SlurmCluster, tmp_path: Path, problem: str) -> None:
     """A typo in the config; more CPUs per node than the test cluster's node has (tasks per node
@@ -217,7 +239,7 @@ def test_a_bad_job_fails_before_anything_is_submitted(cluster: SlurmCluster, tmp
         ),
         "partition": (
             [*fits, "--partition", f"{p},gpu"],
-            f"error: --partition {p},gpu: sinfo lists no partition gpu (it lists {p})",
+            f"error: --partition {p},gpu: sinfo lists no partition gpu (it lists {p}, hidden)",
         ),
     }[problem]
     before = job_ids(cluster)
