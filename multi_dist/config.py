@@ -47,7 +47,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             try:
                 return _from_dict(tp, section, key)
             except ConfigError as err:
-                raise ConfigError(f"{err} (in {section.origin}, given for '{key}')") from err
+                raise _in_file(err, section.origin, key) from err
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping for {tp.__name__} or a YAML file holding one, got {value!r}")
         return _from_dict(tp, value, key)
@@ -160,7 +160,7 @@ def _from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
             kwargs[name] = _coerce(value, hints[name], key)
         except ConfigError as err:
             if name in origins:
-                raise ConfigError(f"{err} (in {origins[name]}, given for '{key}')") from err
+                raise _in_file(err, origins[name], key) from err
             raise
     try:
         obj = cls(**kwargs)
@@ -229,6 +229,11 @@ def read_section(path: str, key: str) -> Section:
         raise ConfigError(f"{key}: {err}") from err
     section.origin = path
     return section
+
+
+def _in_file(err: ConfigError, origin: str, key: str) -> ConfigError:
+    """``err``, found in the section ``key`` that the file ``origin`` holds, naming that file."""
+    return ConfigError(f"{err} (in {origin}, given for '{key}')")
 
 
 def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:

@@ -494,10 +494,9 @@ def main(argv: list[str] | None = None, doc: str | None = None) -> list[dict[str
     try:  # nothing is written or submitted before these pass: an error is all there is to say
         elements = plan(args.command, args.config, args.overrides, args.configs, args.checkpoints)
         s.validate()
+        found = partition_cpus(s.partition)  # (sinfo once for the whole array)
         for e in elements:
             check_data(args.command, e.cfg, s.world_size)
-        found = partition_cpus(s.partition)
-        for e in elements:
             check_cpus(s, e.cfg, found)
     except (ValueError, FileNotFoundError) as err:
         if type(err) not in (ValueError, ConfigError, FileNotFoundError):  # (a JSON or codec error: the traceback)
