@@ -131,6 +131,13 @@ def test_a_section_given_as_a_yaml_file(tmp_path: Path, monkeypatch: pytest.Monk
         ConfigError, match=r"inner: expected a mapping for Inner or a YAML file holding one, got 'fast'"
     ):
         load_config(Outer, None, ["inner=fast"])
+    # a list's item too (a corpus of a mixture), with the same naming of its file
+    (tmp_path / "sections" / "corpus.yaml").write_text("path: /data/x\nweight: 2\n")
+    (tmp_path / "sections" / "bad_corpus.yaml").write_text("weigth: 2\n")
+    mix = load_config(TrainConfig, None, ["model.preset=tiny", "data.corpora=[sections/corpus.yaml, {path: /data/y}]"])
+    assert [(c.path, c.weight) for c in mix.data.corpora] == [("/data/x", 2.0), ("/data/y", 1.0)]
+    with pytest.raises(ConfigError, match=r"'data\.corpora\[0\]\.weigth'.* \(in sections/bad_corpus\.yaml, given for"):
+        load_config(TrainConfig, None, ["model.preset=tiny", "data.corpora=[sections/bad_corpus.yaml]"])
     # under a model preset, a section's file fills in as the same keys inline would
     (tmp_path / "sections" / "vision.yaml").write_text("adapter: {dim: 32}\n")
     inline = load_config(TrainConfig, None, ["model.preset=tiny", "model.vision.adapter.dim=32"]).model

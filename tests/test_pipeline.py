@@ -166,7 +166,12 @@ def test_resampled_mode_gives_every_rank_the_same_batch_count_despite_uneven_sha
     assert counts == [6, 6, 6]  # ceil(80 / (3 * 1 * 5))
 
 
-def test_too_few_shards_in_epoch_mode_fails_clearly(demo_corpus: Path) -> None:
+def test_too_few_shards_in_epoch_mode_fails_clearly(
+    demo_corpus: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from multi_dist.data import pipeline
+
+    monkeypatch.setattr(pipeline, "_WORKERS_CUT", set())  # (what earlier streams in this process said)
     few = cfg_for(demo_corpus / "val", resampled=False, num_workers=3)
     advice = r"fewer data\.num_workers, or data\.resampled=true\.$"
     with pytest.raises(
@@ -176,8 +181,15 @@ def test_too_few_shards_in_epoch_mode_fails_clearly(demo_corpus: Path) -> None:
     # an evaluation's stream (epoch mode forced) cuts its loader workers to the shards instead: 4
     # shards feed 2 ranks x 2 workers, and every sample is read once; with fewer shards than ranks
     # it fails, advising what can change there
-    evaluation = [VideoTextStream(few, rank, 2, evaluation=True) for rank in (0, 1)]
-    assert [s.num_workers for s in evaluation] == [2, 2] and few.num_workers == 3
+    with caplog.at_level(logging.WARNING, logger="multi_dist.data"):
+        evaluation = [VideoTextStream(few, rank, 2, evaluation=True) for rank in (0, 1, 0)]  # (rank 0 twice)
+    assert [s.num_workers for s in evaluation] == [2, 2, 2] and few.num_workers == 3
+    said = [r.getMessage() for r in caplog.records if "loader worker(s)" in r.getMessage()]
+    assert said == [
+        f"{few.path}: 4 shard(s) feed 2 rank(s) x 2 loader worker(s), not the 3 of data.num_workers "
+        "(evaluation reads every sample once: a shard per worker)"
+    ]  # once, by rank 0
+    evaluation = evaluation[:2]
     keys = [k for s in evaluation for batch in s for k in batch["key"]]
     assert len(keys) == len(set(keys)) == sum(json.loads((demo_corpus / "val" / "sizes.json").read_text()).values())
     with pytest.raises(
@@ -188,12 +200,17 @@ def test_too_few_shards_in_epoch_mode_fails_clearly(demo_corpus: Path) -> None:
     VideoTextStream(cfg_for(demo_corpus / "val", resampled=True, num_workers=3), rank=0, world_size=2)
 
 
-def test_missing_dataset_is_named(tmp_path: Path) -> None:
+def test_missing_dataset_is_named(demo_corpus: Path, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="dataset path does not exist: .*nowhere"):
         VideoTextStream(cfg_for(tmp_path / "nowhere"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no .tar shards in .*empty"):
         VideoTextStream(cfg_for(tmp_path / "empty"))
+    (tmp_path / "cut").mkdir()  # a sizes.json cut short
+    shutil.copy(next((demo_corpus / "val").glob("*.tar")), tmp_path / "cut")
+    (tmp_path / "cut" / "sizes.json").write_text('{"00000.tar": ')
+    with pytest.raises(ValueError, match=r"^.*cut/sizes\.json: not valid JSON \(Expecting value"):
+        VideoTextStream(cfg_for(tmp_path / "cut"))
 
 
 def _batches(stream: VideoTextStream, n: int | None = None) -> list[dict]:
