@@ -225,10 +225,13 @@ def test_the_partition_and_its_cpus_come_from_sinfo(cluster: SlurmCluster, monke
 
 
 @pytest.mark.parametrize("problem", ["config", "cpus", "partition"])
-def test_a_bad_job_fails_before_anything_is_submitted(cluster: SlurmCluster, tmp_path: Path, problem: str) -> None:
+def test_a_bad_job_fails_before_anything_is_submitted(
+    cluster: SlurmCluster, demo_corpus: Path, tmp_path: Path, problem: str
+) -> None:
     """A typo in the config; more CPUs per node than the test cluster's node has (tasks per node
     x data.num_workers + 1 = 2 CPUs each), which Slurm would take and keep pending for ever; a
-    partition the cluster lacks."""
+    partition the cluster lacks. The data exists (a clean clone has no data/demo), so each job
+    passes every check but the one it breaks."""
     p, fits = cluster.partition, ["--tasks-per-node", "1", "--cpus-per-task", "1"]
     args, message = {
         "config": (["optim.lrr=1", *fits], "error: unknown config key 'optim.lrr'"),
@@ -244,7 +247,8 @@ def test_a_bad_job_fails_before_anything_is_submitted(cluster: SlurmCluster, tmp
     }[problem]
     before = job_ids(cluster)
     run = tmp_path / "run"
-    config = ["--config", "configs/pretrain/tiny.yaml", f"run_dir={run}"]
+    data = [f"data.path={demo_corpus / 'train'}", f"val.path={demo_corpus / 'val'}"]
+    config = ["--config", "configs/pretrain/tiny.yaml", f"run_dir={run}", *data]
     proc = slurm_launch("pretrain", *config, "--time", "5", *args)
     assert proc.returncode != 0
     assert message in proc.stderr, proc.stderr[-2000:]
