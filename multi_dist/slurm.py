@@ -303,6 +303,9 @@ def partition_cpus(partition: str | None) -> tuple[str, int] | None:
     # --all: hidden partitions too (a user other than root sees them only so), and all of them
     # where SINFO_PARTITION would show one
     cmd = ["sinfo", "--all", "--noheader", "--Node", "--format=%P %c"]
+    conf = os.environ.get("SLURM_CONF")
+    if conf and not os.path.exists(conf):  # sinfo would retry reading it for a minute, then fail
+        return None
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):

@@ -202,7 +202,9 @@ def test_requeue_only_after_the_time_limit_warning_and_within_max_requeues(
     assert "requeued 2 time(s) already (--max-requeues 2)" in capsys.readouterr().out
 
 
-def test_the_partition_and_its_cpus_come_from_sinfo(cluster: SlurmCluster, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_partition_and_its_cpus_come_from_sinfo(
+    cluster: SlurmCluster, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     """What the pre-submit check reads of the test cluster: its default partition, a hidden one
     (which plain ``sinfo`` shows root but no other user: ``--all`` is what lets those submit, and
     the tests run as root, so they cannot tell), ``SBATCH_PARTITION`` as sbatch reads it,
@@ -220,7 +222,10 @@ def test_the_partition_and_its_cpus_come_from_sinfo(cluster: SlurmCluster, monke
     assert partition_cpus(default) == (default, n)
     with pytest.raises(ValueError, match=rf"--partition {default},gpu: sinfo lists no partition gpu \(it lists"):
         partition_cpus(f"{default},gpu")
-    monkeypatch.setenv("SLURM_CONF", "/nonexistent")
+    monkeypatch.setenv("SLURM_CONF", str(tmp_path / "slurm.conf"))  # sinfo fails: no cluster to ask
+    (tmp_path / "slurm.conf").write_text("")
+    assert partition_cpus("gpu") is None
+    monkeypatch.setenv("SLURM_CONF", "/nonexistent")  # (sinfo would retry it for a minute: not asked)
     assert partition_cpus("gpu") is None
 
 
