@@ -205,8 +205,70 @@ def test_cli_input_dir_with_sidecar_captions(tmp_path: Path, real_clips: dict[st
 def test_cli_names_the_missing_column(tmp_path: Path) -> None:
     (tmp_path / "in.jsonl").write_text(json.dumps({"file": "a.mp4", "caption": "x"}) + "\n")
     proc = run_script("shards/build.py", "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "o"))
-    assert proc.returncode != 0
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr, proc.stderr
     assert "no column 'video'" in proc.stderr and "--video-col" in proc.stderr
+
+
+def test_cli_bad_input_is_one_error_line(tmp_path: Path) -> None:
+    """A missing file or folder, a missing column or a bad option: ``error: ...`` naming it (the
+    message ``sys.exit`` prints, without a traceback), before anything is written."""
+    from multi_dist.shards.build import main
+
+    manifest = tmp_path / "in.jsonl"
+    manifest.write_text(json.dumps({"video": "a.mp4", "caption": "x"}) + "\n")
+    out = ["--output", str(tmp_path / "out")]
+    cases = {
+        "error: input file not found: ": ["--input", str(tmp_path / "nope.jsonl")],
+        "error: input folder not found: ": ["--input-dir", str(tmp_path / "nodir")],
+        f"error: {manifest}: no column 'captions'": ["--input", str(manifest), "--caption-col", "captions"],
+        "error: --samples-per-shard must be positive, got 0": ["--input", str(manifest), "--samples-per-shard", "0"],
+    }
+    for message, argv in cases.items():
+        with pytest.raises(SystemExit) as exc:
+            main([*argv, *out])
+        assert str(exc.value.code).startswith(message), (argv, exc.value.code)
+    assert not (tmp_path / "out").exists()
+
+
+def test_ctrl_c_stops_the_build_in_a_line_and_the_rerun_resumes(tmp_path: Path, real_clips: dict[str, Path]) -> None:
+    """Ctrl+C (SIGINT to the terminal's process group) once the first shard is done: one line
+    saying how to go on, no traceback; the same command again keeps the finished shards and
+    writes the rest."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    clip = real_clips["carphone_distorted.mp4"]  # 7 kB: 40 rows build in about 2 s
+    rows = [{"video": str(clip), "caption": f"clip {i}"} for i in range(40)]
+    (tmp_path / "in.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "shards/build.py", "--input", str(tmp_path / "in.jsonl"), "--output", str(out)]
+    cmd += ["--samples-per-shard", "2"]  # (one process: a pool's workers take seconds to start)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=Path(__file__).resolve().parents[1],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # a background job ignores it
+    )
+    deadline = time.time() + 60
+    while not (out / "00000_stats.json").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and "Traceback" not in stderr, stderr[-3000:]
+    assert stderr.rstrip().endswith("\ninterrupted; run the same command again to resume"), stderr[-500:]
+    done = len(list(out.glob("*_stats.json")))
+    assert 1 <= done < 20 and stdout == ""
+    again = run_script(*cmd[1:])
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "40/40 videos written in 20 shard(s)" in again.stdout
+    assert f"{done} shard(s) already done" in again.stdout
 
 
 # ----------------------------------------------------------------------------------------------

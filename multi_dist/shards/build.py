@@ -21,6 +21,7 @@ import math
 import multiprocessing as mp
 import os
 import queue as queue_module
+import signal
 import sys
 import time
 from collections import Counter
@@ -417,6 +418,8 @@ _progress_queue: Any = None
 def _init_worker(queue: Any) -> None:
     global _progress_queue
     _progress_queue = queue
+    # Ctrl+C reaches the whole process group: the parent stops the pool, its workers print nothing
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
@@ -575,11 +578,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         start_col=args.start_col,
         end_col=args.end_col,
     )
-    if args.input:
-        rows = read_rows(args.input)
-        check_columns(rows, opts, args.input)
-    else:
-        rows = rows_from_dir(args.input_dir, opts.path_col, opts.caption_col, opts.kind)
-    summary = build(rows, opts)
+    try:
+        if args.input:
+            rows = read_rows(args.input)
+            check_columns(rows, opts, args.input)
+        else:
+            rows = rows_from_dir(args.input_dir, opts.path_col, opts.caption_col, opts.kind)
+        summary = build(rows, opts)
+    except (ValueError, FileNotFoundError) as err:
+        if type(err) not in (ValueError, FileNotFoundError):  # (a JSON or codec error: the traceback)
+            raise
+        sys.exit(f"error: {err}")
+    except KeyboardInterrupt:  # finished shards are kept (their _stats.json): a rerun builds the rest
+        sys.exit("interrupted; run the same command again to resume")
     print(format_summary(summary))
     return summary
