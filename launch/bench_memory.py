@@ -1170,7 +1170,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         res["contended"] = settings["device"] == "cpu" and res["status"] == "ok" and other + threads > cores + 0.25
         if res["contended"]:
             msg += f" [other processes kept {other:.1f} cores busy]"
-        print(f"{tag}: {msg} ({res.get('wall_s', 0):.0f} s; {time.perf_counter() - t_start:.0f} s total)", flush=True)
+        elapsed = time.perf_counter() - t_start
+        # the rest at the mean pace so far, but no later than the time guard (it skips what is left)
+        eta = min(elapsed / i * (len(grid) - i), max(0.0, max_minutes * 60 - elapsed))
+        left_text = f", ~{eta:.0f} s left" if i < len(grid) else ""
+        print(f"{tag}: {msg} ({res.get('wall_s', 0):.0f} s; {elapsed:.0f} s total{left_text})", flush=True)
         partial = build_summary(results, settings, info, args.text, max_minutes, time.perf_counter() - t_start, False)
         write_json(args.json, partial)  # a run killed from outside still leaves what it measured
 

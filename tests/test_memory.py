@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -62,14 +63,20 @@ def test_a_configuration_cut_by_the_time_guard_is_skipped_and_a_slow_one_times_o
     configuration takes more than 10 s here: a fresh interpreter, the model, warm-up, then at
     least 1 s of steps."""
     base = ["launch/bench_memory.py", "--device", "cpu", "--threads", "1", "--frames", "64", "--text", "32"]
-    statuses = {}
+    statuses, lefts = {}, {}
     for name, limit in {"slow": ["--config-timeout", "1"], "guard": ["--max-minutes", "0.1"]}.items():
         out = tmp_path / f"{name}.json"
         proc = run_script(*base, *limit, "--json", str(out))
         assert proc.returncode == 0, proc.stderr[-3000:]
         statuses[name] = [(r["status"], r["error"]) for r in json.loads(out.read_text())["results"]]
+        # each configuration's line ends with the time left: the mean pace so far, capped by the guard
+        ends = re.findall(r"^\[\d+/\d+\] .*\(\d+ s; (\d+) s total(?:, ~(\d+) s left)?\)$", proc.stdout, re.M)
+        assert len(ends) == len(statuses[name]) and ends[-1][1] == "", proc.stdout
+        lefts[name] = [int(left) for _, left in ends[:-1]]
     assert len(statuses["slow"]) == len(statuses["guard"]) > 2
     assert set(statuses["slow"]) == {("timeout", "killed after 1 s")}
+    assert lefts["slow"][0] >= len(statuses["slow"]) - 1 and lefts["slow"] == sorted(lefts["slow"], reverse=True)
+    assert set(lefts["guard"]) == {0}  # the guard is spent: whatever is left is skipped at once
     first, *rest = statuses["guard"]
     assert first == ("skipped", "time guard (0.1 min) reached while it ran")
     assert set(rest) == {("skipped", "time guard (0.1 min) reached")}
