@@ -6,7 +6,7 @@ evaluates on the held-out clips and prints what the model learned.
 
 import argparse
 
-from multi_dist.config import load_config
+from multi_dist.config import exit_on_startup_error, load_config, start_up
 from multi_dist.demo import DemoConfig, run
 
 
@@ -15,7 +15,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--config", help="YAML config (configs/demo.yaml)")
     p.add_argument("overrides", nargs="*", help="a.b=c overrides, e.g. nproc=1 'pretrain=[steps=50]'")
     args = p.parse_intermixed_args(argv)  # overrides may come before or after the options
-    run(load_config(DemoConfig, args.config, args.overrides))
+    with exit_on_startup_error(), start_up():
+        cfg = load_config(DemoConfig, args.config, args.overrides)
+    run(cfg)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
-from .config import load_config
+from .config import exit_on_startup_error, load_config, start_up
 
 COMMANDS = ("pretrain", "finetune", "evaluate")
 OnLog = Callable[[int, dict[str, float]], None]
@@ -57,4 +57,7 @@ def main(command: str, doc: str, argv: list[str] | None = None) -> dict[str, Any
     p.add_argument("--local_rank", "--local-rank", type=int, help="set by the deepspeed launcher; read from env")
     p.add_argument("overrides", nargs="*", help="a.b=c overrides, e.g. steps=100 data.batch_size=8")
     args = p.parse_intermixed_args(argv)  # overrides may come before or after the options
-    return run(command, load(command, args.config, args.overrides))
+    with exit_on_startup_error():  # a wrong key or input: its message alone, on every rank
+        with start_up():
+            cfg = load(command, args.config, args.overrides)
+        return run(command, cfg)

@@ -11,11 +11,14 @@ against the dataclass it lands in, so a typo fails at start-up with the dotted n
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import logging
+import sys
 import types
 import typing
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
@@ -28,6 +31,37 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A config file or override that does not fit the typed config; the message names the key."""
+
+
+class StartupError(ValueError):
+    """A start-up check failed: a wrong setting, or input that is missing or unfit. Its message
+    names the key or the file and is all there is to say: the commands print it alone."""
+
+
+_BAD_INPUT = (ValueError, ConfigError, FileNotFoundError)
+"""What start-up checks raise, exactly these: a subclass (a JSON or codec error) is a defect."""
+
+
+@contextlib.contextmanager
+def start_up() -> Iterator[None]:
+    """Around start-up work (config, inputs, checks): an error that describes bad input becomes a
+    :class:`StartupError`; any other keeps its type and traceback."""
+    try:
+        yield
+    except _BAD_INPUT as err:
+        if type(err) not in _BAD_INPUT:
+            raise
+        raise StartupError(str(err)) from err
+
+
+@contextlib.contextmanager
+def exit_on_startup_error() -> Iterator[None]:
+    """Around a command: a :class:`StartupError` exits with ``error: MESSAGE`` (status 1) and no
+    traceback; errors after start-up keep theirs."""
+    try:
+        yield
+    except StartupError as err:
+        sys.exit(f"error: {err}")
 
 
 def _type_name(tp: Any) -> str:

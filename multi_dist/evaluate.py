@@ -20,6 +20,7 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 
+from .config import start_up
 from .data.pipeline import DataConfig
 from .model.multi import _TIED, MuLTI, read_config
 from .tasks import EvalContext, Task, TaskConfig, make_task, run_evaluation, task_class
@@ -214,17 +215,18 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     info = distributed.init()
     device = distributed.device(info)
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-    src = resolve(cfg.init)
-    trained = source_task(src)
-    vocab = None
-    if task_class(cfg.task.name).needs_vocab:
-        if not trained or trained.get("task") != cfg.task.name:
-            found = trained.get("task") if trained else "none"
-            raise ValueError(f"init: {src.folder} was not finetuned for task {cfg.task.name!r} (it was: {found})")
-        vocab = trained["vocab"]
-    task = make_task(cfg.task, vocab, cfg.seed)
-    model = MuLTI(read_config(src.folder))
-    load_weights(model, source_weights(src), str(src.folder))
+    with start_up():  # a missing init, weights not finetuned for the task: named, before any work
+        src = resolve(cfg.init)
+        trained = source_task(src)
+        vocab = None
+        if task_class(cfg.task.name).needs_vocab:
+            if not trained or trained.get("task") != cfg.task.name:
+                found = trained.get("task") if trained else "none"
+                raise ValueError(f"init: {src.folder} was not finetuned for task {cfg.task.name!r} (it was: {found})")
+            vocab = trained["vocab"]
+        task = make_task(cfg.task, vocab, cfg.seed)
+        model = MuLTI(read_config(src.folder))
+        load_weights(model, source_weights(src), str(src.folder))
     model.to(device)
     if bf16:
         model.to(torch.bfloat16)

@@ -62,7 +62,7 @@ from pathlib import Path
 from typing import Any
 
 from .cli import COMMANDS, load
-from .config import ConfigError, save_config
+from .config import exit_on_startup_error, save_config, start_up
 
 RESUMABLE = ("pretrain", "finetune")
 STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
@@ -494,15 +494,11 @@ def main(argv: list[str] | None = None, doc: str | None = None) -> list[dict[str
         signal_delay_s=args.signal_delay_s,
         job_name=args.job_name,
     )
-    try:  # nothing is written or submitted before these pass: an error is all there is to say
+    with exit_on_startup_error(), start_up():  # nothing is written or submitted before these pass
         elements = plan(args.command, args.config, args.overrides, args.configs, args.checkpoints)
         s.validate()
         found = partition_cpus(s.partition)  # (sinfo once for the whole array)
         for e in elements:
             check_data(args.command, e.cfg, s.world_size)
             check_cpus(s, e.cfg, found)
-    except (ValueError, FileNotFoundError) as err:
-        if type(err) not in (ValueError, ConfigError, FileNotFoundError):  # (a JSON or codec error: the traceback)
-            raise
-        sys.exit(f"error: {err}")
     return submit(args.command, elements, s, dry_run=args.dry_run, argv=argv)

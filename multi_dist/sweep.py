@@ -59,7 +59,7 @@ from ray import tune
 from ray.train.v2.api.callback import UserCallback
 
 from . import cli
-from .config import ConfigError, load_config, save_config, to_dict
+from .config import ConfigError, exit_on_startup_error, load_config, save_config, start_up, to_dict
 
 EXPERIMENT = "tune"
 """The Tune experiment folder inside ``sweep_dir``."""
@@ -620,10 +620,11 @@ def _tuner(sweep: SweepConfig, configs: list[Any]) -> tune.Tuner:
 
 def run_sweep(sweep: SweepConfig, address: str | None = None, resume: bool = False) -> SweepOutcome:
     """Run (or, with ``resume``, continue) the sweep; write ``results.csv`` and ``best.yaml``."""
-    configs = check(sweep)
-    if sweep.workers_per_trial > 1 and os.environ.get("RAY_TRAIN_V2_ENABLED") == "0":
-        raise ConfigError("workers_per_trial > 1 needs Ray Train V2: unset RAY_TRAIN_V2_ENABLED=0")
-    _check_resume(sweep, resume)
+    with start_up():
+        configs = check(sweep)
+        if sweep.workers_per_trial > 1 and os.environ.get("RAY_TRAIN_V2_ENABLED") == "0":
+            raise ConfigError("workers_per_trial > 1 needs Ray Train V2: unset RAY_TRAIN_V2_ENABLED=0")
+        _check_resume(sweep, resume)
     sweep_dir = Path(sweep.sweep_dir)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
@@ -719,9 +720,11 @@ def main(doc: str, argv: list[str] | None = None) -> SweepOutcome:
     p.add_argument("--resume", action="store_true", help="continue the interrupted sweep in sweep_dir")
     p.add_argument("overrides", nargs="*", help="a.b=c overrides of the sweep config, e.g. num_samples=8")
     args = p.parse_intermixed_args(argv)
-    sweep = load(args.config, args.overrides)
-    t0 = time.time()
-    outcome = run_sweep(sweep, address=args.address, resume=args.resume)
+    with exit_on_startup_error():
+        with start_up():
+            sweep = load(args.config, args.overrides)
+        t0 = time.time()
+        outcome = run_sweep(sweep, address=args.address, resume=args.resume)
     print(f"sweep of {len(outcome.rows)} trial(s) ended after {time.time() - t0:.0f} s: {outcome.results_csv}")
     for row in outcome.rows[:5]:
         values = ", ".join(f"{k}={row[k]}" for k in sweep.space)

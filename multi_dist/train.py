@@ -25,7 +25,7 @@ import torch.distributed as dist_
 
 from . import checkpoint
 from . import dist as distributed
-from .config import save_config, to_dict
+from .config import save_config, start_up, to_dict
 from .data.pipeline import DataConfig, VideoTextStream
 from .evaluate import (
     TASK_FILE,
@@ -379,23 +379,23 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, float]], None] | No
     bf16 = use_bf16(cfg)
     run_dir = Path(cfg.run_dir)
     ckpt_dir = run_dir / "checkpoints"
-    _check_start(cfg)
-    vocab = _task_vocab(cfg.task, run_dir, [c.path for c in cfg.data.corpus_configs()])
-    task = make_task(cfg.task, vocab, cfg.seed, loss=cfg.loss)
-    # fails here, named, on missing or unfit shards
-    stream = VideoTextStream(
-        task.data_config(cfg.data, training=True),
-        rank,
-        world,
-        task.collate_fn(training=True),
-        pin_memory=device.type == "cuda",
-    )
-    val_cfg = _val_config(cfg, task)
-    if val_cfg is not None:
-        VideoTextStream(val_cfg, rank, world, key="val", evaluation=True)  # its checks, before training
-    random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    model = _build_model(cfg, task)
+    with start_up():  # fails here, named, on wrong settings, missing or unfit shards, a missing init
+        _check_start(cfg)
+        vocab = _task_vocab(cfg.task, run_dir, [c.path for c in cfg.data.corpus_configs()])
+        task = make_task(cfg.task, vocab, cfg.seed, loss=cfg.loss)
+        stream = VideoTextStream(
+            task.data_config(cfg.data, training=True),
+            rank,
+            world,
+            task.collate_fn(training=True),
+            pin_memory=device.type == "cuda",
+        )
+        val_cfg = _val_config(cfg, task)
+        if val_cfg is not None:
+            VideoTextStream(val_cfg, rank, world, key="val", evaluation=True)  # its checks, before training
+        random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+        model = _build_model(cfg, task)
     if cfg.compile:
         model.compile_layers()
     task_state = {"task": task.name, "vocab": task.vocab}
@@ -420,7 +420,8 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, float]], None] | No
     tag = checkpoint.latest_tag(ckpt_dir) if cfg.resume else None
     if tag is not None:
         saved_order = checkpoint.read_trainer(ckpt_dir, tag).get("param_order")
-        check_param_order(saved_order, param_order, list(names.values()), ckpt_dir / tag)
+        with start_up():
+            check_param_order(saved_order, param_order, list(names.values()), ckpt_dir / tag)
         trainer, rank_state = checkpoint.load(engine, ckpt_dir, tag)
         state = TrainState(**trainer["state"])
         stream.load_state_dict(rank_state["data"])

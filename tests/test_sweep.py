@@ -176,10 +176,12 @@ def test_a_two_worker_trial_trains_in_one_group_and_an_interrupted_sweep_resumes
     ],
 )
 def test_a_bad_key_or_value_fails_before_ray_starts(tmp_path: Path, override: str, message: str) -> None:
+    """As ``launch/sweep.py`` says it: ``error: MESSAGE`` and status 1, no traceback."""
     sweep_dir = tmp_path / "sweep"
-    with pytest.raises(ConfigError) as err:
-        sweep.run_sweep(sweep.load("configs/sweep/tiny.yaml", [f"sweep_dir={sweep_dir}", override]))
-    assert message in str(err.value)
+    with pytest.raises(SystemExit) as err:
+        sweep.main("", ["--config", "configs/sweep/tiny.yaml", f"sweep_dir={sweep_dir}", override])
+    assert str(err.value.code).startswith("error: ") and message in str(err.value.code)
+    assert isinstance(err.value.__context__.__cause__, ConfigError)  # (raised as one, named by start_up)
     assert not ray.is_initialized() and not sweep_dir.exists()
 
 

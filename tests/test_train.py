@@ -292,9 +292,11 @@ def test_non_finite_loss_stops_or_skips_as_configured(corpus: Path, tmp_path: Pa
     ],
 )
 def test_start_up_errors_name_the_problem(corpus: Path, tmp_path: Path, override: str, message: str) -> None:
+    """The message alone, as ``error: ...`` (no traceback), whether the config or the data is wrong."""
     proc = pretrain(1, *tiny_args(corpus, tmp_path / "run", *override.split()))
-    assert proc.returncode != 0
-    assert message in proc.stderr, proc.stderr[-2000:]
+    assert proc.returncode == 1
+    assert any(line.startswith("error: ") and message in line for line in proc.stderr.splitlines()), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
