@@ -39,12 +39,24 @@ class DemoConfig:
             raise ValueError("train_clips, val_clips and nproc must be positive")
 
 
+def pretrain_config_path(name: str) -> str:
+    """The pretraining config: relative paths are read from the directory the demo is launched
+    from, as all the others; one not found there is the one shipped in the repository
+    (``configs/pretrain/demo.yaml`` from anywhere)."""
+    path = Path(name)
+    if not path.is_absolute() and not path.exists() and (ROOT / path).exists():
+        return str(ROOT / path)
+    return name
+
+
 def pretrain_command(cfg: DemoConfig) -> list[str]:
+    """The training command, run in the caller's directory (where ``corpus`` and ``run_dir`` are
+    read and written, by this process as by the ranks)."""
     corpus = Path(cfg.corpus)
     args = [
-        "launch/pretrain.py",
+        str(ROOT / "launch" / "pretrain.py"),
         "--config",
-        cfg.pretrain_config,
+        pretrain_config_path(cfg.pretrain_config),
         f"data.path={corpus / 'train'}",
         f"val.path={corpus / 'val'}",
         f"run_dir={cfg.run_dir}",
@@ -81,7 +93,7 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
     print("\n$ " + " ".join(cmd), flush=True)
     env = dict(os.environ)
     env.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")  # no detection warnings
-    proc = subprocess.run(cmd, cwd=ROOT, env=env)
+    proc = subprocess.run(cmd, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"pretraining failed (exit {proc.returncode}); see the output above")
     summary = json.loads((Path(cfg.run_dir) / "summary.json").read_text())

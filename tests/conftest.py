@@ -67,21 +67,22 @@ def demo_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def demo_pretrained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The main job (``launch/demo.py``), shortened: 60 steps (of 150) on half the corpus. Returns
     its folder: ``demo/`` (800 train and 100 val clips), ``run/`` (summary.json, model/ export),
-    ``stdout.txt``."""
+    ``stdout.txt``. Launched from that folder, with relative paths (read from there, by the demo as
+    by its training ranks; its pretraining config, not there, is the repository's)."""
     out = tmp_path_factory.mktemp("demo_short")
     proc = subprocess.run(
         [
             sys.executable,
-            "launch/demo.py",
+            str(ROOT / "launch" / "demo.py"),
             "--config",
-            "configs/demo.yaml",
-            f"corpus={out / 'demo'}",
+            str(ROOT / "configs" / "demo.yaml"),
+            "corpus=demo",
             "train_clips=800",
             "val_clips=100",
-            f"run_dir={out / 'run'}",
+            "run_dir=run",
             "pretrain=[steps=60, log_every=20]",
         ],
-        cwd=ROOT,
+        cwd=out,
         capture_output=True,
         text=True,
         timeout=1200,
