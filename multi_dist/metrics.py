@@ -88,6 +88,47 @@ class MetricLogger:
             self._wandb.finish()
 
 
+PROGRESS_ENV = "MULTI_DIST_PROGRESS_S"
+"""Seconds between two progress lines of long work outside the training loop (default 30)."""
+
+
+class Progress:
+    """A periodic line for long work on one rank (evaluation, re-ranking): what is done of how
+    much, the rate and the ETA, at most every ``every_s`` seconds (``MULTI_DIST_PROGRESS_S``,
+    default 30); once a line was printed, a last one when the work ends.
+
+    >>> bar = Progress("evaluating data/msrvtt/test", total=len(stream), unit="batches", enabled=rank == 0)
+    >>> for batch in stream: ...; bar.update()
+    >>> bar.close()
+    """
+
+    def __init__(self, what: str, total: int | None, unit: str, enabled: bool = True, every_s: float | None = None):
+        self.what, self.total, self.unit, self.enabled = what, total, unit, enabled
+        self.every_s = float(os.environ.get(PROGRESS_ENV, 30)) if every_s is None else every_s
+        self.done, self.t0 = 0, time.perf_counter()
+        self._last, self._printed = self.t0, False
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        now = time.perf_counter()
+        if self.enabled and now - self._last >= self.every_s:
+            self._last, self._printed = now, True
+            print(self.line(now), flush=True)
+
+    def line(self, now: float | None = None) -> str:
+        elapsed = (now or time.perf_counter()) - self.t0
+        rate = self.done / elapsed if elapsed > 0 else float("nan")
+        of = f"/{self.total}" if self.total is not None else ""
+        text = f"{self.what}: {self.done}{of} {self.unit}, {rate:.2f} {self.unit}/s"
+        if self.total is not None and self.done < self.total and rate > 0:
+            text += f", ETA {_hms((self.total - self.done) / rate)}"
+        return text
+
+    def close(self) -> None:
+        if self.enabled and self._printed:
+            print(f"{self.line()} (done in {_hms(time.perf_counter() - self.t0)})", flush=True)
+
+
 def _hms(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"

@@ -5,6 +5,7 @@ and losses on the tiny model (padding never changes a loss)."""
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -210,3 +211,25 @@ def test_choice_can_score_with_the_mcm_head_alone(tokenizer: Any) -> None:
         expected = model.mcm_logits(video, batch["mc_input_ids"], batch["mc_attention_mask"]).view(1, 1, 3)
     torch.testing.assert_close(alone, expected.float())
     assert not torch.allclose(both, alone)
+
+
+def test_progress_lines_rate_eta_and_silence(capsys: pytest.CaptureFixture) -> None:
+    """A line per update at ``every_s=0``: done of total, the rate, the ETA while work is left; none
+    without a total; a last line only after one was printed; nothing on a disabled rank."""
+    from multi_dist.metrics import Progress
+
+    bar = Progress("evaluating qa on val", total=4, unit="batches", every_s=0)
+    bar.update()
+    bar.update()
+    bar.close()
+    first, second, last = capsys.readouterr().out.splitlines()
+    assert re.fullmatch(r"evaluating qa on val: 1/4 batches, [\d.]+ batches/s, ETA \d:\d\d:\d\d", first)
+    assert second.startswith("evaluating qa on val: 2/4 batches, ")
+    assert re.fullmatch(r"evaluating qa on val: 2/4 batches, [\d.]+ batches/s, ETA .* \(done in 0:00:00\)", last)
+    bar = Progress("reading", total=None, unit="clips", every_s=0)
+    bar.update(25)
+    assert re.fullmatch(r"reading: 25 clips, [\d.]+ clips/s\n", capsys.readouterr().out)
+    for quiet in (Progress("a", 2, "b", enabled=False, every_s=0), Progress("a", 2, "b", every_s=3600)):
+        quiet.update()
+        quiet.close()
+    assert capsys.readouterr().out == ""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -28,9 +29,10 @@ def _env() -> dict[str, str]:
     return env
 
 
-def run(nproc: int, script: str, *args: str) -> subprocess.CompletedProcess:
+def run(nproc: int, script: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     prefix = [sys.executable] if nproc == 1 else deepspeed_command(nproc)
-    return subprocess.run([*prefix, script, *args], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
+    env = {**_env(), **(env or {})}
+    return subprocess.run([*prefix, script, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
 
 
 def finetuned(task: str, pretrained: Path, tmp_root: Path) -> Path:
@@ -147,7 +149,8 @@ def test_evaluate_gives_the_same_metrics_on_one_and_two_processes(
     """Ranks evaluate disjoint shards; records are gathered and metrics computed from all of them,
     so the numbers must not depend on the world size. Retrieval exercises the whole path: gathered
     embeddings and the cross-rank VTM re-ranking (videos' tokens stay where they were encoded).
-    Exact for counts; 1e-6 for means of scores, whose float sums may be reordered."""
+    Exact for counts; 1e-6 for means of scores, whose float sums may be reordered. Both phases show
+    their progress (a line per batch and per re-ranking chunk here: ``MULTI_DIST_PROGRESS_S=0``)."""
     task = "retrieval"
     ckpt = finetuned(task, demo_pretrained, tmp_root) / "checkpoints" / f"step_{STEPS:08d}"
     reports = {}
@@ -161,9 +164,16 @@ def test_evaluate_gives_the_same_metrics_on_one_and_two_processes(
             f"init={ckpt}",
             f"data.path={demo_pretrained / 'demo' / 'val'}",
             f"out_dir={out}",
+            env={"MULTI_DIST_PROGRESS_S": "0"},
         )
         assert proc.returncode == 0, proc.stderr[-4000:]
         reports[nproc] = json.loads((out / f"{task}-step_{STEPS:08d}.json").read_text())
+        val = demo_pretrained / "demo" / "val"  # 100 clips in 4 shards, batches of 25: 4 batches on 1 rank
+        where = f"^evaluating retrieval on {re.escape(str(val))}: "
+        batches = re.findall(rf"{where}(\d+)/{4 // nproc} batches, ", proc.stdout, re.M)
+        assert batches[:2] == ["1", "2"] and batches[-1] == str(4 // nproc), proc.stdout[-3000:]
+        assert re.search(rf"{where}1/\d batches, [\d.]+ batches/s, ETA \d:\d\d:\d\d$", proc.stdout, re.M)
+        assert re.search(r"^VTM re-ranking: (\d+)/\1 chunks, .*\(done in \d:\d\d:\d\d\)$", proc.stdout, re.M)
     one, two = reports[1]["metrics"], reports[2]["metrics"]
     assert reports[2]["world_size"] == 2 and set(one) == set(two)
     for k in one:
@@ -184,8 +194,9 @@ def test_evaluating_weights_not_finetuned_for_the_task_fails_clearly(demo_pretra
         f"data.path={demo_pretrained / 'demo' / 'val'}",
         f"out_dir={tmp_path}",
     )
-    assert proc.returncode != 0
+    assert proc.returncode == 1
     assert "was not finetuned for task 'qa' (it was: pretrain)" in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.startswith("error: init: ") and "Traceback" not in proc.stderr, proc.stderr[-2000:]
 
 
 def test_init_names_a_run_its_checkpoints_a_checkpoint_or_an_export(demo_pretrained: Path, tmp_root: Path) -> None:

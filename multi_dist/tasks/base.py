@@ -30,8 +30,10 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 
+from ..config import start_up
 from ..data.pipeline import DataConfig, VideoTextStream
 from ..data.shardlist import list_shards, parquet_column
+from ..metrics import Progress
 from ..model.multi import MuLTI
 
 log = logging.getLogger("multi_dist.tasks")
@@ -199,7 +201,15 @@ def run_evaluation(
     model.eval()
     pin = ctx.device.type == "cuda"
     collate = task.collate_fn(training=False)
-    stream = iter(VideoTextStream(data, ctx.rank, ctx.world, collate, pin_memory=pin, key=key, evaluation=True))
+    with start_up():  # missing or unfit shards, named
+        source = VideoTextStream(data, ctx.rank, ctx.world, collate, pin_memory=pin, key=key, evaluation=True)
+    try:  # rank 0's batches (every rank runs about as many)
+        total: int | None = min(len(source), max_batches) if max_batches else len(source)
+    except TypeError:  # no sizes.json: the epoch's length is unknown
+        total = max_batches or None
+    where = data.path if not data.corpora else f"{key}.corpora"
+    progress = Progress(f"evaluating {task.name} on {where}", total, "batches", enabled=ctx.rank == 0)
+    stream = iter(source)
     records: list[dict[str, Any]] = []
     local: dict[str, Any] = {}
     last = None
@@ -220,11 +230,13 @@ def run_evaluation(
             continue
         last = batch
         recs, loc = model(to_device(batch, ctx.device, ctx.bf16), task.eval_step)
+        progress.update()
         for r in recs:
             r["rank"] = ctx.rank
         records += recs
         for k, v in loc.items():
             local.setdefault(k, v)
+    progress.close()
     parts: list[Any] = [None] * ctx.world
     if ctx.world > 1:
         dist.all_gather_object(parts, records)

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from ..data.pipeline import DataConfig
+from ..metrics import Progress
 from ..model.multi import MuLTI, VideoOutput
 from ..objectives import LossConfig, PretrainLoss
 from .base import EvalContext, Task, TaskConfig, item_rng, tokenize
@@ -157,6 +158,7 @@ class RetrievalTask(Task):
             dist.all_reduce(n_chunks, op=dist.ReduceOp.MAX)
         scores = torch.zeros(chosen.shape)
         width = model.cfg.fusion.width
+        progress = Progress("VTM re-ranking", int(n_chunks.item()), "chunks", enabled=ctx.rank == 0)
         for c in range(int(n_chunks.item())):
             part = mine[c * chunk : (c + 1) * chunk]
             if part:
@@ -175,6 +177,8 @@ class RetrievalTask(Task):
             prob = model(batch, _vtm_match).float().cpu()
             for (t, v), p in zip(part, prob.tolist()):
                 scores[t, v] = p
+            progress.update()
+        progress.close()
         if ctx.world > 1:
             scores = scores.to(ctx.device)
             dist.all_reduce(scores)
