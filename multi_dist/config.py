@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import difflib
 import logging
+import re
 import sys
 import types
 import typing
@@ -311,13 +312,19 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     """Defaults of ``cls``, then the YAML file at ``path``, then ``a.b=c`` overrides."""
     data: dict[str, Any] = load_yaml(path) if path is not None else {}
     parsed = [parse_override(text) for text in overrides]
-    where = f" (from {path})" if path is not None else ""
     try:
         for keys, value in parsed:
             _set_path(data, keys, value)  # (reads a section's file that a key goes into)
         return from_dict(cls, data)
     except ConfigError as err:
-        raise ConfigError(f"{err}{where}") from err
+        if path is None:  # the command line alone
+            raise
+        # where the key came from: an override that names it, else the file
+        named = [re.search(rf"(?<![\w.]){re.escape('.'.join(keys))}(?![\w.])", str(err)) for keys, _ in parsed]
+        given = [text for text, found in zip(overrides, named) if found]
+        if given:
+            raise ConfigError(f"{err} (given on the command line: {given[-1]})") from err
+        raise ConfigError(f"{err} (from {path})") from err
 
 
 def save_config(cfg: Any, path: str | Path) -> None:

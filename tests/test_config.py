@@ -48,8 +48,17 @@ def test_unknown_key_fails_naming_dotted_key_and_suggestion(tmp_path: Path, capl
         load_config(Outer, None, ["inner.lrr=3"])
     f = tmp_path / "typo.yaml"
     f.write_text("inner:\n  modee: b\n")
-    with pytest.raises(ConfigError, match=r"inner\.modee.*typo\.yaml"):
+    with pytest.raises(ConfigError, match=r"inner\.modee.*\(from .*typo\.yaml\)$"):
         load_config(Outer, f)
+    # with a file, a bad key or value given on the command line is named as given there
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("{}\n")
+    with pytest.raises(
+        ConfigError, match=r"'inner\.lrr'; did you mean 'lr'\? \(given on the command line: inner\.lrr=3\)$"
+    ):
+        load_config(Outer, empty, ["inner.lrr=3"])
+    with pytest.raises(ConfigError, match=r"^inner\.mode: 'c' is not .* \(given on the command line: inner\.mode=c\)$"):
+        load_config(Outer, empty, ["steps=2", "inner.mode=c"])
     with pytest.raises(ConfigError, match=r"unknown config key 'data\.batchsize'"):
         load_config(TrainConfig, None, ["data.batchsize=4"])
     # a key that moved says where to; its old default, as saved configs hold it, is dropped
@@ -119,11 +128,14 @@ def test_a_section_given_as_a_yaml_file(tmp_path: Path, monkeypatch: pytest.Monk
     assert load_config(Outer, None, ["inner=sections/slow.yml", "inner.name=x"]).inner.name == "x"
     with pytest.raises(ConfigError, match=r"^inner: config file not found: sections/nope\.yaml$"):
         load_config(Outer, None, ["inner=sections/nope.yaml"])
-    with pytest.raises(ConfigError, match=r"^inner: config file not found: sections/nope\.yaml \(from .*top\.yaml\)$"):
+    missing = (
+        r"^inner: config file not found: sections/nope\.yaml \(given on the command line: inner=sections/nope\.yaml\)$"
+    )
+    with pytest.raises(ConfigError, match=missing):
         load_config(Outer, top, ["inner=sections/nope.yaml", "inner.mode=b"])
     (tmp_path / "sections" / "typo.yaml").write_text("lrr: 1\n")
     typo = r"'inner\.lrr'; did you mean 'lr'\? \(in sections/typo\.yaml, given for 'inner'\)"
-    with pytest.raises(ConfigError, match=typo + r" \(from .*top"):
+    with pytest.raises(ConfigError, match=typo + r" \(given on the command line: inner=sections/typo\.yaml\)$"):
         load_config(Outer, top, ["inner=sections/typo.yaml"])
     with pytest.raises(ConfigError, match=typo + "$"):  # also where a later key made it read the file
         load_config(Outer, None, ["inner=sections/typo.yaml", "inner.mode=b"])
