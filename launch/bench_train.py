@@ -40,7 +40,9 @@ GPU or by the host that launches its kernels. The traces stay in ``--out-dir``.
 
 The JSON is written again after each configuration (``"partial": true`` until the last), so a
 command cut short keeps what it measured; a configuration that overruns ``--timeout`` is killed,
-its processes with it, and recorded as an error.
+its processes with it, and recorded as an error. While a configuration runs, a line every 30 s
+says which and for how long; after each, one gives the time so far and, at the mean pace, the
+time left. Paths on the command line are taken from the current folder, wherever that is.
 """
 
 from __future__ import annotations
@@ -69,15 +71,26 @@ CHECKPOINT_FRAMES = 8  # checkpointing on: the vision tower in chunks of 8 frame
 
 
 PROFILED_STEPS = 2
+HEARTBEAT_S = 30.0  # a line this often while a configuration runs (its output is captured)
 
 
 def run_pretrain(
-    nproc: int, overrides: list[str], run_dir: Path, timeout: float, steps: int, traces: str | None = None
+    nproc: int,
+    overrides: list[str],
+    run_dir: Path,
+    timeout: float,
+    steps: int,
+    traces: str | None = None,
+    heartbeat: float = HEARTBEAT_S,
 ) -> dict[str, Any]:
     """``steps`` measured steps (log windows of ``steps // 4``; the first, with start-up and
     warm-up, is dropped), then :data:`PROFILED_STEPS` more under the profiler, whose summary
     (rank 0) comes back under ``profile``; with ``traces``, rank 0's Chrome trace of them is
-    saved there too, gzipped, as ``trace_<run folder>.json.gz``."""
+    saved there too, gzipped, as ``trace_<run folder>.json.gz``. Every ``heartbeat`` seconds
+    while it runs, a line: the run folder's name, the seconds so far and the timeout.
+
+    The run works in the repository root: ``run_dir``, ``traces`` and any path in ``overrides``
+    must be absolute (:func:`main` resolves the user's against the caller's folder)."""
     from multi_dist.dist import deepspeed_command, free_port, remove_shm_segments
 
     shutil.rmtree(run_dir, ignore_errors=True)  # a run folder left by an earlier benchmark would resume
@@ -97,9 +110,15 @@ def run_pretrain(
     proc = subprocess.Popen(
         cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
-    try:
-        _, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
+    stderr: str | None = None
+    while stderr is None and time.time() - t0 < timeout:
+        try:  # in slices of ``heartbeat`` (a retried communicate loses none of the output)
+            _, stderr = proc.communicate(timeout=max(0.1, min(heartbeat, timeout - (time.time() - t0))))
+        except subprocess.TimeoutExpired:
+            waited = time.time() - t0
+            if waited < timeout:
+                print(f"    ... {run_dir.name} still running: {waited:.0f} s (--timeout {timeout:.0f} s)", flush=True)
+    if stderr is None:
         os.killpg(proc.pid, signal.SIGKILL)
         _, stderr = proc.communicate()
         remove_shm_segments(port)  # killed in start-up, its ranks had not unlinked them yet
@@ -135,6 +154,14 @@ def print_profile(r: dict[str, Any]) -> None:
         print("    " + describe(r["profile"]), flush=True)
 
 
+def print_eta(done: int, total: int, t_start: float) -> None:
+    """After ``done`` of ``total`` configurations: the time so far and, at the mean time per
+    configuration so far, the time the rest will take."""
+    elapsed = time.time() - t_start
+    left = f", ~{elapsed / done * (total - done):.0f} s left for {total - done} more" if done < total else ""
+    print(f"    {done}/{total} configuration(s) in {elapsed:.0f} s{left}", flush=True)
+
+
 Save = Callable[[list[dict[str, Any]]], None]  # writes the results so far
 
 
@@ -151,6 +178,7 @@ def cpu_grid(args: argparse.Namespace, out_dir: Path, save: Save) -> list[dict[s
     }
     results = []
     total = len(presets) * 3 * 2
+    t_start = time.time()
     for preset, base in presets.items():
         for stage in (1, 2, 3):
             for nproc in (1, 2):
@@ -176,6 +204,7 @@ def cpu_grid(args: argparse.Namespace, out_dir: Path, save: Save) -> list[dict[s
                     flush=True,
                 )
                 print_profile(r)
+                print_eta(len(results), total, t_start)
     for r in results:
         ref = next(x for x in results if x["preset"] == r["preset"] and x["zero"] == 1 and x["nproc"] == 1)
         if "error" not in r and "error" not in ref:
@@ -310,6 +339,7 @@ def cuda_grid(args: argparse.Namespace, out_dir: Path, save: Save) -> tuple[list
     steps = 12 if args.quick else 24
     grid = [(b, c, k, z) for b in args.batch for c in args.compile for k in args.checkpointing for z in args.zero]
     results = []
+    t_start = time.time()
     for i, (batch, comp, ckpt, zero) in enumerate(grid):
         over = base_overrides(args, batch, comp == "on", ckpt == "on", zero)
         tag = f"base_b{batch}_compile{comp}_ckpt{ckpt}" + (f"_z{zero}" if zero != 2 else "")
@@ -331,6 +361,7 @@ def cuda_grid(args: argparse.Namespace, out_dir: Path, save: Save) -> tuple[list
         save(results)
         print(f"[{i + 1}/{len(grid)}] {tag}: " + json.dumps({k: v for k, v in r.items() if k != "profile"}), flush=True)
         print_profile(r)
+        print_eta(i + 1, len(grid), t_start)
     info = {"device": name, "matmul_peak_tflops": peak / 1e12, "nominal_tflops": (nominal or 0) / 1e12}
     return results, info
 
@@ -358,6 +389,7 @@ def floor_grid(args: argparse.Namespace, out_dir: Path, save: Save) -> tuple[lis
     steps = 24 if args.quick else 48
     grid = [(z, c) for z in args.zero for c in args.compile]
     results: list[dict[str, Any]] = []
+    t_start = time.time()
     for i, (zero, comp) in enumerate(grid):
         # one data worker: the loader's 32 px clips are cheap, and more workers would compete
         # with the measured process for this machine's cores
@@ -388,6 +420,7 @@ def floor_grid(args: argparse.Namespace, out_dir: Path, save: Save) -> tuple[lis
             flush=True,
         )
         print_profile(r)
+        print_eta(i + 1, len(grid), t_start)
     info = {
         "floor_device": name,
         "nominal_tflops": nominal / 1e12,
@@ -530,8 +563,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--out-dir", default="runs/bench_train")
     p.add_argument("--traces", help="save each run's profiled steps here too: trace_<run>.json.gz (Perfetto reads it)")
     args = p.parse_args(argv)
+    # the runs work in the repository root: the user's paths are taken from the caller's folder,
+    # here, once, so that this process and the runs read and write the same files
+    for name in ("json", "plot", "corpus", "out_dir", "traces"):
+        if getattr(args, name) is not None:
+            setattr(args, name, str(Path(getattr(args, name)).resolve()))
+    if Path(args.tokenizer).exists():  # a local folder (otherwise a hub name)
+        args.tokenizer = str(Path(args.tokenizer).resolve())
     import torch
 
+    # the CPU grid makes the demo corpus itself; the others would fail only after a run's start-up
+    if (args.host_floor or torch.cuda.is_available()) and not (Path(args.corpus) / "train" / "sizes.json").is_file():
+        sys.exit(f"error: --corpus {args.corpus}: no train/sizes.json (python shards/make_demo.py --output DIR)")
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,9 @@ import argparse
 import gzip
 import json
 import math
+import os
+import re
+import subprocess
 import sys
 import threading
 import time
@@ -26,7 +29,7 @@ from multi_dist.model import MuLTI
 from multi_dist.objectives import LossConfig, PretrainLoss
 from multi_dist.train import TrainConfig
 
-from .conftest import run_script
+from .conftest import ROOT
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "launch"))
 import bench_memory  # noqa: E402
@@ -95,26 +98,19 @@ def test_cpu_attention_counts_as_the_gpu_kernels() -> None:
 
 def test_the_host_floor_times_a_real_run_and_derives_the_batch_from_it(demo_corpus: Path, tmp_path: Path) -> None:
     """One configuration of ``--host-floor`` end to end: a real one-process ``deepspeed`` run of the
-    skeleton, its profile, the batch derived from its time, the table and the plot."""
+    skeleton, its profile, the batch derived from its time, the table and the plot. Run from
+    another folder than the repository's, with paths relative to it (``--out-dir`` its default):
+    the run, which works in the repository, writes where this process reads."""
     out = tmp_path / "floor.json"
-    proc = run_script(
-        "launch/bench_train.py",
-        "--host-floor",
-        "--quick",
-        "--zero",
-        "2",
-        "--compile",
-        "off",
-        "--corpus",
-        str(demo_corpus),
-        "--json",
-        str(out),
-        "--plot",
-        str(tmp_path / "floor.png"),
-        "--out-dir",
-        str(tmp_path / "runs"),
-        "--traces",
-        str(tmp_path / "traces"),
+    corpus = os.path.relpath(demo_corpus, tmp_path)
+    argv = ["--host-floor", "--quick", "--zero", "2", "--compile", "off", "--corpus", corpus]
+    argv += ["--json", "floor.json", "--plot", "floor.png", "--traces", "traces"]
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "launch" / "bench_train.py"), *argv],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
@@ -132,8 +128,9 @@ def test_the_host_floor_times_a_real_run_and_derives_the_batch_from_it(demo_corp
     assert r["time_vs_first"] == 1.0
     assert r["profile"]["host_ops_per_step"] > 10_000  # the base step's ops, profiled
     # in bf16 as on a GPU, so that DeepSpeed wraps the optimizer as it does there
-    assert "precision: bf16" in (tmp_path / "runs" / "skeleton_z2_compileoff" / "config.yaml").read_text()
+    assert "precision: bf16" in (tmp_path / "runs/bench_train/skeleton_z2_compileoff/config.yaml").read_text()
     assert "base skeleton Z2 eager" in proc.stdout and "min batch" in proc.stdout
+    assert re.search(r"^    1/1 configuration\(s\) in \d+ s$", proc.stdout, re.M), proc.stdout  # nothing left
     assert (tmp_path / "floor.png").stat().st_size > 10_000
     # the profiled steps' trace, gzipped where a lent machine's output folder can take it
     with gzip.open(tmp_path / "traces" / "trace_skeleton_z2_compileoff.json.gz", "rt") as f:
@@ -153,10 +150,13 @@ def processes_naming(text: str) -> set[int]:
     return pids
 
 
-def test_a_configuration_past_its_timeout_is_killed_with_its_ranks(demo_corpus: Path, tmp_path: Path) -> None:
+def test_a_configuration_past_its_timeout_is_killed_with_its_ranks(
+    demo_corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     """``--timeout`` ends one configuration, not the benchmark: the row records the error, and the
     launcher and both ranks (each names the run folder on its command line) are killed, so none
-    keeps its GPU memory from the configurations after it."""
+    keeps its GPU memory from the configurations after it. While it runs, a line every
+    ``heartbeat`` seconds says which configuration, for how long and its timeout."""
     run_dir = tmp_path / "slow"
     over = ["--config", "configs/pretrain/tiny.yaml", f"data.path={demo_corpus / 'train'}", "val=null"]
     seen: set[int] = set()
@@ -171,20 +171,25 @@ def test_a_configuration_past_its_timeout_is_killed_with_its_ranks(demo_corpus: 
     watcher.start()
     try:
         # 12 s: the ranks are up about 3 s after the runner starts (10 s into their set-up there)
-        r = bench_train.run_pretrain(2, over, run_dir, timeout=12, steps=4000)
+        r = bench_train.run_pretrain(2, over, run_dir, timeout=12, steps=4000, heartbeat=5)
     finally:
         done.set()
         watcher.join()
     assert r["error"].startswith("timed out after 12 s (--timeout)") and 12 <= r["wall_s"] < 32
     assert len(seen) >= 4  # the runner, the launcher and the two ranks were up
+    beats = re.findall(r"^    \.\.\. slow still running: (\d+) s \(--timeout 12 s\)$", capsys.readouterr().out, re.M)
+    assert len(beats) == 2 and 5 <= int(beats[0]) < int(beats[1]) < 12, beats  # at 5 and 10 s
     time.sleep(1)
     assert seen & processes_naming(f"run_dir={run_dir}") == set()
 
 
-def test_each_configuration_is_saved_as_it_ends(demo_corpus: Path, tmp_path: Path) -> None:
+def test_each_configuration_is_saved_as_it_ends(
+    demo_corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     """The JSON is rewritten after every configuration, marked partial until the last, so a
     command killed between them keeps what it measured. Two floor configurations, each cut by a
-    4 s ``--timeout``: the file holds the first alone while the second runs, then both in full."""
+    4 s ``--timeout``: the file holds the first alone while the second runs, then both in full.
+    After each, a line gives the time so far and, at the mean pace, the time the rest will take."""
     out = tmp_path / "floor.json"
     argv = ["--host-floor", "--zero", "2", "1", "--compile", "off", "--timeout", "4", "--corpus", str(demo_corpus)]
     argv += ["--json", str(out), "--out-dir", str(tmp_path / "runs")]
@@ -206,16 +211,27 @@ def test_each_configuration_is_saved_as_it_ends(demo_corpus: Path, tmp_path: Pat
     assert partial[:1] == [1] and set(partial) <= {1, 2}
     assert "partial" not in final and [r["zero"] for r in final["results"]] == [2, 1]
     assert all(r["error"].startswith("timed out after 4 s") for r in final["results"])
+    out = capsys.readouterr().out
+    first = re.search(r"^    1/2 configuration\(s\) in (\d+) s, ~(\d+) s left for 1 more$", out, re.M)
+    assert first and first[1] == first[2] and int(first[1]) >= 4, out  # one more at the first's pace
+    assert re.search(r"^    2/2 configuration\(s\) in \d+ s$", out, re.M), out
     # killed in start-up, before the ranks unlinked DeepSpeed's shared memory (46 MB here): removed
     assert set(Path("/dev/shm").glob(f"{SHM_SEGMENT}_*")) <= shm_before
+
+
+def test_a_missing_corpus_is_one_error_line_before_any_run(tmp_path: Path) -> None:
+    """The host floor (and the CUDA grid) read the corpus only in the runs, each after its
+    start-up: checked first, named in one line, with nothing written."""
+    argv = ["--host-floor", "--corpus", str(tmp_path / "none"), "--json", str(tmp_path / "out" / "floor.json")]
+    with pytest.raises(SystemExit) as exc:
+        bench_train.main([*argv, "--out-dir", str(tmp_path / "runs")])
+    assert str(exc.value.code).startswith(f"error: --corpus {tmp_path / 'none'}: no train/sizes.json")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "runs").exists()
 
 
 def test_gpu_bench_checks_its_inputs_before_the_first_run(tmp_path: Path) -> None:
     """train and floor read the demo corpus and a tokenizer: without them gpu_bench.sh stops in
     seconds, saying how to make them, before it touches the GPU or its output folder."""
-    import os
-    import subprocess
-
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "TOKENIZER": str(tmp_path / "no-tokenizer"), "PYTHON": sys.executable}
     for part in ("train", "floor"):
