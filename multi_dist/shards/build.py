@@ -32,6 +32,7 @@ from typing import Any, Literal
 
 from tqdm import tqdm
 
+from ..config import exit_on_startup_error, start_up
 from ..data.images import IMAGE_EXTS, KEPT_FORMATS, ImageInfo, decode_image, probe_image
 from ..data.video import HAVE_DECORD, VIDEO_EXTS, DecodeError, VideoInfo, decode_frames, probe
 
@@ -440,20 +441,23 @@ def _fingerprint(rows: list[dict[str, Any]], opts: BuildOptions) -> str:
 
 
 def build(rows: list[dict[str, Any]], opts: BuildOptions) -> dict[str, Any]:
-    """Build (or finish building) the dataset in ``opts.output``; returns the summary."""
-    if opts.samples_per_shard <= 0:
-        raise ValueError(f"--samples-per-shard must be positive, got {opts.samples_per_shard}")
-    out = Path(opts.output)
-    out.mkdir(parents=True, exist_ok=True)
-    fingerprint = _fingerprint(rows, opts)
-    marker = out / "build.json"
-    if marker.is_file():
-        previous = json.loads(marker.read_text()).get("fingerprint")
-        if previous != fingerprint:
-            raise ValueError(
-                f"{out} was built from a different input or options; "
-                "build into a new folder (or delete this one) to start over"
-            )
+    """Build (or finish building) the dataset in ``opts.output``; returns the summary. Wrong
+    options, or a folder built from other rows, raise :class:`~multi_dist.config.StartupError`
+    (a ``ValueError``) before any shard is written."""
+    with start_up():
+        if opts.samples_per_shard <= 0:
+            raise ValueError(f"--samples-per-shard must be positive, got {opts.samples_per_shard}")
+        out = Path(opts.output)
+        out.mkdir(parents=True, exist_ok=True)
+        fingerprint = _fingerprint(rows, opts)
+        marker = out / "build.json"
+        if marker.is_file():
+            previous = json.loads(marker.read_text()).get("fingerprint")
+            if previous != fingerprint:
+                raise ValueError(
+                    f"{out} was built from a different input or options; "
+                    "build into a new folder (or delete this one) to start over"
+                )
     _write_json_atomic(marker, {"fingerprint": fingerprint, "rows": len(rows), "options": asdict(opts)})
 
     n_shards = math.ceil(len(rows) / opts.samples_per_shard)
@@ -579,16 +583,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         end_col=args.end_col,
     )
     try:
-        if args.input:
-            rows = read_rows(args.input)
-            check_columns(rows, opts, args.input)
-        else:
-            rows = rows_from_dir(args.input_dir, opts.path_col, opts.caption_col, opts.kind)
-        summary = build(rows, opts)
-    except (ValueError, FileNotFoundError) as err:
-        if type(err) not in (ValueError, FileNotFoundError):  # (a JSON or codec error: the traceback)
-            raise
-        sys.exit(f"error: {err}")
+        with exit_on_startup_error():  # bad input: 'error: MESSAGE' alone
+            with start_up():
+                if args.input:
+                    rows = read_rows(args.input)
+                    check_columns(rows, opts, args.input)
+                else:
+                    rows = rows_from_dir(args.input_dir, opts.path_col, opts.caption_col, opts.kind)
+            summary = build(rows, opts)  # (its own start-up checks raise StartupError too)
     except KeyboardInterrupt:  # finished shards are kept (their _stats.json): a rerun builds the rest
         sys.exit("interrupted; run the same command again to resume")
     print(format_summary(summary))

