@@ -34,34 +34,38 @@ class ConfigError(ValueError):
     """A config file or override that does not fit the typed config; the message names the key."""
 
 
-class StartupError(ValueError):
-    """A start-up check failed: a wrong setting, or input that is missing or unfit. Its message
-    names the key or the file and is all there is to say: the commands print it alone."""
-
-
 _BAD_INPUT = (ValueError, ConfigError, FileNotFoundError)
 """What start-up checks raise, exactly these: a subclass (a JSON or codec error) is a defect."""
+
+_AT_START_UP = "_multi_dist_start_up"
 
 
 @contextlib.contextmanager
 def start_up() -> Iterator[None]:
-    """Around start-up work (config, inputs, checks): an error that describes bad input becomes a
-    :class:`StartupError`; any other keeps its type and traceback."""
+    """Around start-up work (config, inputs, checks): marks an error that describes bad input as a
+    start-up error, whose message names the key or the file and is all there is to say. The error
+    keeps its type (callers may catch a ``ConfigError``); any other error passes unmarked."""
     try:
         yield
     except _BAD_INPUT as err:
-        if type(err) not in _BAD_INPUT:
-            raise
-        raise StartupError(str(err)) from err
+        if type(err) in _BAD_INPUT:
+            setattr(err, _AT_START_UP, True)
+        raise
+
+
+def is_start_up_error(err: BaseException) -> bool:
+    return getattr(err, _AT_START_UP, False)
 
 
 @contextlib.contextmanager
 def exit_on_startup_error() -> Iterator[None]:
-    """Around a command: a :class:`StartupError` exits with ``error: MESSAGE`` (status 1) and no
-    traceback; errors after start-up keep theirs."""
+    """Around a command: an error marked by :func:`start_up` exits with ``error: MESSAGE`` (status
+    1) and no traceback; errors after start-up keep theirs."""
     try:
         yield
-    except StartupError as err:
+    except _BAD_INPUT as err:
+        if not is_start_up_error(err):
+            raise
         sys.exit(f"error: {err}")
 
 

@@ -442,8 +442,8 @@ def _fingerprint(rows: list[dict[str, Any]], opts: BuildOptions) -> str:
 
 def build(rows: list[dict[str, Any]], opts: BuildOptions) -> dict[str, Any]:
     """Build (or finish building) the dataset in ``opts.output``; returns the summary. Wrong
-    options, or a folder built from other rows, raise :class:`~multi_dist.config.StartupError`
-    (a ``ValueError``) before any shard is written."""
+    options, or a folder built from other rows, raise a ``ValueError`` (a start-up error:
+    :func:`~multi_dist.config.start_up`) before any shard is written."""
     with start_up():
         if opts.samples_per_shard <= 0:
             raise ValueError(f"--samples-per-shard must be positive, got {opts.samples_per_shard}")
@@ -590,7 +590,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     check_columns(rows, opts, args.input)
                 else:
                     rows = rows_from_dir(args.input_dir, opts.path_col, opts.caption_col, opts.kind)
-            summary = build(rows, opts)  # (its own start-up checks raise StartupError too)
+            summary = build(rows, opts)  # (its own start-up checks are marked too)
     except KeyboardInterrupt:  # finished shards are kept (their _stats.json): a rerun builds the rest
         sys.exit("interrupted; run the same command again to resume")
     print(format_summary(summary))
