@@ -696,12 +696,12 @@ class VideoTextStream:
         if evaluation and not cfg.resampled and world_size <= most < world_size * self.num_workers:
             # a small evaluation set: fewer loader workers per rank, each with a shard of its own
             fit = most // world_size
-            if rank == 0 and (self._where(), world_size) not in _WORKERS_CUT:  # (once, not every evaluation)
-                _WORKERS_CUT.add((self._where(), world_size))
+            if rank == 0 and (self.where(), world_size) not in _WORKERS_CUT:  # (once, not every evaluation)
+                _WORKERS_CUT.add((self.where(), world_size))
                 log.warning(
                     "%s: %d shard(s) feed %d rank(s) x %d loader worker(s), not the %d of %s.num_workers "
                     "(evaluation reads every sample once: a shard per worker)",
-                    self._where(), most, world_size, fit, cfg.num_workers, key,
+                    self.where(), most, world_size, fit, cfg.num_workers, key,
                 )  # fmt: skip
             cfg = self.cfg = dataclasses.replace(cfg, num_workers=fit)
             self.num_workers = fit
@@ -711,12 +711,12 @@ class VideoTextStream:
             more = "Use more shards (build with a smaller --samples-per-shard)"
             if evaluation:  # epoch mode is no choice there, and the workers are cut already
                 raise ValueError(
-                    f"{self._where()}: {what} cannot feed {world_size} rank(s): evaluation reads every sample "
+                    f"{self.where()}: {what} cannot feed {world_size} rank(s): evaluation reads every sample "
                     f"once, and every rank needs at least one shard, else ranks stall waiting for each other. "
                     f"{more} or fewer ranks" + (f", or {key}=null." if key == "val" else ".")
                 )
             raise ValueError(
-                f"{self._where()}: {what} cannot feed {world_size} rank(s) x {self.num_workers} worker(s) in "
+                f"{self.where()}: {what} cannot feed {world_size} rank(s) x {self.num_workers} worker(s) in "
                 f"epoch mode: every worker needs at least one shard, else ranks stall waiting for each other. "
                 f"{more}, fewer {key}.num_workers, or {key}.resampled=true."
             )
@@ -736,7 +736,8 @@ class VideoTextStream:
         """Samples delivered per corpus since the stream began (kept across checkpoints)."""
         self.skipped_keys: deque[str] = deque(maxlen=1000)
 
-    def _where(self) -> str:
+    def where(self) -> str:
+        """What its messages name: the dataset path, or `<key>.corpora` for a mixture."""
         return self.cfg.path if len(self.corpora) == 1 and not self.cfg.corpora else f"{self.key}.corpora"
 
     def _fresh_positions(self) -> list[WorkerPosition]:

@@ -207,8 +207,7 @@ def run_evaluation(
         total: int | None = min(len(source), max_batches) if max_batches else len(source)
     except TypeError:  # no sizes.json: the epoch's length is unknown
         total = max_batches or None
-    where = data.path if not data.corpora else f"{key}.corpora"
-    progress = Progress(f"evaluating {task.name} on {where}", total, "batches", enabled=ctx.rank == 0)
+    progress = Progress(f"evaluating {task.name} on {source.where()}", total, "batches", enabled=ctx.rank == 0)
     stream = iter(source)
     records: list[dict[str, Any]] = []
     local: dict[str, Any] = {}
