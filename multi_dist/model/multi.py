@@ -156,8 +156,10 @@ class MuLTI(nn.Module):
         self.cfg = cfg
         fc = cfg.fusion
         d = fc.width
-        self.video = VideoEncoder(cfg.vision, cfg.max_frames, tuple(cfg.pixel_mean), tuple(cfg.pixel_std))
-        self.text = TextEncoder(cfg.text)
+        self.video = VideoEncoder(
+            cfg.vision, cfg.max_frames, tuple(cfg.pixel_mean), tuple(cfg.pixel_std), field="model.vision.name"
+        )
+        self.text = TextEncoder(cfg.text, field="model.text.name")
         dv, dt = self.video.width, self.text.width
         self.video_proj = nn.Linear(dv, d)
         self.text_proj = nn.Linear(dt, d)

@@ -16,6 +16,7 @@ from tqdm import tqdm
 from ..config import exit_on_startup_error, start_up
 from ..data.pipeline import DataConfig, VideoTextStream
 from ..data.shardlist import list_shards, shard_sizes
+from ..data.text import load_tokenizer
 
 
 def _parquet_rows(shards: list[str]) -> list[dict[str, Any]] | None:
@@ -80,7 +81,8 @@ def inspect_dataset(
             ],
         )
     if decode:
-        with start_up():  # wrong settings (--num-frames 0)
+        with start_up():  # wrong settings (--num-frames 0), a tokenizer that does not load
+            load_tokenizer(tokenizer, "--tokenizer")
             cfg = DataConfig(
                 path=path,
                 kind=kind,
