@@ -199,6 +199,23 @@ def test_evaluating_weights_not_finetuned_for_the_task_fails_clearly(demo_pretra
     assert proc.stderr.startswith("error: init: ") and "Traceback" not in proc.stderr, proc.stderr[-2000:]
 
 
+def test_evaluating_data_that_does_not_exist_fails_clearly(demo_pretrained: Path, tmp_path: Path) -> None:
+    """After the weights load: the stream's start-up error, one line."""
+    proc = run(
+        1,
+        "launch/evaluate.py",
+        "--config",
+        "configs/eval/demo_retrieval.yaml",
+        f"init={demo_pretrained / 'run' / 'model'}",
+        f"data.path={tmp_path / 'no_shards'}",
+        f"out_dir={tmp_path}",
+    )
+    assert proc.returncode == 1
+    message = f"error: dataset path does not exist: {tmp_path / 'no_shards'}\n"
+    assert proc.stderr.startswith(message), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
 def test_init_names_a_run_its_checkpoints_a_checkpoint_or_an_export(demo_pretrained: Path, tmp_root: Path) -> None:
     """``init`` accepts the four ways users point at weights; each resolves to what it names."""
     from multi_dist.evaluate import resolve
