@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from multi_dist.dist import SHM_SEGMENT, deepspeed_command
+from multi_dist.dist import SHM_SEGMENT, deepspeed_command, free_port
 from multi_dist.model import MuLTI
 from multi_dist.profile import PHASES
 
@@ -198,7 +198,8 @@ def test_one_and_two_processes_give_the_same_losses(corpus: Path, tmp_path: Path
     time, or two ranks reading the even and the odd shards 4 at a time. VTC sees the same global
     similarity matrix and MCM the same questions, so losses agree to fp32 reduction order (1e-4
     relative over 3 steps). VTM (negatives drawn from each rank's own slice) and MLM (mean over
-    each rank's masked tokens) are defined per rank and are switched off here."""
+    each rank's masked tokens) are defined per rank and are switched off here. The two ranks under
+    ``torchrun`` (its environment, no ``--local_rank``) give the ``deepspeed`` launcher's losses."""
     common = (
         "data.resampled=false",
         "data.shardshuffle=false",
@@ -215,10 +216,15 @@ def test_one_and_two_processes_give_the_same_losses(corpus: Path, tmp_path: Path
     assert one.returncode == 0, one.stderr[-3000:]
     two = pretrain(2, *tiny_args(corpus, tmp_path / "two", *common, "data.batch_size=4"))
     assert two.returncode == 0, two.stderr[-3000:]
-    a, b = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
+    args = ["launch/pretrain.py", *tiny_args(corpus, tmp_path / "torchrun", *common, "data.batch_size=4")]
+    by_torchrun = subprocess.run([*torchrun, *args], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert by_torchrun.returncode == 0, by_torchrun.stderr[-3000:]
+    a, b, c = metrics(tmp_path / "one"), metrics(tmp_path / "two"), metrics(tmp_path / "torchrun")
     for step in (1, 2, 3):
         for key in ("train/loss_vtc", "train/loss_mcm", "train/loss"):
             assert a[step][key] == pytest.approx(b[step][key], rel=1e-4), (step, key)
+            assert c[step][key] == pytest.approx(b[step][key], rel=1e-6), (step, key)
     assert a[3]["train/loss"] != a[1]["train/loss"]  # the steps did update the model
 
 
@@ -445,8 +451,6 @@ def test_bf16_engines_wrappers_layout_ops_and_master_weights() -> None:
     - ZeRO-1's checkpoints name their stage (:func:`name_zero_stage`), as ``zero_to_fp32.py`` needs.
     - ZeRO-1 with two micro-batches per step hands the optimizer fp32 sums, not bf16 roundings.
     - Every stage wraps an AdamW with the multi-tensor (``foreach``) step, on CPU too."""
-    from multi_dist.dist import free_port
-
     env = {
         **os.environ,
         "MASTER_ADDR": "127.0.0.1",
