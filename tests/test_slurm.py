@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -222,11 +223,19 @@ def test_the_partition_and_its_cpus_come_from_sinfo(
     assert partition_cpus(default) == (default, n)
     with pytest.raises(ValueError, match=rf"--partition {default},gpu: sinfo lists no partition gpu \(it lists"):
         partition_cpus(f"{default},gpu")
+    # the real sinfo behind a wrapper that notes each call
+    calls, wrapper = tmp_path / "sinfo_calls", tmp_path / "bin" / "sinfo"
+    wrapper.parent.mkdir()
+    wrapper.write_text(f'#!/bin/sh\necho called >> {calls}\nexec {shutil.which("sinfo")} "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{wrapper.parent}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("SLURM_CONF", str(tmp_path / "slurm.conf"))  # sinfo fails: no cluster to ask
     (tmp_path / "slurm.conf").write_text("")
     assert partition_cpus("gpu") is None
-    monkeypatch.setenv("SLURM_CONF", "/nonexistent")  # (sinfo would retry it for a minute: not asked)
+    assert calls.read_text() == "called\n"
+    monkeypatch.setenv("SLURM_CONF", "/nonexistent")  # sinfo would retry it for a minute: not asked
     assert partition_cpus("gpu") is None
+    assert calls.read_text() == "called\n"
 
 
 @pytest.mark.parametrize("problem", ["config", "cpus", "partition"])
