@@ -18,6 +18,7 @@ import torch
 from multi_dist.dist import SHM_SEGMENT, deepspeed_command, free_port
 from multi_dist.model import MuLTI
 from multi_dist.profile import PHASES
+from multi_dist.train import lr_factor
 
 from .conftest import ROOT
 
@@ -103,6 +104,10 @@ def _assert_learns(run: Path) -> None:
         "perf/mem_gib",
     ):
         assert key in rows[40], key
+    # tiny's schedule (lr 1e-2, 5 warmup steps, cosine to 10% at step 40), stepped once a step by
+    # DeepSpeed; logged at step s: the rate after s steps, which step s + 1 uses
+    for step in range(1, 41):
+        assert rows[step]["optim/lr"] == pytest.approx(1e-2 * lr_factor(step, 5, 40, 0.1), rel=1e-9), step
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 40 and summary["samples"] == 40 * 4 * 2
     assert 0 <= summary["eval"]["eval/t2v_r1"] <= 1 and summary["eval"]["eval/clips"] == 16
@@ -246,6 +251,35 @@ def test_cpu_offload_of_optimizer_and_parameters_trains_like_no_offload(corpus: 
     assert a[3]["train/loss"] != a[1]["train/loss"]
 
 
+def test_pretrained_encoder_weights_get_encoder_lr_and_the_rest_lr() -> None:
+    """The demo preset: a pretrained text tower (real MiniLM weights), a random vision tower. Its
+    backbone weights go to the ``encoder`` groups at ``encoder_lr``; the vision tower (random),
+    adapters, fusion and heads to the ``new`` groups at ``lr``; with ``init`` (finetuning) both
+    towers count as pretrained. Biases, norms and 1-d parameters get no weight decay. Every
+    trainable parameter is in exactly one group; frozen ones in none."""
+    from multi_dist.model import model_config
+    from multi_dist.train import OptimConfig, param_groups
+
+    model = MuLTI(model_config("demo"))
+    cfg = OptimConfig(lr=1e-3, encoder_lr=1e-5, weight_decay=0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    text = {id(p) for p in model.text.backbone.parameters()}
+    towers = text | {id(p) for p in model.video.backbone.parameters()}
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    for initialized, pretrained in ((False, text), (True, towers)):
+        groups = param_groups(model, cfg, initialized=initialized)
+        seen = [id(p) for g in groups for p in g["params"]]
+        assert sorted(seen) == sorted(trainable)
+        for g in groups:
+            encoder = g["name"].startswith("encoder")
+            assert g["lr"] == (1e-5 if encoder else 1e-3), g["name"]
+            assert all((id(p) in pretrained) == encoder for p in g["params"]), g["name"]
+            no_decay = [p.ndim < 2 or names[id(p)].endswith(".bias") or "norm" in names[id(p)] for p in g["params"]]
+            assert g["weight_decay"] == (0.0 if g["name"].endswith("no_decay") else 0.05)
+            assert all(no_decay) if g["name"].endswith("no_decay") else not any(no_decay), g["name"]
+        assert {g["name"] for g in groups} == {"encoder", "encoder_no_decay", "new", "new_no_decay"}
+
+
 def _rank_state(run: Path, tag: str) -> dict:
     return torch.load(run / "checkpoints" / tag / "rank_00001.pt", weights_only=True)["data"]
 
@@ -253,7 +287,10 @@ def _rank_state(run: Path, tag: str) -> dict:
 def test_kill_9_after_a_checkpoint_then_resume_matches_an_uninterrupted_run(corpus: Path, tmp_path: Path) -> None:
     """Exact match expected (tolerance 1e-6): weights, optimizer, scheduler, data position and RNG
     are all restored, and gloo reduces in a fixed order."""
-    extra = ("steps=12", "ckpt_every=4", "log_every=1", "val=null", "data.frame_sampling=random", "data.crop=random")
+    extra = (
+        *("steps=12", "ckpt_every=4", "keep_checkpoints=2", "log_every=1", "val=null"),
+        *("data.frame_sampling=random", "data.crop=random"),
+    )
     shm_before = set(Path("/dev/shm").glob(f"{SHM_SEGMENT}_*"))
     reference = tmp_path / "reference"
     proc = pretrain(2, *tiny_args(corpus, reference, *extra))
@@ -286,6 +323,8 @@ def test_kill_9_after_a_checkpoint_then_resume_matches_an_uninterrupted_run(corp
             assert got[step][key] == pytest.approx(want[step][key], rel=1e-6, abs=1e-7), (step, key)
     # the same data consumed: both runs end at the same stream position on every rank
     assert _rank_state(run, "step_00000012") == _rank_state(reference, "step_00000012")
+    for done in (run, reference):  # the last 2 checkpoints kept, the resumed run's first one pruned
+        assert sorted(p.name for p in (done / "checkpoints").glob("step_*")) == ["step_00000008", "step_00000012"]
     # DeepSpeed's shared-memory segments (69 MB a rank) are gone, the killed run's included
     assert set(Path("/dev/shm").glob(f"{SHM_SEGMENT}_*")) <= shm_before
 
