@@ -302,6 +302,35 @@ def test_inspect_decodes_image_shards(photos: Path) -> None:
     assert report["samples"] == 22 and report["decode"]["decoded"] == 22 and report["decode"]["skipped"] == 0
 
 
+def test_evaluating_a_mixture_counts_every_sample_of_every_corpus(demo_corpus: Path, photos: Path) -> None:
+    """The two corpora were built apart, so their keys overlap (``000000``, ...): each sample is
+    known as ``corpus/key``, and all 40 + 22 are ranked, none merged into another corpus's sample."""
+    from multi_dist.evaluate import eval_data_config
+    from multi_dist.tasks import make_task
+    from multi_dist.tasks.base import EvalContext, TaskConfig, run_evaluation
+
+    def keys(folder: Path) -> set[str]:
+        found = set()
+        for shard in folder.glob("*.tar"):
+            with tarfile.open(shard) as tar:
+                found |= {m.name.split(".")[0] for m in tar}
+        return found
+
+    clips, stills = keys(demo_corpus / "val"), keys(photos)
+    assert len(clips) == 40 and len(stills) == 22 and clips & stills  # (the overlap this is about)
+    corpora = [
+        CorpusConfig(path=str(demo_corpus / "val"), name="synthetic"),
+        CorpusConfig(path=str(photos), kind="image"),
+    ]
+    torch.manual_seed(0)
+    model = MuLTI(model_config("tiny"))
+    task = make_task(TaskConfig(name="pretrain"), None, 0)
+    ctx = EvalContext(rank=0, world=1, device=torch.device("cpu"), bf16=False, batch_size=8)
+    metrics, predictions = run_evaluation(model, task, eval_data_config(mixed_cfg(corpora)), ctx)
+    assert metrics["clips"] == 62 and metrics["chance_r1"] == 1 / 62
+    assert {p["key"] for p in predictions} == {f"synthetic/{k}" for k in clips} | {f"photos/{k}" for k in stills}
+
+
 def test_training_on_a_mix_logs_shares_and_counts_real_frames(demo_corpus: Path, photos: Path, tmp_path: Path) -> None:
     """``perf/frames_per_s`` counts the frames the vision tower runs on: a photo is one frame, not
     ``num_frames``. Over a log window, frames / clips is the mean count of real frames a sample,

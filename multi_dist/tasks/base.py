@@ -194,7 +194,10 @@ def run_evaluation(
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Evaluate ``task`` on an epoch of ``data``: every rank runs the same number of forward passes
     (ZeRO-3 gathers parameters collectively, so a rank that runs out of batches repeats its last
-    one and discards the result); records are gathered, samples seen twice counted once."""
+    one and discards the result); records are gathered, samples seen twice counted once. A
+    sample is known by its key, which in a mixture of corpora is ``corpus/key``: corpora built
+    apart number their samples alike (``000000``, ...), and a bare key would merge one corpus's
+    samples into another's."""
     from ..evaluate import to_device
 
     was_training = model.training
@@ -227,6 +230,8 @@ def run_evaluation(
             else:
                 raise RuntimeError(f"rank {ctx.rank} got no evaluation batch from {data.path}")
             continue
+        if len(source.corpora) > 1:
+            batch["key"] = [f"{c}/{k}" for c, k in zip(batch["corpus"], batch["key"])]
         last = batch
         recs, loc = model(to_device(batch, ctx.device, ctx.bf16), task.eval_step)
         progress.update()
