@@ -233,3 +233,74 @@ def test_progress_lines_rate_eta_and_silence(capsys: pytest.CaptureFixture) -> N
         quiet.update()
         quiet.close()
     assert capsys.readouterr().out == ""
+
+
+def _reranked(sim: torch.Tensor, k: int, scale: float) -> dict[str, float]:
+    """Retrieval's finish on one caption per video with similarities ``sim`` (texts x videos),
+    re-ranking with the tiny model's real fusion and a VTM head whose last layer is zeroed: its
+    log-odds are 0 for every pair, an undecided head."""
+    from multi_dist.tasks.base import EvalContext
+    from multi_dist.tasks.retrieval import RetrievalTask
+
+    torch.manual_seed(0)
+    model = MuLTI(model_config("tiny")).eval()
+    torch.nn.init.zeros_(model.vtm_head.weight)
+    torch.nn.init.zeros_(model.vtm_head.bias)
+    task = RetrievalTask(TaskConfig(name="retrieval", rerank_k=k))
+    n, width = sim.shape[1], model.cfg.fusion.width
+    records = [
+        {
+            "key": f"{v:06d}",
+            "video": torch.eye(n)[v],  # so that text @ videos.T is sim
+            "texts": [f"caption {v}"],
+            "text": sim[v : v + 1],
+            "ids": torch.full((1, 6), 101),
+            "mask": torch.ones(1, 6, dtype=torch.long),
+            "scale": scale,
+            "rank": 0,
+        }
+        for v in range(n)
+    ]
+    local = {r["key"]: (torch.randn(3, width), torch.ones(3, dtype=torch.bool)) for r in records}
+    ctx = EvalContext(rank=0, world=1, device=torch.device("cpu"), bf16=False, batch_size=4)
+    metrics, _ = task.finish(model, records, local, ctx)
+    return metrics
+
+
+def test_an_undecided_vtm_head_leaves_the_vtc_ranking_as_it_was() -> None:
+    """Re-ranking adds VTM's log-odds (0 here) to the top-k candidates' scaled VTC scores; the
+    re-ranked metrics must then be VTC's:
+    - two scores 2e-6 apart stay apart (scaled by 100, beside the re-ranking offset 1e4, float32
+      would round both to 10060.0 and count the tie against the model);
+    - candidates tied at the k-th place are re-ranked all or none: a pick by position lifted the
+      truth of text 16 (tied with 10 others at the 10th place) into the top 10, and a collapsed
+      model (all scores equal) got mean rank 16.8 of 20 instead of the worst case, 20."""
+    close = torch.eye(3)
+    close[0, :2] = torch.tensor([0.600002, 0.6])
+    m = _reranked(close, 4, 100.0)
+    assert m["vtc_t2v_r1"] == 1.0 and m["t2v_r1"] == 1.0
+
+    tied = torch.eye(25)
+    tied[16] = 0.0
+    tied[16, 1:10], tied[16, [0, *range(10, 20)]] = 1.0, 0.5
+    m = _reranked(tied, 10, 1.0)
+    assert m["vtc_t2v_r10"] == m["t2v_r10"] == 24 / 25
+
+    collapsed = _reranked(torch.zeros(20, 20), 16, 1.0)
+    for key in ("t2v_meanr", "v2t_meanr", "t2v_r10", "v2t_r10"):
+        assert collapsed[key] == collapsed[f"vtc_{key}"], key
+    assert collapsed["t2v_meanr"] == 20.0
+
+
+def test_top_k_takes_ties_at_the_kth_place_all_or_none() -> None:
+    from multi_dist.tasks.retrieval import top_k_mask
+
+    sim = torch.tensor([[5.0, 3.0, 3.0, 1.0, 0.0], [5.0, 3.0, 3.0, 3.0, 3.0], [1.0, 2.0, 3.0, 4.0, 5.0]])
+    # k = 2. Row 0: two tied at the 2nd place, 3 in all (at most 2k): all in. Row 1: four tied, 5 in
+    # all (more than 2k): the tied ones out, the one above them in
+    assert top_k_mask(sim, 2, dim=1).tolist() == [
+        [True, True, True, False, False],
+        [True, False, False, False, False],
+        [False, False, False, True, True],
+    ]
+    assert top_k_mask(sim.t(), 2, dim=0).tolist() == top_k_mask(sim, 2, dim=1).t().tolist()

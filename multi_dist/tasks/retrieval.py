@@ -8,7 +8,8 @@ own captions), ties counted against the model.
 
 Re-ranking adds the VTM head's match log-odds to the (scaled) VTC score of each query's top-k
 candidates, which stay ahead of the rest: a confident VTM reorders them, an uncertain one (early
-in training) leaves the VTC order as it was.
+in training) leaves the VTC order as it was. Candidates tied at the k-th place are re-ranked all
+or none (:func:`top_k_mask`), so that ties keep counting against the model.
 
 Re-ranking across ranks: text embeddings, token ids and video embeddings are gathered (small);
 video tokens stay on the rank that encoded them. For each query's top-k pairs, the rank owning
@@ -113,13 +114,13 @@ class RetrievalTask(Task):
         k = min(self.cfg.rerank_k, sim.shape[1])
         if k > 1:
             # each text's top-k videos, each video's top-k texts
-            in_t2v = torch.zeros_like(sim, dtype=torch.bool).scatter_(1, sim.topk(k, dim=1).indices, True)
-            kv = min(self.cfg.rerank_k, sim.shape[0])
-            in_v2t = torch.zeros_like(sim, dtype=torch.bool).scatter_(0, sim.topk(kv, dim=0).indices, True)
+            in_t2v = top_k_mask(sim, k, dim=1)
+            in_v2t = top_k_mask(sim, min(self.cfg.rerank_k, sim.shape[0]), dim=0)
             vtm = self._vtm_scores(model, records, local, in_t2v | in_v2t, ctx)
-            scaled = records[0]["scale"] * sim
-            t2v = torch.where(in_t2v, RERANKED + scaled + vtm, scaled)
-            v2t = torch.where(in_v2t, RERANKED + scaled + vtm, scaled)
+            # in float64: float32 steps by 1e-3 near RERANKED, which would tie scores that differ
+            scaled = records[0]["scale"] * sim.double()
+            t2v = torch.where(in_t2v, RERANKED + scaled + vtm.double(), scaled)
+            v2t = torch.where(in_v2t, RERANKED + scaled + vtm.double(), scaled)
         m_t2v = retrieval_metrics(t2v, text_video)
         m_v2t = retrieval_metrics(v2t, text_video)
         metrics.update({k_: v for k_, v in m_t2v.items() if k_.startswith("t2v_")})
@@ -184,6 +185,16 @@ class RetrievalTask(Task):
             dist.all_reduce(scores)
             scores = scores.cpu()
         return scores
+
+
+def top_k_mask(sim: torch.Tensor, k: int, dim: int) -> torch.Tensor:
+    """Each row's (``dim=1``) or column's (``dim=0``) ``k`` highest scores of ``sim``, as a mask.
+    Scores tied with the k-th are all in or all out, never some of them by position, which would
+    lift whichever came first above its equals: in when they add at most ``k`` beyond the k-th,
+    else out (a degenerate model's equal scores re-rank nothing; ties count against it)."""
+    kth = sim.topk(k, dim=dim).values.narrow(dim, k - 1, 1)
+    with_ties = sim >= kth
+    return torch.where(with_ties.sum(dim, keepdim=True) <= 2 * k, with_ties, sim > kth)
 
 
 def _vtm_match(model: MuLTI, batch: dict[str, Any]) -> torch.Tensor:
