@@ -78,7 +78,8 @@ def report(summary: dict[str, Any]) -> str:
         )
         lines.append(f"  zero-shot video->text R@1 {ev['eval/v2t_r1']:.1%} ({ev['eval/v2t_r1'] / chance:.0f}x chance)")
         if "eval/mcm_acc" in ev:
-            lines.append(f"  multiple choice (MCM) accuracy {ev['eval/mcm_acc']:.1%} (chance 25%)")
+            acc, chance = ev["eval/mcm_acc"], ev["eval/mcm_chance"]
+            lines.append(f"  multiple choice (MCM) accuracy {acc:.1%} (chance {chance:.0%})")
         lines.append(f"  on {int(ev['eval/clips'])} held-out clips; the exported model is in {summary['export']}")
     return "\n".join(lines)
 

@@ -304,7 +304,9 @@ def test_inspect_decodes_image_shards(photos: Path) -> None:
 
 def test_evaluating_a_mixture_counts_every_sample_of_every_corpus(demo_corpus: Path, photos: Path) -> None:
     """The two corpora were built apart, so their keys overlap (``000000``, ...): each sample is
-    known as ``corpus/key``, and all 40 + 22 are ranked, none merged into another corpus's sample."""
+    known as ``corpus/key``, and all 40 + 22 are ranked, none merged into another corpus's sample.
+    MCM's chance is that of its questions' option count (3 here)."""
+    from multi_dist.data.mcm import MCMConfig
     from multi_dist.evaluate import eval_data_config
     from multi_dist.tasks import make_task
     from multi_dist.tasks.base import EvalContext, TaskConfig, run_evaluation
@@ -326,8 +328,10 @@ def test_evaluating_a_mixture_counts_every_sample_of_every_corpus(demo_corpus: P
     model = MuLTI(model_config("tiny"))
     task = make_task(TaskConfig(name="pretrain"), None, 0)
     ctx = EvalContext(rank=0, world=1, device=torch.device("cpu"), bf16=False, batch_size=8)
-    metrics, predictions = run_evaluation(model, task, eval_data_config(mixed_cfg(corpora)), ctx)
+    data = eval_data_config(mixed_cfg(corpora, mcm=MCMConfig(num_options=3)))
+    metrics, predictions = run_evaluation(model, task, data, ctx)
     assert metrics["clips"] == 62 and metrics["chance_r1"] == 1 / 62
+    assert metrics["mcm_chance"] == pytest.approx(1 / 3) and 0 <= metrics["mcm_acc"] <= 1
     assert {p["key"] for p in predictions} == {f"synthetic/{k}" for k in clips} | {f"photos/{k}" for k in stills}
 
 

@@ -47,6 +47,7 @@ class PretrainTask(Task):
             }
             if correct is not None and correct[i] >= 0:
                 r["mcm_correct"] = bool(correct[i])
+                r["mcm_options"] = logits.shape[1]
             records.append(r)
         return records, {}
 
@@ -60,9 +61,10 @@ class PretrainTask(Task):
         metrics = {k: v for k, v in m.items() if k.startswith(("t2v_", "v2t_"))}
         metrics["clips"] = float(len(records))
         metrics["chance_r1"] = 1.0 / len(records)
-        mcm = [r["mcm_correct"] for r in records if "mcm_correct" in r]
-        if mcm:
-            metrics["mcm_acc"] = sum(mcm) / len(mcm)
+        asked = [r for r in records if "mcm_correct" in r]
+        if asked:
+            metrics["mcm_acc"] = sum(r["mcm_correct"] for r in asked) / len(asked)
+            metrics["mcm_chance"] = sum(1 / r["mcm_options"] for r in asked) / len(asked)
         best = sim.argmax(1).tolist()
         predictions = [
             {"key": r["key"], "caption": r["caption"], "t2v_top1": records[j]["key"]} for r, j in zip(records, best)
