@@ -85,13 +85,17 @@ def vtc_loss(
 
     Each rank's gradient covers only its own slice, so summing over ranks gives the exact gradient
     of the loss; the data-parallel engine averages instead, hence :class:`PretrainLoss` scales this
-    term by the world size for the backward pass.
+    term by the world size for the backward pass. ``logit_scale`` is the exception: it scales the
+    whole matrix on every rank, so each rank has its whole gradient; it gets a 1/world share of it
+    here, and the product is exact for it too (else it had world x its gradient, which also
+    inflated the gradient norm that clipping reads).
     """
     all_text = gather_with_local_grad(text_embed, group)
     all_video = gather_with_local_grad(video_embed, group)
     all_fp = gather_with_local_grad(fingerprints, group)
     same = all_fp[:, None] == all_fp[None, :]
-    scale = logit_scale.exp().clamp(max=100)
+    share = 1 / _world(group)[1]  # the scale's value, with a 1/world share of its gradient (above)
+    scale = (logit_scale * share + (logit_scale * (1 - share)).detach()).exp().clamp(max=100)
     t2v = scale * all_text @ all_video.t()
     target = same.float() / same.float().sum(1, keepdim=True)
     t2v32 = t2v.float()

@@ -105,10 +105,11 @@ def _vtc_rank(rank: int, world: int, port: int, text: torch.Tensor, video: torch
         b = text.shape[0] // world
         t = text.clone().requires_grad_()
         v = video.clone().requires_grad_()
+        scale = torch.nn.Parameter(torch.tensor(2.0))
         local = slice(rank * b, (rank + 1) * b)
-        loss, _, _ = vtc_loss(t[local], v[local], torch.tensor(2.0), torch.arange(text.shape[0])[local])
+        loss, _, _ = vtc_loss(t[local], v[local], scale, torch.arange(text.shape[0])[local])
         (loss * world).backward()  # what PretrainLoss does; the engine then averages gradients
-        grads = torch.cat([t.grad, v.grad])
+        grads = torch.cat([t.grad.flatten(), v.grad.flatten(), scale.grad.view(1)])
         dist.all_reduce(grads)
         queue.put((rank, float(loss), (grads / world).numpy()))
     finally:
@@ -118,7 +119,8 @@ def _vtc_rank(rank: int, world: int, port: int, text: torch.Tensor, video: torch
 def test_vtc_across_two_gloo_ranks_equals_the_single_process_loss() -> None:
     """Two real processes with a gloo group, each holding half the batch: the loss each reports
     and the averaged gradient equal the single-process values on the whole batch (fp32
-    reductions in another order: 1e-6)."""
+    reductions in another order: 1e-6), the learned logit scale's included (each rank computes
+    the whole matrix, so it had twice its gradient)."""
     g = torch.Generator().manual_seed(0)
     text, video = unit(torch.randn(8, 16, generator=g)), unit(torch.randn(8, 16, generator=g))
     ctx = mp.get_context("spawn")
@@ -132,9 +134,11 @@ def test_vtc_across_two_gloo_ranks_equals_the_single_process_loss() -> None:
         p.join(timeout=60)
         assert p.exitcode == 0
     t, v = text.clone().requires_grad_(), video.clone().requires_grad_()
-    loss, _, _ = vtc_loss(t, v, torch.tensor(2.0), torch.arange(8))
+    scale = torch.nn.Parameter(torch.tensor(2.0))
+    loss, _, _ = vtc_loss(t, v, scale, torch.arange(8))
     loss.backward()
-    expected = torch.cat([t.grad, v.grad])
+    expected = torch.cat([t.grad.flatten(), v.grad.flatten(), scale.grad.view(1)])
+    assert scale.grad.abs() > 1e-3  # (a gradient to compare)
     for _, rank_loss, grads in results:
         assert rank_loss == pytest.approx(float(loss.detach()), abs=1e-6)
         torch.testing.assert_close(torch.from_numpy(grads), expected, rtol=1e-5, atol=1e-6)
