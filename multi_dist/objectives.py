@@ -110,9 +110,12 @@ def vtc_loss(
 
 def sample_hard_negatives(sim: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
     """For each row, one column drawn with probability softmax(sim) among columns that are not a
-    positive (an identical caption counts as positive). Rows with no negative get -1."""
-    weights = sim.float().softmax(1).masked_fill(same, 0.0)
-    has_neg = weights.sum(1) > 0
+    positive (an identical caption counts as positive). Rows with no negative get -1. The softmax
+    is over the negatives alone: over the whole row, a positive ahead by more than float32's
+    ``exp`` range (about 103, reached at scale 100) left every negative a weight of 0, and the row
+    without one."""
+    has_neg = (~same).any(1)
+    weights = sim.float().masked_fill(same, float("-inf")).softmax(1)  # (a row of positives only: NaN)
     weights = torch.where(has_neg[:, None], weights, torch.ones_like(weights))
     # torch.multinomial(weights, 1) draws exactly this (argmax of p / q, q ~ Exp(1): the Gumbel-max
     # trick), after two .item() checks of the weights that make the host wait for the GPU

@@ -70,6 +70,13 @@ def test_hard_negatives_are_never_positives_and_follow_similarity() -> None:
     assert (draws[:, 0] == 1).float().mean() > 0.9  # the hardest negative dominates
     only_pos = torch.ones(2, 2, dtype=torch.bool)
     assert (sample_hard_negatives(torch.zeros(2, 2), only_pos) == -1).all()  # nothing to draw
+    # a confident model at scale 100: each positive ahead of its negatives by more than exp's range
+    far = 100 * torch.tensor(
+        [[0.8, -0.3, -0.25, -0.28], [-0.3, 0.8, -0.2, -0.3], [-0.3, -0.3, 0.8, -0.2], [-0.3] * 3 + [0.8]]
+    )
+    draws = torch.stack([sample_hard_negatives(far, torch.eye(4, dtype=torch.bool)) for _ in range(200)])
+    assert (draws >= 0).all() and (draws != torch.arange(4)).all()
+    assert (draws[:, 0] == 2).float().mean() > 0.8  # still the hardest: -0.25 against -0.28 and -0.3
 
 
 def test_mlm_ignores_unmasked_positions() -> None:
