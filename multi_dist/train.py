@@ -389,6 +389,7 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, float]], None] | No
             world,
             task.collate_fn(training=True),
             pin_memory=device.type == "cuda",
+            drop_last=True,  # whole batches on every rank, epoch mode included
         )
         val_cfg = _val_config(cfg, task)
         if val_cfg is not None:

@@ -80,6 +80,16 @@ def test_a_tokenizer_or_encoder_that_does_not_load_is_named_by_its_config_field(
         build_backbone(EncoderConfig(name="./empty", kind="bert"), "model.text.name")
 
 
+def test_a_training_stream_drops_short_batches_and_its_length_says_so(demo_corpus: Path) -> None:
+    """Epoch mode, 40 clips over 2 workers in batches of 3: every sample once (short last batches
+    kept), or whole batches only (training); ``len`` counts what comes."""
+    for drop_last in (False, True):
+        stream = VideoTextStream(cfg_for(demo_corpus / "val", resampled=False, batch_size=3), drop_last=drop_last)
+        sizes = [len(b["key"]) for b in stream]
+        assert len(sizes) == len(stream)
+        assert sum(sizes) == 40 if not drop_last else set(sizes) == {3} and 40 - 2 * 3 < sum(sizes) < 40
+
+
 def test_real_clips_stream_at_any_resolution(demo_corpus: Path) -> None:
     cfg = cfg_for(demo_corpus / "real", resampled=False, num_workers=1, batch_size=2, image_size=64, num_frames=8)
     stream = VideoTextStream(cfg)

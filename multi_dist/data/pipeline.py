@@ -390,11 +390,12 @@ class _WorkerStream(IterableDataset):
         batches_per_worker: int | None,
         vocab: AnswerVocab | None,
         task_collate: TaskCollate | None = None,
+        drop_last: bool = False,
     ) -> None:
         super().__init__()
         self.cfg, self.corpora, self.rank, self.world, self.epoch = cfg, corpora, rank, world, epoch
         self.positions, self.batches_per_worker, self.vocab = positions, batches_per_worker, vocab
-        self.task_collate = task_collate
+        self.task_collate, self.drop_last = task_collate, drop_last
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -426,6 +427,7 @@ class _WorkerStream(IterableDataset):
             counters,
             self.vocab,
             self.task_collate,
+            self.drop_last,
         )
         stream: Iterable[Any] = ()
         for stage in stages:
@@ -447,6 +449,7 @@ def worker_stages(
     counters: _Counters,
     vocab: AnswerVocab | None = None,
     task_collate: TaskCollate | None = None,
+    drop_last: bool = False,
 ) -> list[Callable[[Iterable[Any]], Iterable[Any]]]:
     """The pipeline of one worker as an explicit list of stages (each: iterator -> iterator)."""
     seed = cfg.seed
@@ -538,7 +541,7 @@ def worker_stages(
             if len(group) == cfg.batch_size:
                 yield make_batch(group)
                 group = []
-        if group and not cfg.resampled:  # epoch mode keeps the last partial batch: every sample once
+        if group and not cfg.resampled and not drop_last:  # epoch mode: every sample once
             yield make_batch(group)
 
     def limit(batches: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
@@ -674,17 +677,22 @@ class VideoTextStream:
         pin_memory: bool = False,
         key: str = "data",
         evaluation: bool = False,
+        drop_last: bool = False,
     ) -> None:
         """``pin_memory``: batches in page-locked memory (with worker processes), for a training
         process that copies them to a GPU: the copy then runs asynchronously. ``key``: the config
         section ``cfg`` came from (``data``, ``val``), and ``evaluation``: a stream that must read
         every sample once (epoch mode forced, :func:`multi_dist.evaluate.eval_data_config`), whose
         loader workers are cut to the shards there are (a test split is often a few shards); the
-        start-up errors name the one and advise by the other."""
+        start-up errors name the one and advise by the other. ``drop_last``: in epoch mode, each
+        loader worker's last batch of an epoch is dropped when short, as training needs: every
+        rank's batch is then ``batch_size`` (VTC gathers them, and a short one on one rank stopped
+        the collective); else it is kept (every sample once)."""
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
         cfg.validate()
         self.cfg, self.rank, self.world_size, self.key = cfg, rank, world_size, key
+        self.drop_last = drop_last
         self.task_collate = task_collate
         self.pin_memory = pin_memory
         self.corpora = resolve_corpora(cfg, key)
@@ -810,7 +818,8 @@ class VideoTextStream:
             ]
             for w in range(self.num_workers):
                 per_worker[w] += sum(c.sizes[s] for s in mine[w :: self.num_workers])
-        return sum(math.ceil(n / self.cfg.batch_size) for n in per_worker)
+        whole = math.floor if self.drop_last else math.ceil
+        return sum(whole(n / self.cfg.batch_size) for n in per_worker)
 
     # -- state --------------------------------------------------------------------------------
     def corpus_shares(self) -> dict[str, float]:
@@ -872,6 +881,7 @@ class VideoTextStream:
             self.batches_per_worker,
             self.vocab,
             self.task_collate,
+            self.drop_last,
         )
         if self.cfg.num_workers == 0:
             return dataset
