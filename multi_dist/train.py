@@ -327,6 +327,11 @@ def _check_start(cfg: TrainConfig) -> None:
             if corpus.num_frames > cfg.model.max_frames:
                 where = f"{split}.corpora[{i}].num_frames" if data.corpora else f"{split}.num_frames"
                 raise ValueError(f"{where}={corpus.num_frames} exceeds model.max_frames={cfg.model.max_frames}")
+    if cfg.task.name in ("pretrain", "retrieval") and cfg.loss.vtm > 0 and cfg.data.batch_size < 2:
+        raise ValueError(  # else VTM never runs, silently, and its head (retrieval's re-ranker) stays untrained
+            f"loss.vtm={cfg.loss.vtm} needs data.batch_size >= 2: VTM draws its hard negatives from each "
+            "rank's own batch. Set data.batch_size >= 2, or loss.vtm=0"
+        )
 
 
 def _val_config(cfg: TrainConfig, task: Task) -> DataConfig | None:
