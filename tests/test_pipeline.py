@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import itertools
 import json
 import logging
 import shutil
@@ -242,6 +243,60 @@ def test_missing_dataset_is_named(demo_corpus: Path, tmp_path: Path) -> None:
     (tmp_path / "cut" / "sizes.json").write_text('{"00000.tar": ')
     with pytest.raises(ValueError, match=r"^.*cut/sizes\.json: not valid JSON \(Expecting value"):
         VideoTextStream(cfg_for(tmp_path / "cut"))
+
+
+def test_a_json_that_is_not_an_object_or_a_bad_size_hint_does_not_stop_the_stream(
+    demo_corpus: Path, tmp_path: Path
+) -> None:
+    """A sample whose json is a list is skipped and counted (it ended the loader worker); one whose
+    width is not a number streams, decoded without the size hint."""
+    shard = sorted((demo_corpus / "val").glob("*.tar"))[0]
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    with tarfile.open(shard) as tar_in, tarfile.open(bad / "00000.tar", "w") as tar_out:
+        members = tar_in.getmembers()
+        keys = sorted({m.name.split(".")[0] for m in members})
+        for m in members:
+            data = tar_in.extractfile(m).read()
+            if m.name == f"{keys[1]}.json":
+                data = b'["not", "an", "object"]'
+            elif m.name == f"{keys[2]}.json":
+                data = json.dumps({**json.loads(data), "width": [64], "height": 1e400}).encode()
+            info = tarfile.TarInfo(m.name)
+            info.size = len(data)
+            tar_out.addfile(info, io.BytesIO(data))
+    stream = VideoTextStream(cfg_for(bad, resampled=False, num_workers=1, shuffle_buffer=0))
+    assert sorted(all_keys(stream)) == [k for k in keys if k != keys[1]]
+    assert stream.totals == {"decoded": len(keys) - 1, "skipped": 1, "tar_errors": 0}
+
+
+def test_shards_that_cannot_be_read_fail_resampled_mode_instead_of_spinning(tmp_path: Path) -> None:
+    for i in range(2):
+        (tmp_path / f"{i:05d}.tar").write_bytes(b"not a tar file\n" * 50)
+    (tmp_path / "sizes.json").write_text('{"00000.tar": 4, "00001.tar": 4}')
+    stream = VideoTextStream(cfg_for(tmp_path, resampled=True, num_workers=0))
+    with pytest.raises(RuntimeError, match=r"1000 shard reads in a row failed with no sample between them"):
+        next(iter(stream))
+
+
+def test_a_restored_stream_counts_a_tar_error_before_its_position_once(demo_corpus: Path, tmp_path: Path) -> None:
+    """Restoring reads the epoch again up to the saved position: the broken tar met before it was
+    counted and logged then, and is not again."""
+    broken = tmp_path / "broken"
+    shutil.copytree(demo_corpus / "val", broken)
+    (broken / "00000.tar").write_bytes(b"not a tar file\n" * 50)  # the first shard read
+    cfg = cfg_for(broken, resampled=False, num_workers=0, shuffle_buffer=0, shardshuffle=False, batch_size=3)
+    reference = VideoTextStream(cfg)
+    keys = all_keys(reference)
+    assert reference.totals["tar_errors"] == 1
+    first = VideoTextStream(cfg)
+    head = [k for batch in itertools.islice(first, 3) for k in batch["key"]]
+    state = json.loads(json.dumps(first.state_dict()))
+    assert state["totals"]["tar_errors"] == 1  # met before the position
+    resumed = VideoTextStream(cfg)
+    resumed.load_state_dict(state)
+    assert head + all_keys(resumed) == keys
+    assert resumed.totals == reference.totals
 
 
 def _batches(stream: VideoTextStream, n: int | None = None) -> list[dict]:

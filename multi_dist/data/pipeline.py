@@ -485,7 +485,20 @@ def worker_stages(
             batch.update(task_collate(group, tokenizer, cfg.max_text_len, epoch))
         return batch
 
+    replayed = pos.tar_errors  # a restored worker reads its epoch again up to its cursor: these recur
+    tar_errors_in_a_row = 0
+
     def on_tar_error(exn: Exception) -> bool:
+        nonlocal replayed, tar_errors_in_a_row
+        tar_errors_in_a_row += 1
+        if tar_errors_in_a_row >= MAX_FAILURES_IN_A_ROW:  # resampled mode would draw broken shards for ever
+            raise RuntimeError(
+                f"{tar_errors_in_a_row} shard reads in a row failed with no sample between them "
+                f"(rank {rank} worker {worker}; last: {exn}); the shards are unreadable"
+            ) from exn
+        if replayed > 0:  # counted and logged before the checkpoint
+            replayed -= 1
+            return True
         counters.tar_errors += 1
         log.warning("rank %d worker %d: skipping unreadable tar data: %s", rank, worker, exn)
         return True  # keep going
@@ -501,7 +514,9 @@ def worker_stages(
         )
 
     def count_and_skip(samples: Iterable[tuple[int, dict]]) -> Iterator[tuple[int, dict]]:
+        nonlocal tar_errors_in_a_row
         for n, item in enumerate(samples):
+            tar_errors_in_a_row = 0
             if n < pos.cursor:
                 continue  # resume: consumed before the checkpoint, not decoded again
             counters.raw = n + 1
@@ -605,6 +620,8 @@ def _decode_sample(
         members = sorted(k for k in sample if not k.startswith("__"))
         raise KeyError(f"no {kind} member (looked for {', '.join(exts)}; has {members})")
     meta = json.loads(sample["json"]) if "json" in sample else {}
+    if not isinstance(meta, dict):
+        raise ValueError(f"its json is a {type(meta).__name__}, not an object")
     if "txt" in sample:
         caption = sample["txt"].decode("utf-8").strip()
     else:
@@ -614,9 +631,13 @@ def _decode_sample(
     if kind == "image":
         frames = decode_image(sample[member], min_side=cfg.image_size)
     else:
-        resize_to = None
-        if meta.get("width") and meta.get("height"):
-            resize_to = decode_size(int(meta["width"]), int(meta["height"]), cfg.image_size)
+        resize_to = None  # a hint, read from the json when it holds a usable size
+        try:
+            width, height = int(meta.get("width") or 0), int(meta.get("height") or 0)
+        except (TypeError, ValueError, OverflowError):
+            width = height = 0
+        if width > 0 and height > 0:
+            resize_to = decode_size(width, height, cfg.image_size)
         num_frames = corpus.num_frames if corpus is not None else cfg.num_frames
         sampling = corpus.frame_sampling if corpus is not None else cfg.frame_sampling
         frames = decode_frames(sample[member], num_frames, sampling, rng, cfg.decoder, resize_to)
