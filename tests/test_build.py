@@ -1,13 +1,17 @@
 from __future__ import annotations
 
 import csv
+import datetime
+import decimal
 import hashlib
+import io
 import json
 import shutil
 import tarfile
 from pathlib import Path
 
 import av
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -136,6 +140,81 @@ def test_reencoding_sets_fps_short_side_and_clip_window(tmp_path: Path, real_cli
     assert bunny["fps"] == 4.0 and bunny["num_frames"] == pytest.approx(5.28 * 4, abs=1.5)
     assert bikes["height"] == 224 and bikes["fps"] == 4.0
     assert bikes["num_frames"] == 12 and bikes["duration"] == pytest.approx(3.0)
+
+
+def offset_clip(path: Path, fmt: str, offset_s: float, frames: int = 16, rate: int = 8) -> Path:
+    """A clip whose first frame is shown at ``offset_s`` (as MPEG-TS files and stream-copied cuts
+    start); frame i is a flat grey of brightness 15 i."""
+    with av.open(str(path), "w", format=fmt) as out:
+        s = out.add_stream("libx264", rate=rate)
+        s.width = s.height = 64
+        s.pix_fmt = "yuv420p"
+        for i in range(frames):
+            frame = av.VideoFrame.from_ndarray(np.full((64, 64, 3), 15 * i, np.uint8), format="rgb24")
+            frame.pts = i + round(offset_s * rate)
+            out.mux(s.encode(frame))
+        out.mux(s.encode(None))
+    return path
+
+
+def brightness(mp4: bytes) -> list[int]:
+    with av.open(io.BytesIO(mp4)) as c:
+        return [round(float(f.to_ndarray(format="rgb24")[..., 0].mean())) for f in c.decode(video=0)]
+
+
+def test_reencoding_counts_time_from_the_first_frame_of_a_stream_that_starts_late(tmp_path: Path) -> None:
+    """A 2 s clip at 8 fps whose stream starts at 3 s (MPEG-TS and Matroska): at 4 fps it is 8
+    frames (0, 30, 60, ...), not 3 s of its first frame held, and the window [0.5, 1.5) is its
+    frames 4 to 11, counted from its first frame as ffmpeg's -ss counts."""
+    for fmt, ext in (("mpegts", "ts"), ("matroska", "mkv")):
+        src = offset_clip(tmp_path / f"late.{ext}", fmt, 3.0)
+        rows = [
+            {"video": str(src), "caption": "all"},
+            {"video": str(src), "caption": "window", "start": 0.5, "end": 1.5},
+            {"video": str(src), "caption": "no window", "start": float("nan"), "end": float("nan")},
+        ]
+        out = tmp_path / f"out_{ext}"
+        summary = build(rows, BuildOptions(output=str(out), fps=4, progress=False))
+        assert summary["written"] == 3 and summary["failed"] == {}, summary
+        members = tar_members(out / "00000.tar")
+        by_caption = {members[k].decode(): k[: -len(".txt")] for k in members if k.endswith(".txt")}
+        seen = {caption: brightness(members[f"{key}.mp4"]) for caption, key in by_caption.items()}
+        for caption in ("all", "no window"):  # NaN: a table's missing value, not a window
+            assert seen[caption] == pytest.approx([30 * i for i in range(8)], abs=3), (ext, caption)
+        assert seen["window"] == pytest.approx([60, 90, 120, 150], abs=3), ext  # frames 4, 6, 8, 10 at 4 fps
+
+
+def test_a_container_the_stream_does_not_read_by_name_is_made_an_mp4(tmp_path: Path) -> None:
+    """.ts (and .m4v, .3gp, .flv, ...) rows are re-encoded to mp4: written as they were, the stream
+    looks for mp4/webm/mkv/avi/mov members and skipped every one of them."""
+    from multi_dist.data.pipeline import VideoTextStream
+
+    from .conftest import small_data_config
+
+    shutil.copy(offset_clip(tmp_path / "a.ts", "mpegts", 0.0), tmp_path / "b.m4v")
+    rows = [{"video": str(tmp_path / name), "caption": f"clip {name}"} for name in ("a.ts", "b.m4v")]
+    out = tmp_path / "out"
+    assert build(rows, BuildOptions(output=str(out), progress=False))["written"] == 2
+    videos = [k for k in tar_members(out / "00000.tar") if not k.endswith((".json", ".txt"))]
+    assert len(videos) == 2 and all(k.endswith(".mp4") for k in videos), videos
+    stream = VideoTextStream(small_data_config(path=str(out), resampled=False, batch_size=2, num_workers=1))
+    assert [len(b["key"]) for b in stream] == [2] and stream.totals["skipped"] == 0
+
+
+def test_extra_columns_of_any_parquet_type_are_kept_in_the_json(tmp_path: Path, real_clips: dict[str, Path]) -> None:
+    """Timestamps, dates, decimals, bytes and lists from a Parquet table: kept as JSON (the build
+    stopped on the first timestamp, leaving a .tar.tmp)."""
+    clip = str(real_clips["bikes.mp4"])
+    when = datetime.datetime(2026, 11, 27, 21, 30, tzinfo=datetime.timezone.utc)
+    record = {"video": clip, "caption": "bikes", "shot_at": when, "day": when.date(), "price": decimal.Decimal("1.25")}
+    record.update(raw=b"\x00\x01", tags=["a", "b"], scores=[0.5, float("nan")])
+    pq.write_table(pa.Table.from_pylist([record]), tmp_path / "in.parquet")
+    out = tmp_path / "out"
+    assert build(read_rows(tmp_path / "in.parquet"), BuildOptions(output=str(out), progress=False))["written"] == 1
+    (meta,) = [json.loads(v) for k, v in tar_members(out / "00000.tar").items() if k.endswith(".json")]
+    assert meta["shot_at"] == "2026-11-27T21:30:00+00:00" and meta["day"] == "2026-11-27"
+    assert meta["price"] == 1.25 and meta["raw"] == "AAE=" and meta["tags"] == ["a", "b"]
+    assert meta["scores"] == [0.5, None]
 
 
 def test_resume_rebuilds_only_unfinished_shards(mixed_input: Path, tmp_path: Path) -> None:

@@ -12,8 +12,11 @@ parquet as a failed row; nothing is dropped silently.
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import csv
+import datetime
+import decimal
 import hashlib
 import io
 import json
@@ -162,9 +165,10 @@ def _clip_window(row: dict[str, Any], opts: BuildOptions) -> tuple[float | None,
         if value is None or value == "":
             return None
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError) as err:
             raise SampleError(INVALID_ROW, f"column '{col}' is not a number: {value!r}") from err
+        return None if math.isnan(number) else number  # NaN: a table's missing value
 
     start, end = num(opts.start_col), num(opts.end_col)
     if start is not None and end is not None and end <= start:
@@ -194,7 +198,9 @@ def prepare_video(row: dict[str, Any], opts: BuildOptions) -> tuple[bytes, str, 
     path, data = _read_media(row, opts)
     start, end = _clip_window(row, opts)
     ext = path.suffix.lower().lstrip(".") or "mp4"
-    if opts.reencode or start is not None or end is not None:
+    # a container the stream does not look for (.m4v, .3gp, .ts, .flv, .mpg, ...) is made an mp4:
+    # kept as it was, its sample would be skipped at every read
+    if opts.reencode or start is not None or end is not None or ext not in VIDEO_EXTS:
         data = reencode(data, path, opts, start, end)
         ext = "mp4"
     try:
@@ -271,9 +277,16 @@ def reencode(data: bytes, path: Path, opts: BuildOptions, start: float | None, e
             ostream.options = {"crf": str(opts.crf), "preset": opts.preset, "tune": "fastdecode"}
             t0, period, half = start or 0.0, 1 / float(rate), 0.5 / float(src_rate)
             next_t, written = t0, 0
+            # times from the stream's first frame, as the window and ffmpeg's -ss count them: MPEG-TS
+            # streams and cut files start at an offset, which froze the first frame that long
+            origin = float(stream.start_time * stream.time_base) if stream.start_time is not None else None
             for frame in src.decode(stream):
-                t = frame.time
-                if t is None or t + half < t0:
+                if frame.time is None:
+                    continue
+                if origin is None:
+                    origin = frame.time
+                t = frame.time - origin
+                if t + half < t0:
                     continue
                 if end is not None and t >= end:
                     break
@@ -305,11 +318,25 @@ def _key_digits(samples_per_shard: int) -> int:
 
 
 def _jsonable(value: Any) -> Any:
+    """A table cell as JSON: NaN as null, numpy scalars as numbers, dates and times as ISO text,
+    decimals as numbers, bytes as base64, lists and dicts cell by cell, anything else as text."""
     if isinstance(value, float) and math.isnan(value):
         return None
-    if hasattr(value, "item"):  # numpy scalars from parquet / pandas
-        return value.item()
-    return value
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:  # numpy scalars from parquet / pandas
+        return _jsonable(value.item())
+    if isinstance(value, (datetime.datetime, datetime.date, datetime.time)):
+        return value.isoformat()
+    if isinstance(value, decimal.Decimal):
+        return float(value)
+    if isinstance(value, (bytes, bytearray)):
+        return base64.b64encode(value).decode("ascii")
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)) or hasattr(value, "tolist"):
+        return [_jsonable(v) for v in (value.tolist() if hasattr(value, "tolist") else value)]
+    return str(value)
 
 
 def _metadata(row: dict[str, Any], key: str, opts: BuildOptions) -> dict[str, Any]:
