@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -293,6 +294,47 @@ def test_epoch_mode_training_drops_short_batches_so_ranks_stay_in_step(tmp_path:
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(metrics(tmp_path / "run")) == list(range(1, 7))
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 6
+
+
+def test_sigterm_to_the_whole_job_checkpoints_and_the_loader_workers_outlive_it(corpus: Path, tmp_path: Path) -> None:
+    """Slurm signals every process of a job step at a cancellation or preemption: the training
+    process (here with the handler the Slurm launcher installs) and its 2 loader workers all get
+    SIGTERM. The workers outlive it (torch's handler ended them, and the run failed on its dead
+    workers before it could checkpoint); the run checkpoints at its next step and returns."""
+    script = (
+        "import signal, sys\n"
+        "from multi_dist.train import request_stop\n"
+        "signal.signal(signal.SIGTERM, request_stop)\n"
+        "from multi_dist.cli import main\n"
+        "main('pretrain', '', sys.argv[1:])\n"
+    )
+    run = tmp_path / "run"
+    args = tiny_args(corpus, run, "data.num_workers=2", "steps=500", "log_every=1", "ckpt_every=1000", "val=null")
+    job = subprocess.Popen(
+        [sys.executable, "-c", script, *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group: the workers get the signal too, as under Slurm
+    )
+    lines = []
+    deadline = time.time() + 300
+    for line in job.stdout:
+        lines.append(line)
+        if line.startswith("step 3/500"):
+            workers = subprocess.run(["pgrep", "-g", str(job.pid)], capture_output=True, text=True).stdout.split()
+            assert len(workers) >= 3, workers  # the training process and its 2 loader workers
+            os.killpg(job.pid, signal.SIGTERM)
+            break
+        assert time.time() < deadline, "".join(lines[-20:])
+    lines += job.stdout.readlines()
+    assert job.wait(timeout=120) == 0, "".join(lines[-30:])
+    said = "".join(lines)
+    stopped = re.search(r"^stopped at step (\d+) on request \(signal 15\)$", said, re.M)
+    assert stopped, said[-3000:]
+    step = int(stopped.group(1))
+    assert 3 <= step < 500 and (run / "checkpoints" / "latest").read_text().strip() == f"step_{step:08d}"
 
 
 def _rank_state(run: Path, tag: str) -> dict:

@@ -36,6 +36,8 @@ import math
 import os
 import random
 import re
+import signal
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -374,6 +376,27 @@ def mix(sources: list[Iterable[dict]], weights: list[float], rng: random.Random)
             live.remove(i)
             continue
         yield i, sample
+
+
+def outlive_job_signals(worker_id: int) -> None:
+    """In a loader worker: outlive a stop signal sent to the whole job. Slurm signals every process
+    of a job step (USR2 before the time limit, SIGTERM at a cancellation or preemption), and torch's
+    handler ended the worker at once; its training process, about to checkpoint at its next step,
+    then failed on the dead worker instead. Here USR2 is ignored (by the ``pipe:`` commands the
+    worker starts too, which inherit that), and SIGTERM is taken by a thread, also while the worker
+    sits in a decoder's C code: from the training process (the loader ending a worker that did not
+    stop when asked) it ends the worker at once; from anyone else it is ignored, and the training
+    process, told too, checkpoints and then ends its workers."""
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started from here on too
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+                os._exit(0)
+
+    threading.Thread(target=watch, name=f"loader-worker-{worker_id}-sigterm", daemon=True).start()
 
 
 class _WorkerStream(IterableDataset):
@@ -918,6 +941,7 @@ class VideoTextStream:
             # the step's host-to-device copy (8 clips x 16 frames at 224 px: 77 MB of frames) then
             # runs asynchronously instead of holding the training process
             pin_memory=self.pin_memory,
+            worker_init_fn=outlive_job_signals,
         )
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
