@@ -327,6 +327,9 @@ class _LocalRun:
         self.thread = threading.Thread(target=self._main, name="sweep-trial-run", daemon=True)
 
     def start(self) -> None:
+        from .train import clear_stop
+
+        clear_stop()  # this actor's previous trial's; this one's may come from now on
         self.thread.start()
 
     def _on_log(self, step: int, metrics: dict[str, float]) -> None:
@@ -394,8 +397,9 @@ def _train_worker(config: dict[str, Any]) -> None:
     import torch.distributed as dist
 
     from .config import from_dict
-    from .train import request_stop
+    from .train import clear_stop, request_stop
 
+    clear_stop()  # a previous trial's, in a reused worker process
     if Path(config["cwd"]).is_dir():
         os.chdir(config["cwd"])
     cfg = from_dict(cli.config_class(config["command"]), config["cfg"])

@@ -296,8 +296,16 @@ _STOP: dict[str, int | None] = {"signal": None}
 
 def request_stop(signum: int | None = None, frame: Any = None) -> None:
     """Ask the loop to checkpoint and return at the next step boundary (a signal handler: Slurm's
-    warning before a time limit or preemption, a scheduler stopping a trial)."""
+    warning before a time limit or preemption, a scheduler stopping a trial). Asked before the
+    loop starts (a signal during the imports, a trial stopped while it set up), it stops after
+    its first step."""
     _STOP["signal"] = signum if signum is not None else -1
+
+
+def clear_stop() -> None:
+    """Forget a stop request: for a process that runs one training after another (a sweep's
+    trial actor), before it sets up the next, whose stop requests may come any time from then."""
+    _STOP["signal"] = None
 
 
 def _stop_agreed(world: int, group: Any) -> bool:
@@ -376,7 +384,6 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, float]], None] | No
     config again resumes from that checkpoint."""
     import deepspeed
 
-    _STOP["signal"] = None  # a stop belongs to the run it was asked of
     info = distributed.init()
     rank, world = info.rank, info.world_size
     host_group = distributed.host_group() if world > 1 else None

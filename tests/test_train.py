@@ -337,6 +337,24 @@ def test_sigterm_to_the_whole_job_checkpoints_and_the_loader_workers_outlive_it(
     assert 3 <= step < 500 and (run / "checkpoints" / "latest").read_text().strip() == f"step_{step:08d}"
 
 
+def test_a_stop_asked_before_the_loop_starts_stops_after_the_first_step(corpus: Path, tmp_path: Path) -> None:
+    """A signal during the imports (the Slurm launcher keeps it) or a trial stopped while it set up:
+    train() used to forget it and ran on to its time limit."""
+    script = (
+        "import sys\n"
+        "from multi_dist.train import request_stop\n"
+        "request_stop()\n"
+        "from multi_dist.cli import main\n"
+        "main('pretrain', '', sys.argv[1:])\n"
+    )
+    run = tmp_path / "run"
+    args = tiny_args(corpus, run, "steps=50", "ckpt_every=1000", "val=null")
+    proc = subprocess.run([sys.executable, "-c", script, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "stopped at step 1 on request" in proc.stdout, proc.stdout[-2000:]
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000001"
+
+
 def _rank_state(run: Path, tag: str) -> dict:
     return torch.load(run / "checkpoints" / tag / "rank_00001.pt", weights_only=True)["data"]
 
