@@ -79,6 +79,14 @@ def save(
     ckpt_dir = Path(ckpt_dir)
     tag = tag_of(step)
     rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0 and (ckpt_dir / tag).exists():
+        # the leftover of a write that was killed (perhaps by more ranks than now): written over in
+        # place, it would count as complete with stale files of the other run among the new ones
+        if latest_tag(ckpt_dir) == tag:
+            raise RuntimeError(f"{ckpt_dir / tag} is the latest checkpoint: it is not written over")
+        shutil.rmtree(ckpt_dir / tag)
+    if dist.is_initialized():
+        dist.barrier()
     engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)
     torch.save(rank_state, ckpt_dir / tag / f"rank_{rank:05d}.pt")
     if dist.is_initialized():

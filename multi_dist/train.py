@@ -108,7 +108,9 @@ class TrainConfig:
     compile (about a minute on CPU), later ones run each layer's elementwise work in fused
     kernels. Meant for GPUs."""
     resume: bool = True
-    """Continue from the latest complete checkpoint in ``run_dir/checkpoints`` when there is one."""
+    """Continue from the latest complete checkpoint in ``run_dir/checkpoints`` when there is one.
+    False: start afresh, in a run folder that holds no checkpoint (refused otherwise: the two runs'
+    checkpoints would mix)."""
     init: str = ""
     """Start from these weights (finetuning): an exported model folder, a checkpoint or a run
     folder (see ``launch/evaluate.py``). The architecture comes from there; ``model.checkpointing``,
@@ -393,6 +395,11 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, float]], None] | No
     ckpt_dir = run_dir / "checkpoints"
     with start_up():  # fails here, named, on wrong settings, missing or unfit shards, a missing init
         _check_start(cfg)
+        if not cfg.resume and any(ckpt_dir.glob("step_*")):  # its checkpoints and ours would mix
+            raise ValueError(
+                f"resume=false, but {ckpt_dir} holds another run's checkpoints: use another run_dir, "
+                "or remove that folder"
+            )
         vocab = _task_vocab(cfg.task, run_dir, [c.path for c in cfg.data.corpus_configs()])
         task = make_task(cfg.task, vocab, cfg.seed, loss=cfg.loss)
         stream = VideoTextStream(

@@ -355,6 +355,24 @@ def test_a_stop_asked_before_the_loop_starts_stops_after_the_first_step(corpus: 
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000001"
 
 
+def test_a_checkpoint_is_never_written_over_another_runs_files(corpus: Path, tmp_path: Path) -> None:
+    """A write killed with 2 ranks left step 2's folder holding rank 1's file; the rerun, on 1 rank,
+    writes step 2 afresh (in place, the stale file made a 'complete' checkpoint of two runs, which
+    DeepSpeed's zero_to_fp32 refuses). And resume=false in a folder with checkpoints is refused:
+    the new run's would mix with the old, under the same tags."""
+    run = tmp_path / "run"
+    stale = run / "checkpoints" / "step_00000002"
+    stale.mkdir(parents=True)
+    (stale / "rank_00001.pt").write_bytes(b"from a killed write")
+    proc = pretrain(1, *tiny_args(corpus, run, "steps=2", "ckpt_every=2", "val=null"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+    assert not (stale / "rank_00001.pt").exists() and (stale / "rank_00000.pt").is_file()
+    again = pretrain(1, *tiny_args(corpus, run, "steps=2", "val=null", "resume=false"))
+    assert again.returncode == 1
+    assert f"error: resume=false, but {run / 'checkpoints'} holds another run's checkpoints" in again.stderr
+
+
 def _rank_state(run: Path, tag: str) -> dict:
     return torch.load(run / "checkpoints" / tag / "rank_00001.pt", weights_only=True)["data"]
 
