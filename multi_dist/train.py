@@ -136,6 +136,11 @@ class TrainConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.eval_every < 0 or self.eval_batches < 0:
             raise ValueError("eval_every and eval_batches must be >= 0")
+        if self.on_nan == "skip" and self.grad_accum > 1:
+            raise ValueError(  # skipping one micro-batch moved DeepSpeed's accumulation boundary for good
+                "on_nan=skip needs grad_accum=1: DeepSpeed counts the micro-batches of a step itself, and "
+                "skipping one shifts every later step's boundary; use on_nan=stop"
+            )
 
 
 def use_bf16(cfg: TrainConfig) -> bool:

@@ -447,6 +447,7 @@ def test_non_finite_loss_stops_or_skips_as_configured(corpus: Path, tmp_path: Pa
         ("zero.stage=4", "zero.stage must be 0, 1, 2 or 3"),
         ("data.tokenizer=./no_tokenizer", "data.tokenizer: ./no_tokenizer does not exist"),
         ("data.batch_size=1", "loss.vtm=1.0 needs data.batch_size >= 2: VTM draws its hard negatives from"),
+        ("on_nan=skip grad_accum=2", "on_nan=skip needs grad_accum=1: DeepSpeed counts the micro-batches"),
     ],
 )
 def test_start_up_errors_name_the_problem(corpus: Path, tmp_path: Path, override: str, message: str) -> None:
