@@ -38,7 +38,6 @@ class MetricLogger:
         self.enabled = enabled
         self.total = total_steps
         self.start_step, self.t0 = resume_step, time.time()
-        self._last: dict[str, float] = {}
         self._wandb = None
         if not enabled:
             return
@@ -50,7 +49,6 @@ class MetricLogger:
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
             return
-        self._last.update({k: v for k, v in metrics.items() if k.startswith("train/loss")})
         self._file.write(json.dumps({"step": step, "time": round(time.time(), 3), **metrics}) + "\n")
         self._file.flush()
         if self._wandb is not None:
@@ -76,9 +74,6 @@ class MetricLogger:
         if eta == eta and step < self.total:
             parts.append(f"ETA {_hms(eta)}")
         return " | ".join(parts)
-
-    def last_losses(self) -> dict[str, float]:
-        return {k.removeprefix("train/"): v for k, v in self._last.items()}
 
     def close(self) -> None:
         if not self.enabled:

@@ -296,6 +296,8 @@ class TrainState:
     samples: int = 0
     skipped_steps: int = 0
     first_losses: dict[str, float] = field(default_factory=dict)
+    last_losses: dict[str, float] = field(default_factory=dict)
+    """Of the last log step: in the checkpoint, so that a run resumed at its end still reports them."""
 
 
 _STOP: dict[str, int | None] = {"signal": None}
@@ -518,6 +520,9 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, float]], None] | No
                     means.update({f"data/share_{k}": v for k, v in stream.corpus_shares().items()})
                 means["perf/frames_per_s"] = frames_window / elapsed  # this rank's; x world after the mean
                 metrics = _reduce_means(means, world, device)
+                state.last_losses = {
+                    k.removeprefix("train/"): v for k, v in metrics.items() if k.startswith("train/loss")
+                }
                 metrics["perf/frames_per_s"] *= world
                 clips = global_batch * steps_window / elapsed
                 metrics.update(
@@ -551,7 +556,7 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, float]], None] | No
             "samples": state.samples,
             "skipped_steps": state.skipped_steps,
             "first_losses": state.first_losses,
-            "last_losses": logger.last_losses(),
+            "last_losses": state.last_losses,
         }
         if val_cfg is not None:
             metrics, predictions = evaluate_task(engine.module, task, val_cfg, ctx, cfg.eval_batches, key="val")

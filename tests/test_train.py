@@ -368,6 +368,12 @@ def test_a_checkpoint_is_never_written_over_another_runs_files(corpus: Path, tmp
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000002"
     assert not (stale / "rank_00001.pt").exists() and (stale / "rank_00000.pt").is_file()
+    # the same command again: resumed at its end, it logs no step and reports the losses it had
+    summary = json.loads((run / "summary.json").read_text())
+    assert set(summary["last_losses"]) >= {"loss", "loss_vtc", "loss_mlm"}
+    rerun = pretrain(1, *tiny_args(corpus, run, "steps=2", "ckpt_every=2", "val=null"))
+    assert rerun.returncode == 0 and "resumed from" in rerun.stdout, rerun.stderr[-3000:]
+    assert json.loads((run / "summary.json").read_text())["last_losses"] == summary["last_losses"]
     again = pretrain(1, *tiny_args(corpus, run, "steps=2", "val=null", "resume=false"))
     assert again.returncode == 1
     assert f"error: resume=false, but {run / 'checkpoints'} holds another run's checkpoints" in again.stderr
