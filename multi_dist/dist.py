@@ -71,6 +71,15 @@ def deepspeed_command(nproc: int, port: int | None = None) -> list[str]:
     ]
 
 
+def slurm_port(env: dict[str, str]) -> int:
+    """The rendezvous port of a Slurm job step, derived from its ids: the same on every task,
+    different for concurrent jobs and steps (unless their ids differ by a multiple of 17,768), and
+    below Linux's ephemeral ports (32,768 and up), which any socket on the node may hold already."""
+    step = env.get("SLURM_STEP_ID", "")
+    job, step = int(env.get("SLURM_JOB_ID", "0")), int(step) if step.isdigit() else 0
+    return 15000 + (31 * job + step) % 17768
+
+
 def discover(env: dict[str, str] | None = None) -> DistInfo:
     """Rank, local rank, world size and rendezvous address from the launcher's environment."""
     env = dict(os.environ if env is None else env)
@@ -85,8 +94,7 @@ def discover(env: dict[str, str] | None = None) -> DistInfo:
         rank, world = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
         local = int(env.get("SLURM_LOCALID", 0))
         addr = env.get("MASTER_ADDR") or _first_host(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "")))
-        # a port derived from the job id: the same on every task, different for concurrent jobs
-        port = int(env.get("MASTER_PORT") or 20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
+        port = int(env.get("MASTER_PORT") or slurm_port(env))
     else:
         launcher = "single"
         rank, local, world = 0, 0, 1

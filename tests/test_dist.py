@@ -33,8 +33,15 @@ def test_slurm_tasks_find_the_first_node_and_a_shared_port() -> None:
     info = discover(env)
     assert (info.rank, info.local_rank, info.world_size, info.launcher) == (5, 1, 8, "slurm")
     assert info.master_addr == "gpu003"
-    assert info.master_port == 20000 + 123456 % 20000
+    assert info.master_port == 15000 + 31 * 123456 % 17768
     assert discover({**env, "SLURM_PROCID": "0"}).master_port == info.master_port  # every task agrees
+    # concurrent jobs and steps get their own port, below the ephemeral range (32768 and up)
+    ports = {
+        discover({**env, "SLURM_JOB_ID": str(j), "SLURM_STEP_ID": str(s)}).master_port
+        for j in range(123456, 123556)
+        for s in range(3)
+    }
+    assert len(ports) == 300 and max(ports) < 32768 and min(ports) >= 15000
     assert discover({**env, "SLURM_JOB_NODELIST": "solo"}).master_addr == "solo"
 
 
