@@ -73,11 +73,12 @@ def deepspeed_command(nproc: int, port: int | None = None) -> list[str]:
 
 def slurm_port(env: dict[str, str]) -> int:
     """The rendezvous port of a Slurm job step, derived from its ids: the same on every task,
-    different for concurrent jobs and steps (unless their ids differ by a multiple of 17,768), and
-    below Linux's ephemeral ports (32,768 and up), which any socket on the node may hold already."""
+    different for concurrent jobs and steps (unless their ids differ by a multiple of 12,768),
+    below Linux's ephemeral ports (32,768 and up), which any socket on the node may hold already,
+    and above Ray's worker ports (10,002-19,999)."""
     step = env.get("SLURM_STEP_ID", "")
     job, step = int(env.get("SLURM_JOB_ID", "0")), int(step) if step.isdigit() else 0
-    return 15000 + (31 * job + step) % 17768
+    return 20000 + (31 * job + step) % 12768
 
 
 def discover(env: dict[str, str] | None = None) -> DistInfo:

@@ -33,7 +33,7 @@ def test_slurm_tasks_find_the_first_node_and_a_shared_port() -> None:
     info = discover(env)
     assert (info.rank, info.local_rank, info.world_size, info.launcher) == (5, 1, 8, "slurm")
     assert info.master_addr == "gpu003"
-    assert info.master_port == 15000 + 31 * 123456 % 17768
+    assert info.master_port == 20000 + 31 * 123456 % 12768
     assert discover({**env, "SLURM_PROCID": "0"}).master_port == info.master_port  # every task agrees
     # concurrent jobs and steps get their own port, below the ephemeral range (32768 and up)
     ports = {
@@ -41,7 +41,7 @@ def test_slurm_tasks_find_the_first_node_and_a_shared_port() -> None:
         for j in range(123456, 123556)
         for s in range(3)
     }
-    assert len(ports) == 300 and max(ports) < 32768 and min(ports) >= 15000
+    assert len(ports) == 300 and max(ports) < 32768 and min(ports) >= 20000
     assert discover({**env, "SLURM_JOB_NODELIST": "solo"}).master_addr == "solo"
 
 
