@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -66,11 +67,18 @@ def eval_data_config(data: DataConfig) -> DataConfig:
 
 
 def evaluate_task(
-    model: MuLTI, task: Task, data: DataConfig, ctx: EvalContext, max_batches: int = 0, key: str = "data"
+    model: MuLTI,
+    task: Task,
+    data: DataConfig,
+    ctx: EvalContext,
+    max_batches: int = 0,
+    key: str = "data",
+    stop: Callable[[], bool] | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """``key``: the config section ``data`` came from (``val`` during training), for its messages."""
+    """``key``: the config section ``data`` came from (``val`` during training), for its messages;
+    ``stop``: see :func:`~multi_dist.tasks.base.run_evaluation`."""
     data = task.data_config(eval_data_config(data), training=False)
-    return run_evaluation(model, task, data, ctx, max_batches, key)
+    return run_evaluation(model, task, data, ctx, max_batches, key, stop)
 
 
 def scalars(metrics: dict[str, Any], prefix: str = "eval/") -> dict[str, float]:

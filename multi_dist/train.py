@@ -43,6 +43,7 @@ from .model.multi import ModelConfig, MuLTI, read_config
 from .objectives import LossConfig
 from .profile import ProfileConfig, StepProfiler, phase
 from .tasks import EvalContext, Task, TaskConfig, make_task, task_class
+from .tasks.base import EvaluationStopped
 
 log = logging.getLogger("multi_dist.train")
 
@@ -466,6 +467,17 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, float]], None] | No
         if on_log is not None:
             on_log(step, metrics)
 
+    def asked() -> bool:  # collective: every rank runs as many evaluation batches
+        return _stop_agreed(world, host_group)
+
+    def stop(saved: bool) -> dict[str, Any]:
+        """A stop was asked: checkpoint at this step unless done, and return."""
+        if not saved:
+            _save(engine, ckpt_dir, state, cfg, stream, rank, task, param_order)
+        if rank == 0:
+            print(f"stopped at step {state.step} on request (signal {_STOP['signal']})", flush=True)
+        return {"stopped": True, "steps": state.step, "samples": state.samples}
+
     profiler = StepProfiler(cfg.profile, run_dir, rank, device)
     window: dict[str, list[torch.Tensor]] = {}
     t_window, wait_window, steps_window, frames_window = time.perf_counter(), 0.0, 0, 0
@@ -543,13 +555,12 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, float]], None] | No
             if saved:
                 _save(engine, ckpt_dir, state, cfg, stream, rank, task, param_order)
             if _stop_agreed(world, host_group):
-                if not saved:
-                    _save(engine, ckpt_dir, state, cfg, stream, rank, task, param_order)
-                if rank == 0:
-                    print(f"stopped at step {state.step} on request (signal {_STOP['signal']})", flush=True)
-                return {"stopped": True, "steps": state.step, "samples": state.samples}
+                return stop(saved)
             if val_cfg is not None and cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < cfg.steps:
-                metrics, _ = evaluate_task(engine.module, task, val_cfg, ctx, cfg.eval_batches, key="val")
+                try:
+                    metrics, _ = evaluate_task(engine.module, task, val_cfg, ctx, cfg.eval_batches, "val", asked)
+                except EvaluationStopped:
+                    return stop(saved)
                 emit(state.step, scalars(metrics))
         summary: dict[str, Any] = {
             "steps": state.step,
@@ -559,7 +570,10 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, float]], None] | No
             "last_losses": state.last_losses,
         }
         if val_cfg is not None:
-            metrics, predictions = evaluate_task(engine.module, task, val_cfg, ctx, cfg.eval_batches, key="val")
+            try:
+                metrics, predictions = evaluate_task(engine.module, task, val_cfg, ctx, cfg.eval_batches, "val", asked)
+            except EvaluationStopped:  # the last step is saved: the same command evaluates and exports
+                return stop(saved=True)
             final = scalars(metrics)
             emit(state.step, final)
             summary["eval"] = final

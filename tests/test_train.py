@@ -379,6 +379,36 @@ def test_a_checkpoint_is_never_written_over_another_runs_files(corpus: Path, tmp
     assert f"error: resume=false, but {run / 'checkpoints'} holds another run's checkpoints" in again.stderr
 
 
+def test_a_stop_asked_during_an_evaluation_gives_it_up(corpus: Path, tmp_path: Path) -> None:
+    """Slurm's warning during an evaluation (periodic, or the final one): the run gives it up,
+    checkpoints and returns instead of evaluating on, perhaps past its time limit; the same
+    command later evaluates and exports. The request comes from the first evaluation batch."""
+    script = (
+        "import sys\n"
+        "from multi_dist.tasks.pretrain import PretrainTask\n"
+        "from multi_dist.train import request_stop\n"
+        "step = PretrainTask.eval_step\n"
+        "def asking(self, model, batch):\n"
+        "    request_stop()\n"
+        "    return step(self, model, batch)\n"
+        "PretrainTask.eval_step = asking\n"
+        "from multi_dist.cli import main\n"
+        "main('pretrain', '', sys.argv[1:])\n"
+    )
+    for name, extra in (("periodic", ("eval_every=2", "ckpt_every=1000")), ("final", ("ckpt_every=1000",))):
+        run = tmp_path / name
+        args = tiny_args(corpus, run, "steps=3", "log_every=1", "val.num_workers=1", *extra)
+        proc = subprocess.run([sys.executable, "-c", script, *args], cwd=ROOT, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        step = 2 if name == "periodic" else 3
+        assert f"stopped at step {step} on request" in proc.stdout, proc.stdout[-2000:]
+        assert (run / "checkpoints" / "latest").read_text().strip() == f"step_{step:08d}"
+        assert not (run / "model").exists() and not (run / "summary.json").exists()
+    again = pretrain(1, *args)  # the final one: resumed at its end, it evaluates and exports
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((run / "summary.json").read_text())["eval"]["eval/clips"] == 16 and (run / "model").is_dir()
+
+
 def _rank_state(run: Path, tag: str) -> dict:
     return torch.load(run / "checkpoints" / tag / "rank_00001.pt", weights_only=True)["data"]
 

@@ -23,7 +23,7 @@ import json
 import logging
 import os
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -188,16 +188,28 @@ def zero_loss(like: torch.Tensor) -> torch.Tensor:
     return like.float().sum() * 0.0
 
 
+class EvaluationStopped(Exception):
+    """An evaluation given up because a stop was asked (:func:`run_evaluation`'s ``stop``)."""
+
+
 @torch.no_grad()
 def run_evaluation(
-    model: MuLTI, task: Task, data: DataConfig, ctx: EvalContext, max_batches: int = 0, key: str = "data"
+    model: MuLTI,
+    task: Task,
+    data: DataConfig,
+    ctx: EvalContext,
+    max_batches: int = 0,
+    key: str = "data",
+    stop: Callable[[], bool] | None = None,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Evaluate ``task`` on an epoch of ``data``: every rank runs the same number of forward passes
     (ZeRO-3 gathers parameters collectively, so a rank that runs out of batches repeats its last
     one and discards the result); records are gathered, samples seen twice counted once. A
     sample is known by its key, which in a mixture of corpora is ``corpus/key``: corpora built
     apart number their samples alike (``000000``, ...), and a bare key would merge one corpus's
-    samples into another's."""
+    samples into another's. ``stop``: asked before each batch, on every rank together (a collective
+    may agree it); True gives the evaluation up with :class:`EvaluationStopped` (a training run
+    asked to checkpoint and stop before its time limit)."""
     from ..evaluate import to_device
 
     was_training = model.training
@@ -217,6 +229,9 @@ def run_evaluation(
     last = None
     n = 0
     while True:
+        if stop is not None and stop():
+            model.train(was_training)
+            raise EvaluationStopped(f"evaluation on {source.where()} stopped on request after {n} batches")
         batch = next(stream, None) if not (max_batches and n >= max_batches) else None
         more = torch.tensor([batch is not None], dtype=torch.float32, device=ctx.device)
         if ctx.world > 1:
