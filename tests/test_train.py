@@ -205,7 +205,10 @@ def test_one_and_two_processes_give_the_same_losses(corpus: Path, tmp_path: Path
     similarity matrix and MCM the same questions, so losses agree to fp32 reduction order (1e-4
     relative over 3 steps). VTM (negatives drawn from each rank's own slice) and MLM (mean over
     each rank's masked tokens) are defined per rank and are switched off here. The two ranks under
-    ``torchrun`` (its environment, no ``--local_rank``) give the ``deepspeed`` launcher's losses."""
+    ``torchrun`` (its environment, no ``--local_rank``) give the ``deepspeed`` launcher's losses.
+    And the one rank with ZeRO-3, its optimizer and parameters offloaded to the CPU (DeepSpeed's
+    C++ CPU Adam, built under :func:`multi_dist.dist.load_op`'s lock), gives the same losses as at
+    ZeRO-2 without offload: the same AdamW in another implementation (1e-5; measured 1.5e-7)."""
     common = (
         "data.resampled=false",
         "data.shardshuffle=false",
@@ -226,30 +229,17 @@ def test_one_and_two_processes_give_the_same_losses(corpus: Path, tmp_path: Path
     args = ["launch/pretrain.py", *tiny_args(corpus, tmp_path / "torchrun", *common, "data.batch_size=4")]
     by_torchrun = subprocess.run([*torchrun, *args], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert by_torchrun.returncode == 0, by_torchrun.stderr[-3000:]
+    offload = ("zero.stage=3", "zero.offload_optimizer=true", "zero.offload_params=true")
+    offloaded = pretrain(1, *tiny_args(corpus, tmp_path / "offload", *common, "data.batch_size=8", *offload))
+    assert offloaded.returncode == 0, offloaded.stderr[-3000:]
     a, b, c = metrics(tmp_path / "one"), metrics(tmp_path / "two"), metrics(tmp_path / "torchrun")
+    d = metrics(tmp_path / "offload")
     for step in (1, 2, 3):
         for key in ("train/loss_vtc", "train/loss_mcm", "train/loss"):
             assert a[step][key] == pytest.approx(b[step][key], rel=1e-4), (step, key)
             assert c[step][key] == pytest.approx(b[step][key], rel=1e-6), (step, key)
+            assert d[step][key] == pytest.approx(a[step][key], rel=1e-5), (step, key)
     assert a[3]["train/loss"] != a[1]["train/loss"]  # the steps did update the model
-
-
-def test_cpu_offload_of_optimizer_and_parameters_trains_like_no_offload(corpus: Path, tmp_path: Path) -> None:
-    """ZeRO-3 with the optimizer and the parameters offloaded (DeepSpeed's C++ CPU Adam, built here
-    under :func:`multi_dist.dist.load_op`'s lock) against the same run without offload: the same
-    AdamW in another implementation, so the losses of 3 steps agree to float32 rounding (1e-5
-    relative), and they do move."""
-    common = ("zero.stage=3", "steps=3", "log_every=1", "val=null", "optim.warmup_steps=1")
-    plain = pretrain(1, *tiny_args(corpus, tmp_path / "plain", *common))
-    assert plain.returncode == 0, plain.stderr[-3000:]
-    offload_both = ("zero.offload_optimizer=true", "zero.offload_params=true")
-    offload = pretrain(1, *tiny_args(corpus, tmp_path / "offload", *common, *offload_both))
-    assert offload.returncode == 0, offload.stderr[-3000:]
-    a, b = metrics(tmp_path / "plain"), metrics(tmp_path / "offload")
-    for step in (1, 2, 3):
-        for key in ("train/loss_vtc", "train/loss_mlm", "train/loss"):
-            assert b[step][key] == pytest.approx(a[step][key], rel=1e-5), (step, key)
-    assert a[3]["train/loss"] != a[1]["train/loss"]
 
 
 def test_pretrained_encoder_weights_get_encoder_lr_and_the_rest_lr() -> None:
@@ -285,15 +275,15 @@ def test_epoch_mode_training_drops_short_batches_so_ranks_stay_in_step(tmp_path:
     """18 clips in shards of 4, 4, 4, 4, 2: rank 0 reads 10 clips an epoch, rank 1 reads 8. At
     batch 4 rank 0's third batch would hold 2 clips while rank 1 starts its next epoch with 4, and
     VTC's gather of unequal batches stopped the run; a training stream drops each worker's short
-    last batch, so both ranks have 2 whole batches an epoch, over 3 epochs here."""
+    last batch, so both ranks have 2 whole batches an epoch, over 3 epochs here (5 steps)."""
     from multi_dist.shards.demo import make_demo
 
     make_demo(tmp_path / "c", train=18, val=4, processes=2, train_per_shard=4, val_per_shard=4, progress=False)
-    extra = ("data.resampled=false", "data.num_workers=1", "data.batch_size=4", "steps=6", "log_every=1", "val=null")
+    extra = ("data.resampled=false", "data.num_workers=1", "data.batch_size=4", "steps=5", "log_every=1", "val=null")
     proc = pretrain(2, *tiny_args(tmp_path / "c", tmp_path / "run", *extra))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert sorted(metrics(tmp_path / "run")) == list(range(1, 7))
-    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 6
+    assert sorted(metrics(tmp_path / "run")) == list(range(1, 6))
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 5
 
 
 def test_sigterm_to_the_whole_job_checkpoints_and_the_loader_workers_outlive_it(corpus: Path, tmp_path: Path) -> None:
@@ -337,9 +327,16 @@ def test_sigterm_to_the_whole_job_checkpoints_and_the_loader_workers_outlive_it(
     assert 3 <= step < 500 and (run / "checkpoints" / "latest").read_text().strip() == f"step_{step:08d}"
 
 
-def test_a_stop_asked_before_the_loop_starts_stops_after_the_first_step(corpus: Path, tmp_path: Path) -> None:
-    """A signal during the imports (the Slurm launcher keeps it) or a trial stopped while it set up:
-    train() used to forget it and ran on to its time limit."""
+def test_a_stop_asked_before_the_loop_and_a_checkpoint_never_written_over_another_runs(
+    corpus: Path, tmp_path: Path
+) -> None:
+    """- A stop asked before the loop starts (a signal during the imports, which the Slurm launcher
+      keeps; a trial stopped while it set up) stops it after its first step: train() forgot it.
+    - A write killed with 2 ranks left step 2's folder holding rank 1's file; the resumed run, on 1
+      rank, writes step 2 afresh (in place, the stale file made a 'complete' checkpoint of two runs,
+      which DeepSpeed's zero_to_fp32 refuses).
+    - resume=false in a folder with checkpoints is refused: the new run's would mix with the old,
+      under the same tags."""
     script = (
         "import sys\n"
         "from multi_dist.train import request_stop\n"
@@ -348,32 +345,18 @@ def test_a_stop_asked_before_the_loop_starts_stops_after_the_first_step(corpus: 
         "main('pretrain', '', sys.argv[1:])\n"
     )
     run = tmp_path / "run"
-    args = tiny_args(corpus, run, "steps=50", "ckpt_every=1000", "val=null")
-    proc = subprocess.run([sys.executable, "-c", script, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "stopped at step 1 on request" in proc.stdout, proc.stdout[-2000:]
-    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000001"
-
-
-def test_a_checkpoint_is_never_written_over_another_runs_files(corpus: Path, tmp_path: Path) -> None:
-    """A write killed with 2 ranks left step 2's folder holding rank 1's file; the rerun, on 1 rank,
-    writes step 2 afresh (in place, the stale file made a 'complete' checkpoint of two runs, which
-    DeepSpeed's zero_to_fp32 refuses). And resume=false in a folder with checkpoints is refused:
-    the new run's would mix with the old, under the same tags."""
-    run = tmp_path / "run"
     stale = run / "checkpoints" / "step_00000002"
     stale.mkdir(parents=True)
     (stale / "rank_00001.pt").write_bytes(b"from a killed write")
-    proc = pretrain(1, *tiny_args(corpus, run, "steps=2", "ckpt_every=2", "val=null"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    args = tiny_args(corpus, run, "steps=2", "ckpt_every=2", "val=null")
+    asked = subprocess.run([sys.executable, "-c", script, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert asked.returncode == 0, asked.stderr[-3000:]
+    assert "stopped at step 1 on request" in asked.stdout, asked.stdout[-2000:]
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000001"
+    proc = pretrain(1, *args)  # the same command: resumes, and writes step 2 over the leftover
+    assert proc.returncode == 0 and "resumed from" in proc.stdout, proc.stderr[-3000:]
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000002"
     assert not (stale / "rank_00001.pt").exists() and (stale / "rank_00000.pt").is_file()
-    # the same command again: resumed at its end, it logs no step and reports the losses it had
-    summary = json.loads((run / "summary.json").read_text())
-    assert set(summary["last_losses"]) >= {"loss", "loss_vtc", "loss_mlm"}
-    rerun = pretrain(1, *tiny_args(corpus, run, "steps=2", "ckpt_every=2", "val=null"))
-    assert rerun.returncode == 0 and "resumed from" in rerun.stdout, rerun.stderr[-3000:]
-    assert json.loads((run / "summary.json").read_text())["last_losses"] == summary["last_losses"]
     again = pretrain(1, *tiny_args(corpus, run, "steps=2", "val=null", "resume=false"))
     assert again.returncode == 1
     assert f"error: resume=false, but {run / 'checkpoints'} holds another run's checkpoints" in again.stderr
@@ -406,7 +389,11 @@ def test_a_stop_asked_during_an_evaluation_gives_it_up(corpus: Path, tmp_path: P
         assert not (run / "model").exists() and not (run / "summary.json").exists()
     again = pretrain(1, *args)  # the final one: resumed at its end, it evaluates and exports
     assert again.returncode == 0, again.stderr[-3000:]
-    assert json.loads((run / "summary.json").read_text())["eval"]["eval/clips"] == 16 and (run / "model").is_dir()
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["eval"]["eval/clips"] == 16 and (run / "model").is_dir()
+    # it logged no step, and reports the last losses it logged before (kept in the checkpoint)
+    logged = {k.removeprefix("train/"): v for k, v in metrics(run)[3].items() if k.startswith("train/loss")}
+    assert summary["last_losses"] == logged and "loss_vtc" in logged
 
 
 def _rank_state(run: Path, tag: str) -> dict:
