@@ -467,7 +467,7 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, float]], None] | No
         if on_log is not None:
             on_log(step, metrics)
 
-    def asked() -> bool:  # collective: every rank runs as many evaluation batches
+    def asked() -> bool:  # collective: every rank asks at each step and before each evaluation batch
         return _stop_agreed(world, host_group)
 
     def stop(saved: bool) -> dict[str, Any]:
@@ -554,7 +554,7 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, float]], None] | No
             saved = state.step % cfg.ckpt_every == 0 or state.step == cfg.steps
             if saved:
                 _save(engine, ckpt_dir, state, cfg, stream, rank, task, param_order)
-            if _stop_agreed(world, host_group):
+            if asked():
                 return stop(saved)
             if val_cfg is not None and cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < cfg.steps:
                 try:

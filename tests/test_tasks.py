@@ -184,36 +184,36 @@ def test_evaluate_gives_the_same_metrics_on_one_and_two_processes(
         assert one[k] == pytest.approx(final[k], abs=1e-6), k
 
 
-def test_evaluating_weights_not_finetuned_for_the_task_fails_clearly(demo_pretrained: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("problem", ["weights not finetuned", "no data"])
+def test_evaluating_bad_input_fails_clearly(demo_pretrained: Path, tmp_path: Path, problem: str) -> None:
+    """Weights not finetuned for the task, named by ``init``; data that does not exist, the
+    stream's start-up error after the weights load. Each one line, no traceback."""
+    task, data, start, said = {
+        "weights not finetuned": (
+            "qa",
+            demo_pretrained / "demo" / "val",
+            "error: init: ",
+            "was not finetuned for task 'qa' (it was: pretrain)",
+        ),
+        "no data": (
+            "retrieval",
+            tmp_path / "no_shards",
+            f"error: dataset path does not exist: {tmp_path / 'no_shards'}\n",
+            "dataset path does not exist",
+        ),
+    }[problem]
     proc = run(
         1,
         "launch/evaluate.py",
         "--config",
-        "configs/eval/demo_qa.yaml",
+        f"configs/eval/demo_{task}.yaml",
         f"init={demo_pretrained / 'run' / 'model'}",
-        f"data.path={demo_pretrained / 'demo' / 'val'}",
+        f"data.path={data}",
         f"out_dir={tmp_path}",
     )
     assert proc.returncode == 1
-    assert "was not finetuned for task 'qa' (it was: pretrain)" in proc.stderr, proc.stderr[-2000:]
-    assert proc.stderr.startswith("error: init: ") and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-
-
-def test_evaluating_data_that_does_not_exist_fails_clearly(demo_pretrained: Path, tmp_path: Path) -> None:
-    """After the weights load: the stream's start-up error, one line."""
-    proc = run(
-        1,
-        "launch/evaluate.py",
-        "--config",
-        "configs/eval/demo_retrieval.yaml",
-        f"init={demo_pretrained / 'run' / 'model'}",
-        f"data.path={tmp_path / 'no_shards'}",
-        f"out_dir={tmp_path}",
-    )
-    assert proc.returncode == 1
-    message = f"error: dataset path does not exist: {tmp_path / 'no_shards'}\n"
-    assert proc.stderr.startswith(message), proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert said in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.startswith(start) and "Traceback" not in proc.stderr, proc.stderr[-2000:]
 
 
 def test_init_names_a_run_its_checkpoints_a_checkpoint_or_an_export(demo_pretrained: Path, tmp_root: Path) -> None:

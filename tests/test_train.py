@@ -31,6 +31,13 @@ def command(nproc: int, *args: str) -> list[str]:
     return [*deepspeed_command(nproc), "launch/pretrain.py", *args]
 
 
+def pretrain_after(prelude: str, *args: str) -> list[str]:
+    """One pretraining process (plain python) that first runs ``prelude``: what the Slurm launcher
+    does before training (a signal handler), or a test's hook."""
+    script = f"import sys\n{prelude}\nfrom multi_dist.cli import main\nmain('pretrain', '', sys.argv[1:])\n"
+    return [sys.executable, "-c", script, *args]
+
+
 def pretrain(
     nproc: int, *args: str, timeout: float = 900, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:
@@ -291,17 +298,11 @@ def test_sigterm_to_the_whole_job_checkpoints_and_the_loader_workers_outlive_it(
     process (here with the handler the Slurm launcher installs) and its 2 loader workers all get
     SIGTERM. The workers outlive it (torch's handler ended them, and the run failed on its dead
     workers before it could checkpoint); the run checkpoints at its next step and returns."""
-    script = (
-        "import signal, sys\n"
-        "from multi_dist.train import request_stop\n"
-        "signal.signal(signal.SIGTERM, request_stop)\n"
-        "from multi_dist.cli import main\n"
-        "main('pretrain', '', sys.argv[1:])\n"
-    )
+    handler = "import signal\nfrom multi_dist.train import request_stop\nsignal.signal(signal.SIGTERM, request_stop)"
     run = tmp_path / "run"
     args = tiny_args(corpus, run, "data.num_workers=2", "steps=500", "log_every=1", "ckpt_every=1000", "val=null")
     job = subprocess.Popen(
-        [sys.executable, "-c", script, *args],
+        pretrain_after(handler, *args),
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -337,19 +338,13 @@ def test_a_stop_asked_before_the_loop_and_a_checkpoint_never_written_over_anothe
       which DeepSpeed's zero_to_fp32 refuses).
     - resume=false in a folder with checkpoints is refused: the new run's would mix with the old,
       under the same tags."""
-    script = (
-        "import sys\n"
-        "from multi_dist.train import request_stop\n"
-        "request_stop()\n"
-        "from multi_dist.cli import main\n"
-        "main('pretrain', '', sys.argv[1:])\n"
-    )
     run = tmp_path / "run"
     stale = run / "checkpoints" / "step_00000002"
     stale.mkdir(parents=True)
     (stale / "rank_00001.pt").write_bytes(b"from a killed write")
     args = tiny_args(corpus, run, "steps=2", "ckpt_every=2", "val=null")
-    asked = subprocess.run([sys.executable, "-c", script, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    before = "from multi_dist.train import request_stop\nrequest_stop()"
+    asked = subprocess.run(pretrain_after(before, *args), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert asked.returncode == 0, asked.stderr[-3000:]
     assert "stopped at step 1 on request" in asked.stdout, asked.stdout[-2000:]
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000001"
@@ -366,22 +361,19 @@ def test_a_stop_asked_during_an_evaluation_gives_it_up(corpus: Path, tmp_path: P
     """Slurm's warning during an evaluation (periodic, or the final one): the run gives it up,
     checkpoints and returns instead of evaluating on, perhaps past its time limit; the same
     command later evaluates and exports. The request comes from the first evaluation batch."""
-    script = (
-        "import sys\n"
+    hook = (
         "from multi_dist.tasks.pretrain import PretrainTask\n"
         "from multi_dist.train import request_stop\n"
         "step = PretrainTask.eval_step\n"
         "def asking(self, model, batch):\n"
         "    request_stop()\n"
         "    return step(self, model, batch)\n"
-        "PretrainTask.eval_step = asking\n"
-        "from multi_dist.cli import main\n"
-        "main('pretrain', '', sys.argv[1:])\n"
+        "PretrainTask.eval_step = asking"
     )
     for name, extra in (("periodic", ("eval_every=2", "ckpt_every=1000")), ("final", ("ckpt_every=1000",))):
         run = tmp_path / name
         args = tiny_args(corpus, run, "steps=3", "log_every=1", "val.num_workers=1", *extra)
-        proc = subprocess.run([sys.executable, "-c", script, *args], cwd=ROOT, capture_output=True, text=True)
+        proc = subprocess.run(pretrain_after(hook, *args), cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         step = 2 if name == "periodic" else 3
         assert f"stopped at step {step} on request" in proc.stdout, proc.stdout[-2000:]

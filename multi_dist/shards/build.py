@@ -324,8 +324,8 @@ def _jsonable(value: Any) -> Any:
         return None
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
-    if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:  # numpy scalars from parquet / pandas
-        return _jsonable(value.item())
+    if hasattr(value, "tolist"):  # numpy scalars and arrays (parquet / pandas): Python values, lists
+        return _jsonable(value.tolist())
     if isinstance(value, (datetime.datetime, datetime.date, datetime.time)):
         return value.isoformat()
     if isinstance(value, decimal.Decimal):
@@ -334,8 +334,8 @@ def _jsonable(value: Any) -> Any:
         return base64.b64encode(value).decode("ascii")
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)) or hasattr(value, "tolist"):
-        return [_jsonable(v) for v in (value.tolist() if hasattr(value, "tolist") else value)]
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
     return str(value)
 
 

@@ -119,8 +119,9 @@ class RetrievalTask(Task):
             vtm = self._vtm_scores(model, records, local, in_t2v | in_v2t, ctx)
             # in float64: float32 steps by 1e-3 near RERANKED, which would tie scores that differ
             scaled = records[0]["scale"] * sim.double()
-            t2v = torch.where(in_t2v, RERANKED + scaled + vtm.double(), scaled)
-            v2t = torch.where(in_v2t, RERANKED + scaled + vtm.double(), scaled)
+            reranked = RERANKED + scaled + vtm.double()
+            t2v = torch.where(in_t2v, reranked, scaled)
+            v2t = torch.where(in_v2t, reranked, scaled)
         m_t2v = retrieval_metrics(t2v, text_video)
         m_v2t = retrieval_metrics(v2t, text_video)
         metrics.update({k_: v for k_, v in m_t2v.items() if k_.startswith("t2v_")})
