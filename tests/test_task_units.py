@@ -4,6 +4,7 @@ and losses on the tiny model (padding never changes a loss)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from pathlib import Path
@@ -48,6 +49,20 @@ def test_vocabularies_come_from_the_training_split(demo_corpus: Path) -> None:
     assert LabelsTask.build_vocab(TaskConfig(name="labels", labels=["b", "a"]), "unused") == ["b", "a"]
     with pytest.raises(ValueError, match="no 'qa' answers"):
         OpenQATask.build_vocab(TaskConfig(name="qa"), str(demo_corpus / "real"))
+
+
+def test_vocabularies_read_only_the_selected_shards(demo_corpus: Path) -> None:
+    """A split given as some of a folder's shards takes its answers and labels from those alone
+    (the parquet beside each), the same values as their tars' json members hold."""
+    from webdataset import tariterators
+
+    shards = sorted((demo_corpus / "train").glob("*.tar"))
+    some = f"{demo_corpus / 'train'}/{{{shards[0].stem}..{shards[1].stem}}}.tar"
+    from_tars = [
+        json.loads(s["json"]).get("qa") for s in tariterators.tarfile_samples([{"url": str(u)} for u in shards[:2]])
+    ]
+    assert list(field_values(some, "qa")) == from_tars and len(from_tars) == 40  # of the folder's 120
+    assert len(list(field_values(str(shards[2]), "labels"))) == 20  # a single tar: its own parquet
 
 
 def test_qa_collate_pads_questions_and_marks_unknown_answers(tokenizer: Any) -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import glob
 import json
 import logging
 import os
@@ -96,16 +95,16 @@ def tokenize(tokenizer: Any, texts: list[str], max_len: int) -> tuple[torch.Tens
 
 def field_values(path: str | list[str], name: str) -> Iterator[Any]:
     """Every sample's value of a task field over a shard set, or several (None where a sample
-    lacks it): from the parquet files beside local shards (fast: no tar is opened), else from the
-    json members."""
+    lacks it): from the parquet file beside each selected local shard (fast: no tar is opened),
+    else from the json members. Only the selected shards are read: a split given as some of a
+    folder's shards (``{00000..00007}.tar``) must not take answers or labels from the others."""
     if isinstance(path, list):
         for p in path:
             yield from field_values(p, name)
         return
     shards = list_shards(path)
-    folder = os.path.dirname(shards[0])
-    parquets = sorted(glob.glob(os.path.join(folder, "*.parquet")))
-    if parquets and "://" not in shards[0] and not shards[0].startswith("pipe:"):
+    parquets = [os.path.splitext(s)[0] + ".parquet" for s in shards]
+    if "://" not in shards[0] and not shards[0].startswith("pipe:") and all(map(os.path.isfile, parquets)):
         for file in parquets:
             for value in parquet_column(file, name):
                 yield json.loads(value) if isinstance(value, str) and value[:1] in "[{" else value
