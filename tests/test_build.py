@@ -250,7 +250,7 @@ def test_parallel_build_matches_serial(mixed_input: Path, tmp_path: Path) -> Non
 
 def test_csv_and_parquet_inputs_with_named_columns(tmp_path: Path, real_clips: dict[str, Path]) -> None:
     records = [{"path": str(p), "text": f"clip {n}", "label": n} for n, p in real_clips.items()]
-    with (tmp_path / "in.csv").open("w", newline="") as f:
+    with (tmp_path / "in.csv").open("w", newline="", encoding="utf-8-sig") as f:  # a byte-order mark, as Excel writes
         writer = csv.DictWriter(f, fieldnames=["path", "text", "label"])
         writer.writeheader()
         writer.writerows(records)
@@ -271,7 +271,7 @@ def test_cli_input_dir_with_sidecar_captions(tmp_path: Path, real_clips: dict[st
     for name, path in real_clips.items():
         shutil.copy(path, src / name)
         if name != "bikes.mp4":
-            (src / name).with_suffix(".txt").write_text(f"caption of {name}\n")
+            (src / name).with_suffix(".txt").write_text(f"caption of {name}\n", encoding="utf-8-sig")
     out = tmp_path / "out"
     proc = run_script("shards/build.py", "--input-dir", str(src), "--output", str(out), "--no-progress")
     assert proc.returncode == 0, proc.stderr

@@ -98,7 +98,7 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
         rows = []
-        for n, line in enumerate(path.read_text().splitlines(), 1):
+        for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -109,7 +109,7 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
                 raise ValueError(f"{path}:{n}: expected a JSON object per line")
             rows.append(row)
     elif suffix in (".csv", ".tsv"):
-        with path.open(newline="") as f:
+        with path.open(newline="", encoding="utf-8-sig") as f:
             rows = list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
     elif suffix == ".parquet":
         import pyarrow.parquet as pq
@@ -134,7 +134,7 @@ def rows_from_dir(
     rows = []
     for media in sorted(p for p in folder.rglob("*") if p.suffix.lower().lstrip(".") in exts):
         side = media.with_suffix(".txt")
-        caption = side.read_text().strip() if side.is_file() else None
+        caption = side.read_text(encoding="utf-8-sig").strip() if side.is_file() else None
         rows.append({video_col: str(media), caption_col: caption, "_base_dir": str(folder)})
     if not rows:
         other = "images" if kind == "video" else "videos"

@@ -52,6 +52,7 @@ FRAMEQA_TYPES = {"0": "object", "1": "number", "2": "color", "3": "location"}
 NUM_OPTIONS = 5  # TGIF-QA Action/Transition and MSRVTT-MC both have five candidates
 ERRORS_FILE = "convert_errors.jsonl"
 LOGGED_ERRORS = 20  # log this many malformed rows one by one; the file has them all
+NO_CAPTION = "a video"  # labels-csv's caption where the file has none: the same neutral text for every clip
 
 # What a folder given as --annotations holds for each split (the names the authors publish).
 DEFAULT_FILES: dict[str, dict[str, str]] = {
@@ -97,7 +98,7 @@ def _require_file(path: Path, what: str) -> Path:
 
 def _load_json(path: Path) -> Any:
     try:
-        with _require_file(path, "annotation file").open() as f:
+        with _require_file(path, "annotation file").open(encoding="utf-8-sig") as f:
             return json.load(f)
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not valid JSON ({err}); is it the right file?") from err
@@ -122,7 +123,7 @@ def _json_entries(
 
 def _sniff_delimiter(path: Path) -> str:
     """Tab or comma, from the header: the MSR-VTT csv files exist in both forms."""
-    with path.open(newline="") as f:
+    with path.open(newline="", encoding="utf-8-sig") as f:
         header = f.readline()
     return "\t" if "\t" in header else ","
 
@@ -134,7 +135,7 @@ def _csv_rows(
     :class:`RowError` in place of the row. A header without a required column fails at once:
     that is the wrong file, not a bad row."""
     _require_file(path, "annotation file")
-    with path.open(newline="", encoding="utf-8") as f:
+    with path.open(newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f, delimiter=delimiter, quoting=quoting)
         header = reader.fieldnames or []
         missing = [c for c in required if c not in header]
@@ -256,7 +257,7 @@ def convert_msrvtt_qa(path: Path, videos: Path) -> Conversion:
 def read_youtube_mapping(path: Path, conv: Conversion) -> dict[str, str]:
     """MSVD-QA's ``youtube_mapping.txt``: lines ``<clip name> vid<N>``; returns ``{"N": clip}``."""
     mapping: dict[str, str] = {}
-    with _require_file(path, "video mapping file").open() as f:
+    with _require_file(path, "video mapping file").open(encoding="utf-8-sig") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -394,7 +395,7 @@ def convert_msrvtt_ret(path: Path, videos: Path, data_json: Path | None, split: 
         return conv
 
     delimiter = _sniff_delimiter(_require_file(path, "annotation file"))
-    with path.open(newline="") as f:
+    with path.open(newline="", encoding="utf-8-sig") as f:
         header = next(csv.reader(f, delimiter=delimiter), [])
     if "sentence" in header:
         for line, row in _csv_rows(path, ["video_id", "sentence"], delimiter):
@@ -435,7 +436,7 @@ def convert_msrvtt_mc(path: Path, videos: Path) -> Conversion:
     the retrieval test split); multiple-choice evaluation scores the options of ``mc``."""
     options = [f"a{i}" for i in range(1, NUM_OPTIONS + 1)]
     delimiter = _sniff_delimiter(_require_file(path, "annotation file"))
-    with path.open(newline="") as f:
+    with path.open(newline="", encoding="utf-8-sig") as f:
         header = next(csv.reader(f, delimiter=delimiter), [])
     id_col = "video_id" if "video_id" in header else "vid_key"
     conv, groups = Conversion(), {}
@@ -490,7 +491,8 @@ def convert_labels_csv(
     """A plain CSV (``.tsv``: tab-separated) with a video column (relative to ``videos``, or
     absolute) and a label column whose labels are split on ``delimiter``. Rows of the same video
     are merged (labels in first-seen order, without repeats). The caption is a ``caption`` column
-    when the file has one, else the labels joined with ", "."""
+    when the file has one (a title, say), else ``NO_CAPTION``: never the labels, which the labels
+    task would fuse with the video as its text and so read the answer."""
     sep = "\t" if path.suffix.lower() == ".tsv" else ","
     conv, groups = Conversion(), {}
     for line, row in _csv_rows(path, [video_col, label_col], sep):
@@ -507,7 +509,7 @@ def convert_labels_csv(
             continue
         video = Path(name).expanduser()
         video = video if video.is_absolute() else videos / video
-        caption = (row.get("caption") or "").strip() or ", ".join(labels)
+        caption = (row.get("caption") or "").strip() or NO_CAPTION
         target = _group(groups, name, video, caption).setdefault("labels", [])
         target.extend(x for x in labels if x not in target)
     conv.rows = list(groups.values())
