@@ -172,14 +172,22 @@ def source_weights(src: Source) -> dict[str, torch.Tensor]:
     return get_fp32_state_dict_from_zero_checkpoint(str(src.folder.parent), tag=src.tag)
 
 
+TASK_HEADS = ("qa_head.", "label_head.")  # a downstream task's own head: its outputs mean its vocabulary
+
+
 def load_weights(model: MuLTI, state: dict[str, torch.Tensor], origin: str, new_heads: bool = False) -> None:
     """Strict, except for the tied MLM decoder and, when finetuning (``new_heads``), the heads the
-    task adds: anything else missing or unexpected is an error naming the parameters."""
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    task adds: anything else missing or unexpected, or of another shape, is an error naming the
+    parameters."""
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # sizes that differ: torch's message names each parameter, a line each
+        lines = [line.strip() for line in str(err).splitlines()[1:]] or [str(err)]
+        raise ValueError(f"{origin} does not fit the model: {'; '.join(lines)}") from None
     allowed = set(_TIED)
     if new_heads:
-        allowed |= {k for k in missing if k.startswith(("qa_head.", "label_head."))}
-        unexpected = [k for k in unexpected if not k.startswith(("qa_head.", "label_head."))]
+        allowed |= {k for k in missing if k.startswith(TASK_HEADS)}
+        unexpected = [k for k in unexpected if not k.startswith(TASK_HEADS)]
     if set(missing) - allowed or unexpected:
         raise ValueError(
             f"{origin} does not fit the model: missing {sorted(set(missing) - allowed)}, "

@@ -29,11 +29,13 @@ from .config import save_config, start_up, to_dict
 from .data.pipeline import DataConfig, VideoTextStream
 from .evaluate import (
     TASK_FILE,
+    TASK_HEADS,
     eval_data_config,
     evaluate_task,
     load_weights,
     resolve,
     scalars,
+    source_task,
     source_weights,
     to_device,
     write_report,
@@ -369,18 +371,27 @@ def _task_vocab(cfg: TaskConfig, run_dir: Path, train_path: list[str]) -> list[s
 
 
 def _build_model(cfg: TrainConfig, task: Task) -> MuLTI:
-    """The model as configured, or (``init``) rebuilt from the given weights with the task's heads."""
+    """The model as configured, or (``init``) rebuilt from the given weights with the task's heads:
+    new ones, unless the weights were trained for this task with this vocabulary (and, for labels,
+    the same ``label_source``), whose heads then go on training. Another task's head, even of the
+    same shape, is dropped: its outputs mean other answers."""
     if not cfg.init:
         cfg.model.heads = dataclasses.replace(cfg.model.heads, **task.heads())
         return MuLTI(cfg.model)
     src = resolve(cfg.init)
     model_cfg = read_config(src.folder)
+    source_heads = model_cfg.heads
     model_cfg.checkpointing = cfg.model.checkpointing
     model_cfg.checkpoint_frames = cfg.model.checkpoint_frames
     model_cfg.heads = dataclasses.replace(model_cfg.heads, label_source=cfg.model.heads.label_source, **task.heads())
     cfg.model = model_cfg  # the run's config records the architecture it really trains
     model = MuLTI(model_cfg)
-    load_weights(model, source_weights(src), str(src.folder), new_heads=True)
+    state = source_weights(src)
+    trained_for = source_task(src) or {}
+    same = (trained_for.get("task"), trained_for.get("vocab")) == (task.name, task.vocab)
+    if not same or source_heads.label_source != model_cfg.heads.label_source:
+        state = {k: v for k, v in state.items() if not k.startswith(TASK_HEADS)}
+    load_weights(model, state, str(src.folder), new_heads=True)
     return model
 
 

@@ -470,6 +470,35 @@ def test_finetuning_from_an_export_applies_the_runs_checkpointing(tmp_path: Path
     assert (cfg.model.checkpointing, cfg.model.checkpoint_frames) == (True, 4)
 
 
+def test_finetuning_keeps_a_head_only_for_the_same_task_and_vocabulary(tmp_path: Path) -> None:
+    """A QA export's head goes on training for the same answers; for other answers, even as many,
+    the head is new (its rows meant other answers); a body that does not fit is a named error."""
+    import json
+
+    from multi_dist.evaluate import TASK_FILE, load_weights
+    from multi_dist.tasks import TaskConfig, make_task
+    from multi_dist.train import TrainConfig, _build_model
+
+    torch.manual_seed(0)
+    source = MuLTI(model_config("tiny", heads={"qa_answers": 3}))
+    torch.nn.init.constant_(source.qa_head[-1].weight, 7.0)
+    folder = source.save_pretrained(tmp_path / "qa")
+    (folder / TASK_FILE).write_text(json.dumps({"task": "qa", "vocab": ["yes", "no", "red"]}))
+
+    def last_layer(vocab: list[str]) -> torch.Tensor:
+        return _build_model(TrainConfig(init=str(folder)), make_task(TaskConfig(name="qa"), vocab)).qa_head[-1].weight
+
+    assert (last_layer(["yes", "no", "red"]) == 7.0).all()
+    assert not (last_layer(["dog", "cat", "blue"]) == 7.0).any()
+    assert last_layer(["dog", "cat", "blue", "two"]).shape[0] == 4
+    state = source.state_dict()
+    state["fusion.0.attention.q.weight"] = torch.zeros(1)
+    with pytest.raises(
+        ValueError, match=r"^here does not fit the model: size mismatch for fusion\.0\.attention\.q\.weight: [^\n]*$"
+    ):
+        load_weights(MuLTI(model_config("tiny", heads={"qa_answers": 3})), state, "here")
+
+
 @pytest.mark.parametrize(
     ("size", "patch", "bias"),
     [((32, 32), (8, 8), False), ((35, 37), (8, 8), True), ((24, 32), (4, 8), True)],  # with leftovers; not square
