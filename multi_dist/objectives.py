@@ -151,15 +151,7 @@ class PretrainLoss(nn.Module):
         if mcm:
             options = batch["mcm_input_ids"].shape[1]
             parts.append((batch["mcm_input_ids"].flatten(0, 1), batch["mcm_attention_mask"].flatten(0, 1)))
-        lengths = [p[0].shape[1] for p in parts]
-        if len(set(lengths)) > 1 and model.condenses_text(max(lengths)):
-            # padded rows would be condensed with their padding: not what each computes alone
-            raise ValueError(
-                f"captions ({lengths[0]} tokens) and MCM options ({lengths[1]} tokens) must have one "
-                f"length when longer than fusion.text_tokens={model.cfg.fusion.text_tokens} "
-                "(data.max_text_len pads both)"
-            )
-        mlm_index = self._mlm_index(model, batch, lengths[0])
+        mlm_index = self._mlm_index(batch)
         if mlm_index is not None:
             parts.insert(1, (batch["mlm_input_ids"], mask))
         texts = model.encode_text(*_stack_rows(parts))  # rows: captions, [masked], [options]
@@ -208,11 +200,16 @@ class PretrainLoss(nn.Module):
         if mlm_index is not None:
             labels = batch["mlm_labels"]
             states = torch.cat([f.text_states.view(b, r.shape[1], n_text, -1) for f, r in zip(fused, passes)], 1)
-            states = states[:, col, : labels.shape[1]]
-            logits = model.mlm_head(states.flatten(0, 1)[mlm_index])
+            states = states[:, col]  # (b, n_text, D): a caption the fusion passed whole at its own positions
+            row, pos = mlm_index // labels.shape[1], mlm_index % labels.shape[1]
+            # a condensed caption has no per-token positions left to predict: weight 0, not
+            # dropped, so that no shape depends on the data (no host sync)
+            keep = (~model.long_text(mask)[row] & (pos < n_text)).float()
+            logits = model.mlm_head(states.flatten(0, 1)[row * n_text + pos.clamp_max(n_text - 1)])
             target = labels.flatten()[mlm_index]
-            out["loss_mlm"] = F.cross_entropy(logits.float(), target)
-            out["acc_mlm"] = (logits.argmax(1) == target).float().mean()
+            n = keep.sum().clamp_min(1)
+            out["loss_mlm"] = (F.cross_entropy(logits.float(), target, reduction="none") * keep).sum() / n
+            out["acc_mlm"] = ((logits.argmax(1) == target).float() * keep).sum() / n
             total = total + cfg.mlm * out["loss_mlm"]
             col += 1
         if mcm:
@@ -248,11 +245,10 @@ class PretrainLoss(nn.Module):
         loss = (F.cross_entropy(logits.float(), labels, reduction="none") * weight).sum() / n
         return loss, ((logits.argmax(1) == labels).float() * weight).sum() / n
 
-    def _mlm_index(self, model: MuLTI, batch: dict[str, Any], length: int) -> torch.Tensor | None:
+    def _mlm_index(self, batch: dict[str, Any]) -> torch.Tensor | None:
         """The masked positions (flat over the captions), or None when MLM does not run: weight 0,
-        no masked captions, nothing masked, or text of ``length`` that the sampler condenses (no
-        per-token positions left to predict)."""
-        if self.cfg.mlm == 0 or "mlm_input_ids" not in batch or model.condenses_text(length):
+        no masked captions, or nothing masked."""
+        if self.cfg.mlm == 0 or "mlm_input_ids" not in batch:
             return None
         index = batch.get("mlm_index")  # found on the host by to_device
         if index is None:

@@ -59,6 +59,25 @@ def test_shapes_and_condensed_video_is_k_tokens(tiny: MuLTI, frames: int, length
     assert torch.allclose(f.video_weights.sum(-1), torch.full((b, 1), float(k_v)), atol=1e-4)
 
 
+def test_each_caption_is_condensed_or_passed_whole_by_its_own_length() -> None:
+    """In one padded batch a 10-token caption passes whole and a 30-token one is condensed (K_t =
+    16), each fusing exactly as it does alone, unpadded (tolerance 1e-5: other batch shapes)."""
+    torch.manual_seed(0)
+    model = MuLTI(model_config("tiny")).eval()
+    video = torch.randn(2, 4, 3, 32, 32)
+    ids = torch.randint(1000, 2000, (2, 40))
+    mask = torch.zeros(2, 40, dtype=torch.long)
+    mask[0, :10], mask[1, :30] = 1, 1
+    with torch.no_grad():
+        together = model.fuse(model.encode_text(ids, mask), model.encode_video(video))
+        assert together.n_text == 17  # [CLS ; K_t]: the short row's first 17 positions, its 10 tokens among them
+        for i, n in enumerate((10, 30)):
+            alone = model.fuse(
+                model.encode_text(ids[i : i + 1, :n], mask[i : i + 1, :n]), model.encode_video(video[i : i + 1])
+            )
+            torch.testing.assert_close(together.cls[i], alone.cls[0], rtol=1e-5, atol=1e-5)
+
+
 def test_gradients_reach_adapter_sampler_fusion_and_not_frozen_layers(tiny: MuLTI) -> None:
     tiny.train()
     tiny.zero_grad(set_to_none=True)

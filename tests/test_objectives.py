@@ -348,12 +348,34 @@ def test_one_pass_step_equals_the_objectives_computed_apart(sampler: str, option
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_texts_of_two_lengths_that_would_be_condensed_are_refused() -> None:
-    """Above ``fusion.text_tokens`` the sampler condenses text in blocks of the padded length, so
-    a caption padded to the options' length would not compute what it computes alone."""
-    model = MuLTI(model_config("tiny"))  # text_tokens 16
-    batch = make_batch(b=2, length=12)
-    batch["mcm_input_ids"] = torch.randint(1000, 2000, (2, 4, 20))
-    batch["mcm_attention_mask"] = torch.ones(2, 4, 20, dtype=torch.long)
-    with pytest.raises(ValueError, match=r"captions \(12 tokens\) and MCM options \(20 tokens\).*text_tokens=16"):
-        PretrainLoss(LossConfig())(model, batch)
+def pad_text(batch: dict[str, torch.Tensor], length: int) -> dict[str, torch.Tensor]:
+    """The batch with its captions, masked captions and MCM options padded to ``length`` tokens."""
+    fill = {"mlm_labels": -100}
+    keys = ("input_ids", "attention_mask", "mlm_input_ids", "mlm_labels", "mcm_input_ids", "mcm_attention_mask")
+    return {
+        k: torch.nn.functional.pad(v, (0, length - v.shape[-1]), value=fill.get(k, 0)) if k in keys else v
+        for k, v in batch.items()
+    }
+
+
+@pytest.mark.parametrize("real", [12, 30])  # tiny's K_t is 16: passed whole, condensed
+def test_padding_past_the_text_tokens_changes_no_loss(real: int) -> None:
+    """``data.max_text_len`` above ``fusion.text_tokens`` pads every caption past K_t; each row is
+    still condensed or passed whole by its own length, its blocks cut from its own tokens, so every
+    loss equals the unpadded batch's, and MLM still runs on the captions passed whole. Tolerance
+    1e-5: the same sums over other shapes."""
+    torch.manual_seed(0)
+    model = MuLTI(model_config("tiny")).eval()
+    batch = make_batch(b=4, length=real)
+    outs = []
+    for length in (real, 20, 48):
+        if length >= real:
+            torch.manual_seed(1)
+            outs.append(PretrainLoss(LossConfig())(model, pad_text(batch, length)))
+    assert len(outs) >= 2 and set(outs[0]) >= {"loss_vtc", "loss_vtm", "loss_mlm", "loss_mcm"}
+    for out in outs[1:]:
+        assert out.keys() == outs[0].keys()
+        for key in out:
+            torch.testing.assert_close(out[key], outs[0][key], rtol=1e-5, atol=1e-5, msg=key)
+    # a condensed caption has no token positions to predict: MLM weighs it 0
+    assert (outs[0]["loss_mlm"] > 0) == (real <= 16)

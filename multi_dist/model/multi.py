@@ -239,22 +239,32 @@ class MuLTI(nn.Module):
         return TextOutput(tokens, attention_mask.bool(), F.normalize(self.vtc_text(h[:, 0]), dim=-1), tokens[:, 0])
 
     # -- the sampler and the fusion -------------------------------------------------------------
-    def condenses_text(self, length: int) -> bool:
-        """Whether the fusion condenses text of ``length`` tokens (longer than K_t, with a sampler)."""
-        return self.cfg.fusion.sampler != "none" and length > self.cfg.fusion.text_tokens
+    def long_text(self, mask: torch.Tensor) -> torch.Tensor:
+        """(B,) True for the rows the fusion condenses: more real tokens than K_t, with a sampler.
+        Decided per row from its own length, never from the padding around it."""
+        if self.cfg.fusion.sampler == "none":
+            return torch.zeros(mask.shape[0], dtype=torch.bool, device=mask.device)
+        return mask.sum(1) > self.cfg.fusion.text_tokens
 
     def condense_text(self, text: TextOutput) -> tuple[torch.Tensor, torch.Tensor]:
-        """Text longer than K_t -> [CLS ; K_t pooled tokens]; shorter text passes whole."""
-        if not self.condenses_text(text.tokens.shape[1]):
+        """A row longer than K_t real tokens -> [CLS ; K_t pooled tokens], blocks cut from its own
+        tokens (``packed``), so that padding changes nothing; a shorter row passes whole. When the
+        padded batch is longer than K_t, every row takes 1 + K_t positions (a short row: its first
+        1 + K_t, all its tokens); else the batch passes as it is."""
+        k = self.cfg.fusion.text_tokens
+        if self.cfg.fusion.sampler == "none" or text.tokens.shape[1] <= k:
             return text.tokens, text.mask
         b = text.tokens.shape[0]
         guide = self.text_query.to(text.tokens.dtype).expand(b, 1, -1)
-        pooled, pmask, _ = self.text_pool(text.tokens, text.mask, guide)
+        pooled, pmask, _ = self.text_pool(text.tokens, text.mask, guide, packed=True)
         p = pooled[:, 0]
         for layer in self.sampler:
             p = self._maybe_checkpoint(layer, p, text.tokens, text.mask, "text")
-        cls = text.tokens[:, :1]
-        return torch.cat([cls, p], 1), torch.cat([text.mask[:, :1], pmask], 1)
+        tokens = torch.cat([text.tokens[:, :1], p], 1)
+        mask = torch.cat([text.mask[:, :1], pmask], 1)
+        long = self.long_text(text.mask)
+        tokens = torch.where(long[:, None, None], tokens, text.tokens[:, : 1 + k])
+        return tokens, torch.where(long[:, None], mask, text.mask[:, : 1 + k])
 
     def condense_video(
         self, video: VideoOutput, guides: torch.Tensor
