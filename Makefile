@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 export DS_BUILD_OPS ?= 0
 
-.PHONY: setup demo test lint format bench-data gpu-prep clean
+.PHONY: setup ops demo test lint format bench-data gpu-prep clean
 
 setup: $(VENV)/.installed
 
@@ -31,8 +31,16 @@ format: setup
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-test: lint
+test: lint ops
 	$(PY) -m pytest -q
+
+# DeepSpeed's C++ ops that CPU runs JIT-compile on first use (CPU Adam for optimizer offload, the
+# shared-memory collectives every CPU process loads): built once per venv, as DS_BUILD_OPS=1 would
+# at install (about 70 s on 2 cores), so that no test or first run pays for them.
+ops: $(VENV)/.ops
+$(VENV)/.ops: $(VENV)/.installed
+	DS_ACCELERATOR=cpu $(PY) -c "from deepspeed.ops.op_builder.cpu import CPUAdamBuilder, ShareMemCommBuilder; [b().load(verbose=False) for b in (CPUAdamBuilder, ShareMemCommBuilder)]"
+	touch $@
 
 bench-data: setup
 	$(PY) launch/bench_data.py --json runs/bench/data.json --plot runs/bench/data.png
