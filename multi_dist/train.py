@@ -338,15 +338,34 @@ def _window_means(window: dict[str, list[torch.Tensor]]) -> dict[str, float]:
 
 
 def _check_start(cfg: TrainConfig) -> None:
-    """Clear start-up errors for settings the loop cannot honour, before any heavy work."""
+    """Clear start-up errors for settings the loop cannot honour, before any heavy work. The model
+    checked is the one that will train: ``init``'s architecture when there is one."""
+    model = read_config(resolve(cfg.init).folder) if cfg.init else cfg.model
+    limit = (
+        f"the max_frames={model.max_frames} of init {cfg.init}" if cfg.init else f"model.max_frames={model.max_frames}"
+    )
     for split in ("data", "val"):
         data = getattr(cfg, split)
         if data is None:
             continue
         for i, corpus in enumerate(data.corpus_configs()):
-            if corpus.num_frames > cfg.model.max_frames:
+            if corpus.num_frames > model.max_frames:
                 where = f"{split}.corpora[{i}].num_frames" if data.corpora else f"{split}.num_frames"
-                raise ValueError(f"{where}={corpus.num_frames} exceeds model.max_frames={cfg.model.max_frames}")
+                raise ValueError(f"{where}={corpus.num_frames} exceeds {limit}")
+    k = model.fusion.text_tokens
+    if (
+        cfg.task.name == "pretrain"
+        and cfg.loss.mlm > 0
+        and model.fusion.sampler != "none"
+        and cfg.data.max_text_len > k
+    ):
+        log.warning(
+            "data.max_text_len=%d is above fusion.text_tokens=%d: captions longer than %d tokens are condensed "
+            "and take no part in MLM",
+            cfg.data.max_text_len,
+            k,
+            k,
+        )
     if cfg.task.name in ("pretrain", "retrieval") and cfg.loss.vtm > 0 and cfg.data.batch_size < 2:
         raise ValueError(  # else VTM never runs, silently, and its head (retrieval's re-ranker) stays untrained
             f"loss.vtm={cfg.loss.vtm} needs data.batch_size >= 2: VTM draws its hard negatives from each "

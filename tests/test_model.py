@@ -518,6 +518,25 @@ def test_finetuning_keeps_a_head_only_for_the_same_task_and_vocabulary(tmp_path:
         load_weights(MuLTI(model_config("tiny", heads={"qa_answers": 3})), state, "here")
 
 
+def test_start_up_checks_the_model_that_will_train(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """With ``init``, the frame limit is the export's (tiny: 64), not the finetune config's default
+    (128); MLM on captions padded past K_t is announced (those condensed take no part in it)."""
+    from multi_dist.train import TrainConfig, _check_start
+
+    MuLTI(model_config("tiny")).save_pretrained(tmp_path / "model")
+    cfg = TrainConfig(init=str(tmp_path / "model"))
+    cfg.task.name = "qa"
+    cfg.data.num_frames = 96
+    assert cfg.model.max_frames == 128
+    with pytest.raises(ValueError, match=rf"^data.num_frames=96 exceeds the max_frames=64 of init {tmp_path}/model$"):
+        _check_start(cfg)
+    cfg = TrainConfig(init=str(tmp_path / "model"))
+    cfg.data.max_text_len = 24
+    with caplog.at_level("WARNING", logger="multi_dist.train"):
+        _check_start(cfg)
+    assert "data.max_text_len=24 is above fusion.text_tokens=16: captions longer than 16 tokens" in caplog.text
+
+
 @pytest.mark.parametrize(
     ("size", "patch", "bias"),
     [((32, 32), (8, 8), False), ((35, 37), (8, 8), True), ((24, 32), (4, 8), True)],  # with leftovers; not square
