@@ -32,6 +32,7 @@ from multi_dist.data.mcm import (
     collate_mcm,
     load_lexicon,
     mask_tokens,
+    word_form,
     words,
 )
 from multi_dist.data.text import load_tokenizer
@@ -199,6 +200,37 @@ def test_distractors_have_the_class_of_the_true_word(vocab, lexicon) -> None:
             assert all(c in vocab.counts[cls] for c in q.candidates), f"vocab had {available}: {q}"
             from_vocab += 1
     assert same_class > 1000 and from_vocab > 500  # the checks above did run, many times
+
+
+def test_distractors_share_the_true_words_form(vocab, lexicon) -> None:
+    """Grammar alone must not give the answer away: a plural noun's distractors are plural, an
+    -ing verb's are -ing, and so on (the lexicon has hundreds of words of each form to top up
+    from), preferring the corpus's words of that form."""
+    assert [word_form(w, "noun") for w in ("dogs", "people", "dog", "glass", "bus")] == ["plural"] * 2 + [
+        "singular"
+    ] * 3
+    assert [word_form(w, "verb") for w in ("runs", "running", "jumped", "run", "kiss")] == [
+        "s",
+        "ing",
+        "ed",
+        "base",
+        "base",
+    ]
+    checked: Counter[tuple[str, str]] = Counter()
+    for caption, _, q in all_questions(vocab, lexicon, MCMConfig()):
+        form = word_form(q.candidates[q.answer], q.word_class)
+        if form:
+            assert all(word_form(c, q.word_class) == form for c in q.candidates), q
+            checked[q.word_class, form] += 1
+            alike = [w for w in vocab.words_of(q.word_class) if word_form(w, q.word_class) == form]
+            if len([w for w in alike if w not in words(caption)]) >= 3:
+                assert all(c in alike for c in q.candidates), q
+    assert checked["noun", "singular"] > 100 and checked["verb", "s"] > 100  # the demo's shapes and moves
+    assert checked["noun", "plural"] >= 3 and checked["verb", "base"] >= 3
+    for caption, cls, form in [("the dogs", "noun", "plural"), ("it is running", "verb", "ing")]:
+        for key in KEYS:
+            q = build_question(caption, key, vocab, lexicon, MCMConfig())
+            assert q.word_class == cls and {word_form(c, cls) for c in q.candidates} == {form}, q
 
 
 def test_demo_shape_questions_top_up_from_the_lexicon(lexicon) -> None:

@@ -47,6 +47,25 @@ IGNORE_INDEX = -100
 VOCAB_CACHE = "mcm_vocab.json"
 _VOCAB_FORMAT = "multi_dist.mcm_vocab/1"
 
+_PLURALS = frozenset({"people", "children", "men", "women", "feet", "teeth", "mice", "geese", "police", "cattle"})
+
+
+def word_form(word: str, cls: str) -> str:
+    """The inflection a distractor should share with the answer, so that grammar alone ("two
+    [MASK] run": dogs, not woman) does not give the answer away: a noun's number, a verb's -ing,
+    -ed or -s; "" for the other classes. Spelling decides (irregular past tenses count as base
+    forms), which is enough to keep the forms of a question alike."""
+    if cls == "noun":
+        plural = word in _PLURALS or (word.endswith("s") and not word.endswith(("ss", "us", "is")))
+        return "plural" if plural else "singular"
+    if cls == "verb":
+        for suffix in ("ing", "ed"):
+            if word.endswith(suffix):
+                return suffix
+        return "s" if word.endswith("s") and not word.endswith("ss") else "base"
+    return ""
+
+
 # A word: letters and digits, with apostrophes inside ("don't", "man's"); "_" is not a letter.
 _WORD_RE = re.compile(r"[^\W_]+(?:'[^\W_]+)*")
 
@@ -111,6 +130,7 @@ class Lexicon:
                     raise ValueError(f"lexicon word '{w}' is in two classes: {self._class_of[w]} and {cls}")
             self._words[cls] = ordered
         self._stopwords = tuple(dict.fromkeys(w.lower() for w in stopwords))
+        self._forms: dict[tuple[str, str], tuple[str, ...]] = {}
         both = sorted(set(self._stopwords) & set(self._class_of))
         if both:
             raise ValueError(f"lexicon words that are both stopwords and content words: {both[:10]}")
@@ -140,11 +160,16 @@ class Lexicon:
         w = word.lower()
         return self._class_of.get(w) or (STOPWORD if w in self._stopword_set else OTHER)
 
-    def words_of(self, cls: str) -> tuple[str, ...]:
-        """The lexicon's words of a class in a fixed order (the stopwords for "stopword")."""
+    def words_of(self, cls: str, form: str = "") -> tuple[str, ...]:
+        """The lexicon's words of a class in a fixed order (the stopwords for "stopword"); of those,
+        the words of ``form`` (see :func:`word_form`) when given."""
         if cls == STOPWORD:
             return self._stopwords
-        return self._words.get(cls, ())
+        if not form:
+            return self._words.get(cls, ())
+        if (cls, form) not in self._forms:
+            self._forms[cls, form] = tuple(w for w in self._words.get(cls, ()) if word_form(w, cls) == form)
+        return self._forms[cls, form]
 
     def __reduce__(self) -> tuple[Any, ...]:  # pickle the content, not the derived indexes
         return (Lexicon, (self._words, self._stopwords))
@@ -177,7 +202,7 @@ class AnswerVocab:
         for ws in self.counts.values():
             for w, n in ws.items():
                 self._freq[w] = self._freq.get(w, 0) + n
-        self._top: dict[tuple[str, int], tuple[tuple[str, ...], tuple[int, ...], list[int]]] = {}
+        self._top: dict[tuple[str, int, str], tuple[tuple[str, ...], tuple[int, ...], list[int]]] = {}
 
     # -- building ------------------------------------------------------------------------------
     @classmethod
@@ -253,12 +278,15 @@ class AnswerVocab:
         """The corpus words of a class, most frequent first."""
         return list(self.counts.get(cls, {}))
 
-    def top(self, cls: str, n: int) -> tuple[tuple[str, ...], tuple[int, ...], list[int]]:
-        """The ``n`` most frequent words of a class, their counts and cumulative counts (cached:
-        every question of a worker samples from the same table)."""
-        key = (cls, n)
+    def top(self, cls: str, n: int, form: str = "") -> tuple[tuple[str, ...], tuple[int, ...], list[int]]:
+        """The ``n`` most frequent words of a class (of its words of ``form``, see :func:`word_form`,
+        when given), their counts and cumulative counts (cached: every question of a worker
+        samples from the same tables)."""
+        key = (cls, n, form)
         if key not in self._top:
             items = list(self.counts.get(cls, {}).items())[:n]
+            if form:
+                items = [(w, c) for w, c in items if word_form(w, cls) == form]
             ws, ns = tuple(w for w, _ in items), tuple(c for _, c in items)
             cum, total = [], 0
             for c in ns:
@@ -324,8 +352,10 @@ def build_question(caption: str, key: str, vocab: AnswerVocab, lexicon: Lexicon,
     with none, the rarest non-stopword by corpus frequency; with only stopwords, the rarest word.
     Distractors never equal the true word or any other word of the caption (so no option is the
     caption again, and none is a trivially odd repeat). They are drawn, by frequency and without
-    replacement, from the class's corpus words; then uniformly from the lexicon's words of the
-    class; then from the corpus's "other" words; then from any lexicon content word. The answer
+    replacement, from the class's corpus words of the true word's form (:func:`word_form`: a
+    plural noun's distractors are plural, an -ing verb's are -ing); then uniformly from the
+    lexicon's words of the class and form; then from the class's words of any form, corpus then
+    lexicon; then from the corpus's "other" words; then from any lexicon content word. The answer
     slot is uniform over the options. Returns None only for a caption without a single word."""
     spans = _word_spans(caption)
     if not spans:
@@ -342,7 +372,7 @@ def build_question(caption: str, key: str, vocab: AnswerVocab, lexicon: Lexicon,
     start, end, word = spans[index]
     cls = cats[index]
     k = cfg.num_options - 1
-    distractors = _distractors(rng, cls, {w for _, _, w in spans}, k, vocab, lexicon, cfg.max_answer_vocab)
+    distractors = _distractors(rng, word, cls, {w for _, _, w in spans}, k, vocab, lexicon, cfg.max_answer_vocab)
     if len(distractors) < k:
         return None  # only with a tiny custom lexicon: the packaged one has thousands of words
     answer = rng.randrange(cfg.num_options)
@@ -362,7 +392,14 @@ def build_question(caption: str, key: str, vocab: AnswerVocab, lexicon: Lexicon,
 
 
 def _distractors(
-    rng: random.Random, cls: str, banned: set[str], k: int, vocab: AnswerVocab, lexicon: Lexicon, max_vocab: int
+    rng: random.Random,
+    word: str,
+    cls: str,
+    banned: set[str],
+    k: int,
+    vocab: AnswerVocab,
+    lexicon: Lexicon,
+    max_vocab: int,
 ) -> list[str]:
     banned = set(banned)
     chosen: list[str] = []
@@ -371,7 +408,13 @@ def _distractors(
         chosen.extend(new)
         banned.update(new)
 
-    take(_weighted_sample(rng, *vocab.top(cls, max_vocab), k, banned))
+    form = word_form(word, cls)
+    if form:
+        take(_weighted_sample(rng, *vocab.top(cls, max_vocab, form), k, banned))
+        if len(chosen) < k:
+            take(_uniform_sample(rng, lexicon.words_of(cls, form), k - len(chosen), banned))
+    if len(chosen) < k:
+        take(_weighted_sample(rng, *vocab.top(cls, max_vocab), k - len(chosen), banned))
     if len(chosen) < k:
         take(_uniform_sample(rng, lexicon.words_of(cls), k - len(chosen), banned))
     if len(chosen) < k and cls != OTHER:
