@@ -574,6 +574,12 @@ def read_annotations(
     if fmt == "msrvtt-ret":
         side = path.parent / "MSRVTT_data.json"
         data = Path(data_json).expanduser() if data_json else (side if side.is_file() else None)
+        if split == "val":
+            log.warning(
+                "msrvtt-ret val: the official validation videos are all in MSRVTT_train.9k.csv (it holds "
+                "every video outside the 1k-A test); validate on them only a model trained on the official "
+                "training split (--annotations MSRVTT_data.json --split train)"
+            )
         return convert_msrvtt_ret(path, videos, data, split)
     if fmt == "msrvtt-mc":
         return convert_msrvtt_mc(path, videos)
