@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from .data.pipeline import DataConfig
 from .model.multi import _TIED, MuLTI, read_config
 from .tasks import EvalContext, Task, TaskConfig, make_task, run_evaluation, task_class
 
+log = logging.getLogger("multi_dist.evaluate")
 TASK_FILE = "task.json"  # beside exported weights: the task and its vocabulary (QA answers, label names)
 
 
@@ -240,6 +242,14 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
                 found = trained.get("task") if trained else "none"
                 raise ValueError(f"init: {src.folder} was not finetuned for task {cfg.task.name!r} (it was: {found})")
             vocab = trained["vocab"]
+        if trained and trained.get("task") == cfg.task.name and trained.get("prompt", "") != cfg.task.prompt:
+            log.warning(
+                "task.prompt is %r here, but %s was trained with %r: the text fused with each clip is not "
+                "what it learned from (set task.prompt as in training)",
+                cfg.task.prompt,
+                src.folder,
+                trained.get("prompt", ""),
+            )
         task = make_task(cfg.task, vocab, cfg.seed)
         model = MuLTI(read_config(src.folder))
         load_weights(model, source_weights(src), str(src.folder))

@@ -456,7 +456,7 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, float]], None] | No
         model = _build_model(cfg, task)
     if cfg.compile:
         model.compile_layers()
-    task_state = {"task": task.name, "vocab": task.vocab}
+    task_state = task.state()
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
@@ -654,7 +654,7 @@ def _save(
     trainer = {
         "state": dataclasses.asdict(state),
         "config": to_dict(cfg),
-        "task": {"task": task.name, "vocab": task.vocab},
+        "task": task.state(),
         "param_order": param_order,  # the optimizer's groups, by name: checked on resume
     }
     rank_state = {"data": stream.state_dict(), "rng": checkpoint.rng_state()}

@@ -124,6 +124,21 @@ def test_multi_label(demo_pretrained: Path, tmp_root: Path) -> None:
     assert m["clips"] == 100
     assert m["map"] >= 0.5 and m["map"] >= 1.5 * m["chance_map"], m
     assert m["micro_f1"] >= 0.4, m
+    # the prompt travels with the weights; evaluating with another one is announced
+    assert json.loads((run_dir / "model" / "task.json").read_text())["prompt"] == "what is in the video?"
+    proc = run(
+        1,
+        "launch/evaluate.py",
+        "--config",
+        "configs/eval/demo_labels.yaml",
+        f"init={run_dir / 'model'}",
+        f"data.path={demo_pretrained / 'demo' / 'val'}",
+        f"out_dir={tmp_root / 'labels_no_prompt'}",
+        "task.prompt=",
+        "max_batches=1",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"task.prompt is '' here, but {run_dir / 'model'} was trained with 'what is in the video?'" in proc.stderr
     assert set(m["per_class"]) == {
         "red",
         "green",

@@ -141,6 +141,11 @@ class Task(abc.ABC):
         """``model.heads`` sizes this task needs."""
         return {}
 
+    def state(self) -> dict[str, Any]:
+        """What travels with the weights (``task.json``, checkpoints): the task, its vocabulary,
+        and the prompt its text inputs were made with (evaluation warns when its own differs)."""
+        return {"task": self.name, "vocab": self.vocab, "prompt": self.cfg.prompt}
+
     def data_config(self, data: DataConfig, training: bool) -> DataConfig:
         """Downstream tasks do not need MLM masks or MCM questions in their batches."""
         return dataclasses.replace(
