@@ -319,3 +319,20 @@ def test_top_k_takes_ties_at_the_kth_place_all_or_none() -> None:
         [False, False, False, True, True],
     ]
     assert top_k_mask(sim.t(), 2, dim=0).tolist() == top_k_mask(sim, 2, dim=1).t().tolist()
+
+
+def test_count_questions_report_their_mean_squared_error() -> None:
+    """TGIF-QA Count's metric beside accuracy: the MSE of the predicted numbers; a prediction
+    that is not a number is left out of it and counted."""
+    from multi_dist.tasks.qa import _accuracy_report
+
+    items = [
+        {"question": "how many?", "answer": "3", "prediction": "5", "type": "count", "correct": False},
+        {"question": "how many?", "answer": "2", "prediction": "2", "type": "count", "correct": True},
+        {"question": "how many?", "answer": "4", "prediction": "red", "type": "count", "correct": False},
+        {"question": "what color?", "answer": "red", "prediction": "red", "type": "what", "correct": True},
+    ]
+    metrics, _ = _accuracy_report([{"key": "a", "items": items}])
+    assert metrics["mse_count"] == 2.0 and metrics["count_not_a_number"] == 1.0 and metrics["acc"] == 0.5
+    metrics, _ = _accuracy_report([{"key": "a", "items": items[3:]}])
+    assert "mse_count" not in metrics

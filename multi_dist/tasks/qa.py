@@ -244,4 +244,10 @@ def _accuracy_report(records: list[dict[str, Any]]) -> tuple[dict[str, Any], lis
     by_type = report.get("acc_by_type") or {}
     if len(by_type) > 1:
         metrics.update({f"acc_{t}": v for t, v in sorted(by_type.items())})
+    # TGIF-QA Count is reported as the mean squared error of the predicted number (lower is better)
+    counts = [p for p in predictions if p["type"] == "count" and str(p["answer"]).isdigit()]
+    if counts:
+        numbers = [(int(p["prediction"]), int(p["answer"])) for p in counts if str(p["prediction"]).isdigit()]
+        metrics["mse_count"] = sum((a - b) ** 2 for a, b in numbers) / len(numbers) if numbers else float("nan")
+        metrics["count_not_a_number"] = float(len(counts) - len(numbers))  # predictions left out of the MSE
     return metrics, predictions
