@@ -509,6 +509,10 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, float]], None] | No
         return {"stopped": True, "steps": state.step, "samples": state.samples}
 
     profiler = StepProfiler(cfg.profile, run_dir, rank, device)
+    # DeepSpeed keeps the global gradient norm in its ZeRO and bf16 wrappers; fp32 ZeRO-0 steps the
+    # plain torch optimizer, whose gradients are whole on every rank (all-reduced): measured here
+    own_norm = cfg.zero.stage == 0 and not bf16
+    grad_norm = torch.zeros(())
     window: dict[str, list[torch.Tensor]] = {}
     t_window, wait_window, steps_window, frames_window = time.perf_counter(), 0.0, 0, 0
     try:
@@ -545,6 +549,11 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, float]], None] | No
                 with phase("backward"):
                     engine.backward(out["objective"])
                 with phase("optimizer"):
+                    if own_norm and ((state.step + 1) % cfg.log_every == 0 or state.step + 1 == cfg.steps):
+                        # before step() clips and clears the gradients; at log steps only
+                        grad_norm = torch.linalg.vector_norm(
+                            torch.stack([p.grad.norm() for p in engine.module.parameters() if p.grad is not None])
+                        )
                     engine.step()
                 for k, v in out.items():
                     if k != "objective":
@@ -570,7 +579,7 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, float]], None] | No
                 metrics.update(
                     {
                         "optim/lr": max(scheduler.get_last_lr()),  # the new modules' (peak) rate
-                        "optim/grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                        "optim/grad_norm": float(grad_norm if own_norm else engine.get_global_grad_norm()),
                         "perf/clips_per_s": clips,
                         "perf/step_s": elapsed / steps_window,
                         "data/wait_frac": wait_window / elapsed,
@@ -581,6 +590,7 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, float]], None] | No
                 )
                 emit(state.step, metrics)
                 window, t_window, wait_window, steps_window, frames_window = {}, time.perf_counter(), 0.0, 0, 0
+            t_aside = time.perf_counter()
             saved = state.step % cfg.ckpt_every == 0 or state.step == cfg.steps
             if saved:
                 _save(engine, ckpt_dir, state, cfg, stream, rank, task, param_order)
@@ -592,6 +602,8 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, float]], None] | No
                 except EvaluationStopped:
                     return stop(saved)
                 emit(state.step, scalars(metrics))
+            # checkpoints and evaluations are not training: the window's step time and rates leave them out
+            t_window += time.perf_counter() - t_aside
         summary: dict[str, Any] = {
             "steps": state.step,
             "samples": state.samples,

@@ -210,7 +210,8 @@ def test_one_and_two_processes_give_the_same_losses(corpus: Path, tmp_path: Path
     """The same global batch of 8: one rank reading shards 0, 1, 2, ... (4 clips each) 8 at a
     time, or two ranks reading the even and the odd shards 4 at a time. VTC sees the same global
     similarity matrix and MCM the same questions, so losses agree to fp32 reduction order (1e-4
-    relative over 3 steps). VTM (negatives drawn from each rank's own slice) and MLM (mean over
+    relative over 3 steps; the one rank at ZeRO-0, the two at ZeRO-2), and so do the first step's
+    gradient norms. VTM (negatives drawn from each rank's own slice) and MLM (mean over
     each rank's masked tokens) are defined per rank and are switched off here. The two ranks under
     ``torchrun`` (its environment, no ``--local_rank``) give the ``deepspeed`` launcher's losses.
     And the one rank with ZeRO-3, its optimizer and parameters offloaded to the CPU (DeepSpeed's
@@ -228,7 +229,7 @@ def test_one_and_two_processes_give_the_same_losses(corpus: Path, tmp_path: Path
         "val=null",
         "optim.warmup_steps=1",
     )
-    one = pretrain(1, *tiny_args(corpus, tmp_path / "one", *common, "data.batch_size=8"))
+    one = pretrain(1, *tiny_args(corpus, tmp_path / "one", *common, "data.batch_size=8", "zero.stage=0"))
     assert one.returncode == 0, one.stderr[-3000:]
     two = pretrain(2, *tiny_args(corpus, tmp_path / "two", *common, "data.batch_size=4"))
     assert two.returncode == 0, two.stderr[-3000:]
@@ -247,6 +248,11 @@ def test_one_and_two_processes_give_the_same_losses(corpus: Path, tmp_path: Path
             assert c[step][key] == pytest.approx(b[step][key], rel=1e-6), (step, key)
             assert d[step][key] == pytest.approx(a[step][key], rel=1e-5), (step, key)
     assert a[3]["train/loss"] != a[1]["train/loss"]  # the steps did update the model
+    # the first step's gradient norm (before clipping): measured by the loop at fp32 ZeRO-0 (plain
+    # torch AdamW keeps none), by DeepSpeed's ZeRO-2 and offloaded ZeRO-3 wrappers
+    assert a[1]["optim/grad_norm"] > 0.1
+    assert b[1]["optim/grad_norm"] == pytest.approx(a[1]["optim/grad_norm"], rel=1e-4)
+    assert d[1]["optim/grad_norm"] == pytest.approx(a[1]["optim/grad_norm"], rel=1e-4)
 
 
 def test_pretrained_encoder_weights_get_encoder_lr_and_the_rest_lr() -> None:
@@ -386,6 +392,32 @@ def test_a_stop_asked_during_an_evaluation_gives_it_up(corpus: Path, tmp_path: P
     # it logged no step, and reports the last losses it logged before (kept in the checkpoint)
     logged = {k.removeprefix("train/"): v for k, v in metrics(run)[3].items() if k.startswith("train/loss")}
     assert summary["last_losses"] == logged and "loss_vtc" in logged
+
+
+def test_checkpoints_and_evaluations_are_not_counted_as_training_time(corpus: Path, tmp_path: Path) -> None:
+    """A log window's step time, clips/s and data-wait fraction leave out the checkpoints and
+    evaluations between its steps: each takes 1.5 s longer here (a hook), and a step of the tiny
+    model well under 1 s; counted in, the windows after them would say at least 3 s a step."""
+    hook = (
+        "import time\n"
+        "import multi_dist.train as t\n"
+        "def slow(f):\n"
+        "    def g(*a, **k):\n"
+        "        time.sleep(1.5)\n"
+        "        return f(*a, **k)\n"
+        "    return g\n"
+        "t._save, t.evaluate_task = slow(t._save), slow(t.evaluate_task)"
+    )
+    run = tmp_path / "run"
+    args = tiny_args(corpus, run, "steps=3", "log_every=1", "ckpt_every=1", "eval_every=1", "eval_batches=1")
+    proc = subprocess.run(pretrain_after(hook, *args), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = metrics(run)
+    assert sorted(rows) == [1, 2, 3] and (run / "checkpoints" / "step_00000002").is_dir()
+    for step in (2, 3):  # each after a checkpoint and an evaluation
+        assert rows[step]["perf/step_s"] < 1.5, rows[step]
+        clips_per_step = rows[step]["perf/clips_per_s"] * rows[step]["perf/step_s"]
+        assert clips_per_step == pytest.approx(rows[1]["perf/clips_per_s"] * rows[1]["perf/step_s"])  # one batch
 
 
 def _rank_state(run: Path, tag: str) -> dict:
