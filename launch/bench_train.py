@@ -64,7 +64,23 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-NOMINAL_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, SXM parts
+# Dense bf16 tensor-core peaks from NVIDIA's datasheets, matched against the device's name in
+# order: the PCIe and NVL cards first, whose names also contain "H100" / "H200".
+NOMINAL_BF16 = (
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H200 NVL", 835e12),
+    ("H100", 989e12),  # SXM ("NVIDIA H100 80GB HBM3")
+    ("H200", 989e12),  # SXM
+    ("A100", 312e12),
+)
+
+
+def nominal_bf16(name: str) -> float | None:
+    """The card's dense bf16 peak (FLOP/s) by its CUDA device name; None when not listed."""
+    return next((v for k, v in NOMINAL_BF16 if k in name), None)
+
+
 MFU_GOAL = 0.45
 FRAMES = 16  # the CUDA grid and the host floor: the base preset at 16 frames
 CHECKPOINT_FRAMES = 8  # checkpointing on: the vision tower in chunks of 8 frames (bench_memory's default)
@@ -328,7 +344,7 @@ def cuda_grid(args: argparse.Namespace, out_dir: Path, save: Save) -> tuple[list
     import torch
 
     name = torch.cuda.get_device_name()
-    nominal = next((v for k, v in NOMINAL_BF16.items() if k in name), None)
+    nominal = nominal_bf16(name)
     peak = measured_matmul_peak()
     flops = {b: step_flops(b, FRAMES, args.text_len) for b in args.batch}
     print(
@@ -375,9 +391,9 @@ def floor_grid(args: argparse.Namespace, out_dir: Path, save: Save) -> tuple[lis
 
     cuda = torch.cuda.is_available()
     name = torch.cuda.get_device_name() if cuda else "an H100/H200"
-    nominal = next((v for k, v in NOMINAL_BF16.items() if k in name), None)
+    nominal = nominal_bf16(name)
     if nominal is None:  # a card without a figure here: the H100's
-        nominal = NOMINAL_BF16["H100"]
+        nominal = nominal_bf16("H100")
         name += " (an H100's peak)"
     clip_flops = step_flops(2, FRAMES, args.text_len) / 2
     goal_s_per_clip = clip_flops / (MFU_GOAL * nominal)

@@ -260,3 +260,11 @@ def test_the_cuda_table_shows_the_mfu_at_the_gpus_own_pace() -> None:
     assert second.split()[-2:] == ["14.9%", "-"] and len(second) == len(first) == len(header)
     assert failed.split()[-1] == "FAILED"
     assert "at GPU pace" not in bench_train.format_table(rows[1:])  # no profile with kernels: no column
+
+
+def test_the_nominal_peak_is_the_cards_own() -> None:
+    """MFU divides by the card's dense bf16 peak: PCIe and NVL cards, whose names also say H100 or
+    H200, have lower peaks than the SXM parts (an H100 PCIe's 31% at the SXM peak is 41% of its own)."""
+    names = ["NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe", "NVIDIA H100 NVL", "NVIDIA H200", "NVIDIA H200 NVL"]
+    assert [bench_train.nominal_bf16(n) / 1e12 for n in names] == [989, 756, 835, 989, 835]
+    assert bench_train.nominal_bf16("NVIDIA A100-SXM4-80GB") == 312e12 and bench_train.nominal_bf16("Tesla T4") is None
