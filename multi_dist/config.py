@@ -323,12 +323,23 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     except ConfigError as err:
         if path is None:  # the command line alone
             raise
-        # where the key came from: an override that names it, else the file
-        named = [re.search(rf"(?<![\w.]){re.escape('.'.join(keys))}(?![\w.])", str(err)) for keys, _ in parsed]
-        given = [text for text, found in zip(overrides, named) if found]
+
+        # where the key came from: an override that names it or a section of it (a typo in
+        # ``dataa.num_frames=4`` is reported as 'dataa'), else the file
+        given = [text for text, (keys, _) in zip(overrides, parsed) if _names_key(str(err), keys, len(keys))]
+        given = given or [text for text, (keys, _) in zip(overrides, parsed) if _names_key(str(err), keys, 1)]
         if given:
             raise ConfigError(f"{err} (given on the command line: {given[-1]})") from err
         raise ConfigError(f"{err} (from {path})") from err
+
+
+def _names_key(message: str, keys: list[str], shortest: int) -> bool:
+    """Whether an error message names the dotted key ``keys`` or one of its sections of at least
+    ``shortest`` parts."""
+    return any(
+        re.search(rf"(?<![\w.]){re.escape('.'.join(keys[:i]))}(?![\w.])", message)
+        for i in range(len(keys), shortest - 1, -1)
+    )
 
 
 def save_config(cfg: Any, path: str | Path) -> None:

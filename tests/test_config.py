@@ -59,6 +59,9 @@ def test_unknown_key_fails_naming_dotted_key_and_suggestion(tmp_path: Path, capl
         load_config(Outer, empty, ["inner.lrr=3"])
     with pytest.raises(ConfigError, match=r"^inner\.mode: 'c' is not .* \(given on the command line: inner\.mode=c\)$"):
         load_config(Outer, empty, ["steps=2", "inner.mode=c"])
+    # a typo in a section's name is the command line's too
+    with pytest.raises(ConfigError, match=r"'innr'; did you mean 'inner'\? \(given on the command line: innr\.lr=3\)$"):
+        load_config(Outer, empty, ["steps=2", "innr.lr=3"])
     with pytest.raises(ConfigError, match=r"unknown config key 'data\.batchsize'"):
         load_config(TrainConfig, None, ["data.batchsize=4"])
     # a key that moved says where to; its old default, as saved configs hold it, is dropped
