@@ -703,7 +703,8 @@ def _write_results(sweep: SweepConfig, grid: Any) -> SweepOutcome:
     best_config = None
     if rows and not rank(rows[0])[0]:
         best = rows[0]
-        cfg = trial_config(sweep, {key: best[key] for key in sweep.space})
+        # its own run folder: the base config's may hold another run, which the command would resume
+        cfg = trial_config(sweep, {key: best[key] for key in sweep.space}, str(sweep_dir / "best_run"))
         best_config = sweep_dir / "best.yaml"
         save_config(cfg, best_config)
         header = (

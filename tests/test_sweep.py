@@ -162,7 +162,8 @@ def test_a_two_worker_trial_trains_in_one_group_and_an_interrupted_sweep_resumes
     assert row["world_size"] == "2"  # both ranks in one group: torch.distributed's world size
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 24 and summary["samples"] == 24 * 2 * 2  # 2 clips per rank, 2 ranks
-    assert cli.load("pretrain", str(sweep_dir / "best.yaml")).steps == 24
+    best = cli.load("pretrain", str(sweep_dir / "best.yaml"))
+    assert best.steps == 24 and best.run_dir == str(sweep_dir / "best_run")  # not the base config's folder
 
 
 @pytest.mark.parametrize(
