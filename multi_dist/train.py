@@ -373,6 +373,29 @@ def _check_start(cfg: TrainConfig) -> None:
         )
 
 
+# what a resumed run may change without a word: how long it runs, what it logs and keeps
+_RUN_CONTROL = ("steps", "resume", "log_every", "ckpt_every", "keep_checkpoints", "eval_every", "eval_batches")
+_RUN_CONTROL_SECTIONS = ("wandb.", "profile.")
+
+
+def _changed_settings(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """``key: old -> new`` for each setting of a resumed run that differs from its checkpoint's,
+    run control aside (``_RUN_CONTROL``)."""
+
+    def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
+        return out
+
+    if not saved:
+        return []
+    old, new = flat(saved), flat(now)
+    keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    keys = [k for k in keys if k not in _RUN_CONTROL and not k.startswith(_RUN_CONTROL_SECTIONS)]
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys]
+
+
 def _val_config(cfg: TrainConfig, task: Task) -> DataConfig | None:
     if cfg.val is None or not (cfg.val.path or cfg.val.corpora):
         return None
@@ -486,6 +509,15 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, float]], None] | No
         checkpoint.set_rng_state(rank_state["rng"])
         if rank == 0:
             print(f"resumed from {ckpt_dir / tag} at step {state.step}", flush=True)
+            changed = _changed_settings(trainer.get("config", {}), to_dict(cfg))
+            if changed:
+                log.warning(
+                    "resumed with settings that differ from the checkpoint's: %s. The weights, optimizer and "
+                    "learning-rate schedule states come from the checkpoint (its learning rates among them); "
+                    "to train with new settings from these weights, use another run_dir with init=%s",
+                    "; ".join(changed),
+                    ckpt_dir / tag,
+                )
     logger = MetricLogger(
         run_dir, cfg.wandb, to_dict(cfg), total_steps=cfg.steps, enabled=rank == 0, resume_step=state.step
     )

@@ -343,7 +343,8 @@ def test_a_stop_asked_before_the_loop_and_a_checkpoint_never_written_over_anothe
       rank, writes step 2 afresh (in place, the stale file made a 'complete' checkpoint of two runs,
       which DeepSpeed's zero_to_fp32 refuses).
     - resume=false in a folder with checkpoints is refused: the new run's would mix with the old,
-      under the same tags."""
+      under the same tags.
+    - A run resumed with another setting says so: the checkpoint's optimizer and schedule go on."""
     run = tmp_path / "run"
     stale = run / "checkpoints" / "step_00000002"
     stale.mkdir(parents=True)
@@ -354,8 +355,10 @@ def test_a_stop_asked_before_the_loop_and_a_checkpoint_never_written_over_anothe
     assert asked.returncode == 0, asked.stderr[-3000:]
     assert "stopped at step 1 on request" in asked.stdout, asked.stdout[-2000:]
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000001"
-    proc = pretrain(1, *args)  # the same command: resumes, and writes step 2 over the leftover
+    proc = pretrain(1, *args, "optim.lr=0.5", "log_every=2")  # resumes, and writes step 2 over the leftover
     assert proc.returncode == 0 and "resumed from" in proc.stdout, proc.stderr[-3000:]
+    # a changed setting is announced (the checkpoint's learning rate goes on); run control is not
+    assert "resumed with settings that differ from the checkpoint's: optim.lr: 0.01 -> 0.5. " in proc.stderr
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000002"
     assert not (stale / "rank_00001.pt").exists() and (stale / "rank_00000.pt").is_file()
     again = pretrain(1, *tiny_args(corpus, run, "steps=2", "val=null", "resume=false"))
