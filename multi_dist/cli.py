@@ -53,7 +53,8 @@ def run(command: str, cfg: Any, on_log: OnLog | None = None) -> dict[str, Any]:
 def main(command: str, doc: str, argv: list[str] | None = None) -> dict[str, Any]:
     """``launch/<command>.py --config FILE [a.b=c ...]`` under deepspeed, torchrun, srun or python."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help=f"YAML config (configs/{command}/*.yaml)")
+    folder = {"evaluate": "eval"}.get(command, command)
+    p.add_argument("--config", help=f"YAML config (configs/{folder}/*.yaml)")
     p.add_argument("--local_rank", "--local-rank", type=int, help="set by the deepspeed launcher; read from env")
     p.add_argument("overrides", nargs="*", help="a.b=c overrides, e.g. steps=100 data.batch_size=8")
     args = p.parse_intermixed_args(argv)  # overrides may come before or after the options

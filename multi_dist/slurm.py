@@ -450,7 +450,7 @@ def submit(
 def build_parser(doc: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", choices=COMMANDS)
-    p.add_argument("--config", help="YAML config of the command (configs/<command>/*.yaml)")
+    p.add_argument("--config", help="YAML config of the command (configs/pretrain, finetune or eval/*.yaml)")
     p.add_argument("overrides", nargs="*", help="a.b=c overrides, applied to every job")
     p.add_argument("--configs", nargs="+", metavar="FILE", help="a job array: one element per config")
     p.add_argument(
