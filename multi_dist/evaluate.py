@@ -242,7 +242,12 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
                 found = trained.get("task") if trained else "none"
                 raise ValueError(f"init: {src.folder} was not finetuned for task {cfg.task.name!r} (it was: {found})")
             vocab = trained["vocab"]
-        if trained and trained.get("task") == cfg.task.name and trained.get("prompt", "") != cfg.task.prompt:
+        if (
+            info.rank == 0
+            and trained
+            and trained.get("task") == cfg.task.name
+            and trained.get("prompt", "") != cfg.task.prompt
+        ):
             log.warning(
                 "task.prompt is %r here, but %s was trained with %r: the text fused with each clip is not "
                 "what it learned from (set task.prompt as in training)",

@@ -337,7 +337,7 @@ def _window_means(window: dict[str, list[torch.Tensor]]) -> dict[str, float]:
     return {f"train/{k}": m for k, m in zip(window, means)}
 
 
-def _check_start(cfg: TrainConfig) -> None:
+def _check_start(cfg: TrainConfig, rank: int = 0) -> None:
     """Clear start-up errors for settings the loop cannot honour, before any heavy work. The model
     checked is the one that will train: ``init``'s architecture when there is one."""
     model = read_config(resolve(cfg.init).folder) if cfg.init else cfg.model
@@ -354,7 +354,8 @@ def _check_start(cfg: TrainConfig) -> None:
                 raise ValueError(f"{where}={corpus.num_frames} exceeds {limit}")
     k = model.fusion.text_tokens
     if (
-        cfg.task.name == "pretrain"
+        rank == 0
+        and cfg.task.name == "pretrain"
         and cfg.loss.mlm > 0
         and model.fusion.sampler != "none"
         and cfg.data.max_text_len > k
@@ -455,7 +456,7 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, float]], None] | No
     run_dir = Path(cfg.run_dir)
     ckpt_dir = run_dir / "checkpoints"
     with start_up():  # fails here, named, on wrong settings, missing or unfit shards, a missing init
-        _check_start(cfg)
+        _check_start(cfg, rank)
         if not cfg.resume and any(ckpt_dir.glob("step_*")):  # its checkpoints and ours would mix
             raise ValueError(
                 f"resume=false, but {ckpt_dir} holds another run's checkpoints: use another run_dir, "
