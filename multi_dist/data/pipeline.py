@@ -49,7 +49,7 @@ from webdataset import tariterators
 
 from .images import IMAGE_EXTS, decode_image
 from .mcm import AnswerVocab, MCMConfig, build_question, collate_mcm, load_lexicon, mask_tokens
-from .shardlist import list_shards, shard_sizes
+from .shardlist import is_url, list_shards, shard_sizes
 from .text import load_tokenizer
 from .transforms import CLIP_MEAN, CLIP_STD, Crop, ImageFrames, decode_size, fit_frames, frames_to_uint8
 from .video import VIDEO_EXTS, Backend, DecodeError, FrameSampling, decode_frames
@@ -807,7 +807,7 @@ class VideoTextStream:
             folder = os.path.dirname(first)
             if corpus.weight <= 0:
                 continue
-            if "://" in first or first.startswith("pipe:") or not glob.glob(f"{folder}/*.parquet"):
+            if is_url(first) or not glob.glob(f"{folder}/*.parquet"):
                 log.warning(
                     "%s: no parquet files to count answer words from; MCM distractors come from the lexicon",
                     corpus.path,

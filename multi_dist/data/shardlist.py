@@ -11,7 +11,8 @@ from typing import Any
 import braceexpand
 
 
-def _is_url(path: str) -> bool:
+def is_url(path: str) -> bool:
+    """A remote shard (``s3://...``, ``https://...``) or a ``pipe:`` command, not a local file."""
     return "://" in path or path.startswith("pipe:")
 
 
@@ -21,9 +22,9 @@ def list_shards(path: str) -> list[str]:
     """
     if not path:
         raise ValueError("no dataset path given (set data.path to a folder of .tar shards)")
-    if "{" in path or _is_url(path):
+    if "{" in path or is_url(path):
         shards = list(braceexpand.braceexpand(path))
-        if not _is_url(path):
+        if not is_url(path):
             missing = [s for s in shards if not os.path.isfile(s)]
             if missing:
                 raise FileNotFoundError(f"{len(missing)} shard(s) of {path} do not exist, e.g. {missing[0]}")
@@ -42,7 +43,7 @@ def list_shards(path: str) -> list[str]:
 def shard_sizes(shards: list[str]) -> dict[str, int] | None:
     """Samples per shard, from the dataset's ``sizes.json`` or each shard's ``_stats.json``
     (video2dataset's ``successes``); None when neither is there (remote or foreign data)."""
-    if not shards or _is_url(shards[0]):
+    if not shards or is_url(shards[0]):
         return None
     sizes: dict[str, int] = {}
     loaded: dict[Path, dict] = {}

@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from ..config import start_up
 from ..data.pipeline import DataConfig, VideoTextStream
-from ..data.shardlist import list_shards, parquet_column
+from ..data.shardlist import is_url, list_shards, parquet_column
 from ..metrics import Progress
 from ..model.multi import MuLTI
 
@@ -104,7 +104,7 @@ def field_values(path: str | list[str], name: str) -> Iterator[Any]:
         return
     shards = list_shards(path)
     parquets = [os.path.splitext(s)[0] + ".parquet" for s in shards]
-    if "://" not in shards[0] and not shards[0].startswith("pipe:") and all(map(os.path.isfile, parquets)):
+    if not is_url(shards[0]) and all(map(os.path.isfile, parquets)):
         for file in parquets:
             for value in parquet_column(file, name):
                 yield json.loads(value) if isinstance(value, str) and value[:1] in "[{" else value
