@@ -6,6 +6,7 @@ import decimal
 import hashlib
 import io
 import json
+import os
 import shutil
 import tarfile
 from pathlib import Path
@@ -20,7 +21,7 @@ from multi_dist.data.video import probe
 from multi_dist.shards.build import BuildOptions, build, read_rows
 from multi_dist.shards.demo import clip_spec, encode_mp4, render_frames
 
-from .conftest import run_script
+from .conftest import ROOT, run_script
 
 
 def tar_members(path: Path) -> dict[str, bytes]:
@@ -273,12 +274,108 @@ def test_cli_input_dir_with_sidecar_captions(tmp_path: Path, real_clips: dict[st
         if name != "bikes.mp4":
             (src / name).with_suffix(".txt").write_text(f"caption of {name}\n", encoding="utf-8-sig")
     out = tmp_path / "out"
-    proc = run_script("shards/build.py", "--input-dir", str(src), "--output", str(out), "--no-progress")
+    # relative to the working directory, as a user types it: the folder was joined to paths that held it
+    relative = [os.path.relpath(src, ROOT), "--output", os.path.relpath(out, ROOT)]
+    proc = run_script("shards/build.py", "--input-dir", *relative, "--no-progress")
     assert proc.returncode == 0, proc.stderr
     assert "3/4 videos written" in proc.stdout and "invalid_row: 1" in proc.stdout
+    again = run_script("shards/build.py", "--input-dir", str(src), "--output", str(out), "--no-progress")
+    assert again.returncode == 0 and "1 shard(s) already done" in again.stdout, again.stderr  # named otherwise
     rows = {Path(r["source"]).name: r for r in parquet_rows(out)}
     assert rows["bikes.mp4"]["status"] == "invalid_row"
     assert rows["carphone_pristine.mp4"]["caption"] == "caption of carphone_pristine.mp4"
+
+
+def test_a_failed_first_row_or_an_unreadable_file_loses_nothing(tmp_path: Path, real_clips: dict[str, Path]) -> None:
+    """A shard whose first row failed had a parquet without the measured columns (Arrow took the
+    schema from that row); a file name too long for the file system stopped the whole build, at
+    every rerun. Captions are written as the txt member has them, in the json too."""
+    clip = str(real_clips["bikes.mp4"])
+    rows = [
+        {"video": str(tmp_path / "missing.mp4"), "caption": "gone"},
+        {"video": str(tmp_path / ("x" * 300 + ".mp4")), "caption": "too long a name"},
+        {"video": clip, "caption": "  bikes on a street \n", "extra": 1},
+    ]
+    out = tmp_path / "out"
+    summary = build(rows, BuildOptions(output=str(out), progress=False))
+    assert summary["written"] == 1 and summary["failed"] == {"missing_file": 1, "unreadable_file": 1}
+    table = pq.read_table(out / "00000.parquet")
+    assert {"duration", "fps", "num_frames", "width", "height", "bytes", "extra"} <= set(table.column_names)
+    by_status = {r["status"]: r for r in table.to_pylist()}
+    assert by_status["success"]["width"] == 640 and by_status["missing_file"]["width"] is None
+    assert "File name too long" in by_status["unreadable_file"]["error_message"]
+    members = tar_members(out / "00000.tar")
+    (meta,) = [json.loads(v) for k, v in members.items() if k.endswith(".json")]
+    assert meta["caption"] == "bikes on a street" == next(v for k, v in members.items() if k.endswith(".txt")).decode()
+    with tarfile.open(out / "00000.tar") as tar:
+        assert {m.mtime for m in tar.getmembers()} == {0}  # the same bytes for the same input
+
+
+def test_a_folder_built_elsewhere_resumes_where_it_is(tmp_path: Path, real_clips: dict[str, Path]) -> None:
+    """An interrupted build finished from another working directory, or after the project (input
+    and output) moved, or from a build.json of before portable fingerprints (the paths as then
+    given, e.g. data/demo/raw/... into data/demo/train)."""
+    from multi_dist.shards.build import _fingerprint
+
+    project = tmp_path / "project"
+    (project / "raw").mkdir(parents=True)
+    for name, path in real_clips.items():
+        shutil.copy(path, project / "raw" / name)
+    opts = BuildOptions(output=str(project / "out"), samples_per_shard=2, progress=False)
+    rows = [{"video": str(project / "raw" / n), "caption": n} for n in sorted(real_clips)]
+    build(rows, opts)
+    (project / "out" / "00001_stats.json").unlink()  # killed while writing shard 1
+    moved = tmp_path / "moved"
+    project.rename(moved)
+    opts = BuildOptions(output=str(moved / "out"), samples_per_shard=2, progress=False)
+    rows = [{"video": str(moved / "raw" / n), "caption": n} for n in sorted(real_clips)]
+    assert build(rows, opts)["shards_resumed"] == 1
+    # an old build.json: the rows' paths as given then, relative to where that command ran
+    old_rows = [{"video": f"project/raw/{n}", "caption": n} for n in sorted(real_clips)]
+    old_opts = BuildOptions(output="project/out", samples_per_shard=2, progress=False)
+    marker = json.loads((moved / "out" / "build.json").read_text())
+    marker.update(fingerprint=_fingerprint(old_rows, old_opts, portable=False), options={"output": "project/out"})
+    (moved / "out" / "build.json").write_text(json.dumps(marker))
+    assert build(rows, opts)["shards_resumed"] == 2
+    with pytest.raises(ValueError, match="built from a different input"):
+        build(rows[:-1], opts)
+
+
+def test_a_build_process_that_dies_fails_the_build_instead_of_hanging(
+    tmp_path: Path, real_clips: dict[str, Path]
+) -> None:
+    """A worker killed (the kernel's OOM killer, a decoder's crash) mid-shard: multiprocessing.Pool
+    replaced it and waited forever for its shard. Now one error line names the shards left, and
+    the rerun builds them."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    clip = real_clips["bikes.mp4"]
+    rows = [{"video": str(clip), "caption": f"clip {i}"} for i in range(40)]
+    (tmp_path / "in.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "shards/build.py", "--input", str(tmp_path / "in.jsonl"), "--output", str(out)]
+    cmd += ["--samples-per-shard", "2", "--processes", "2", "--no-progress"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list(out.glob("*_stats.json")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    workers = [c for c in psutil.Process(proc.pid).children() if "resource_tracker" not in " ".join(c.cmdline())]
+    assert workers and proc.poll() is None
+    os.kill(workers[0].pid, signal.SIGKILL)
+    try:
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1, stderr[-3000:]
+    assert stderr.startswith("error: a build process died") and "Traceback" not in stderr, stderr[-3000:]
+    assert "run the same command again" in stderr
+    again = run_script(*cmd[1:])
+    assert again.returncode == 0 and "40/40 videos written" in again.stdout, again.stderr[-3000:]
 
 
 def test_cli_names_the_missing_column(tmp_path: Path) -> None:

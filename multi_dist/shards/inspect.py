@@ -19,14 +19,18 @@ from ..data.shardlist import list_shards, shard_sizes
 from ..data.text import load_tokenizer
 
 
-def _parquet_rows(shards: list[str]) -> list[dict[str, Any]] | None:
+def _parquet_rows(path: str, shards: list[str]) -> list[dict[str, Any]] | None:
+    """The build's rows for what was asked: a folder's every parquet (shards where every row
+    failed keep one but no tar), or the parquet beside each selected shard."""
     import pyarrow.parquet as pq
 
-    rows: list[dict[str, Any]] = []
-    folder = Path(shards[0]).parent
-    files = sorted(folder.glob("*.parquet"))
+    if Path(path).is_dir():
+        files = sorted(Path(path).glob("*.parquet"))
+    else:
+        files = [p for p in (Path(s).with_suffix(".parquet") for s in shards) if p.is_file()]
     if not files:
         return None
+    rows: list[dict[str, Any]] = []
     for f in files:
         rows += pq.read_table(f).to_pylist()
     return rows
@@ -64,7 +68,7 @@ def inspect_dataset(
         "shards": len(shards),
         "samples": sum(sizes.values()) if sizes is not None else None,
     }
-    rows = _parquet_rows(shards) if sizes is not None else None
+    rows = _parquet_rows(path, shards) if sizes is not None else None
     if rows is not None:
         status = Counter(r.get("status", "success") for r in rows)
         ok = [r for r in rows if r.get("status", "success") == "success"]
