@@ -1,7 +1,7 @@
 """The one place that knows ranks and worlds, under every launcher.
 
 ``deepspeed`` and ``torchrun`` export RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT;
-``srun`` (and submitit) exports SLURM_PROCID / SLURM_LOCALID / SLURM_NTASKS and a node list;
+``srun`` (and submitit) exports SLURM_PROCID / SLURM_LOCALID / SLURM_STEP_NUM_TASKS and a node list;
 Ray Train sets the torch variables itself; plain ``python`` has none of them and is a world of
 one. :func:`discover` reads whichever is there, :func:`init` starts the process group (gloo on
 CPU, NCCL on GPU) through DeepSpeed so that its engine finds it.
@@ -90,9 +90,11 @@ def discover(env: dict[str, str] | None = None) -> DistInfo:
         local = int(env.get("LOCAL_RANK", rank))
         addr = env.get("MASTER_ADDR", "127.0.0.1")
         port = int(env.get("MASTER_PORT", 29500))
-    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+    elif "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env:
+        # a task of an srun step; a batch script's (or salloc's) own shell has SLURM_PROCID=0 and
+        # the allocation's SLURM_NTASKS too, but no step: plain python there is a world of one
         launcher = "slurm"
-        rank, world = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
+        rank, world = int(env["SLURM_PROCID"]), int(env["SLURM_STEP_NUM_TASKS"])
         local = int(env.get("SLURM_LOCALID", 0))
         addr = env.get("MASTER_ADDR") or _first_host(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "")))
         port = int(env.get("MASTER_PORT") or slurm_port(env))

@@ -2,7 +2,7 @@
 
 ``launch/slurm.py pretrain --config FILE [a.b=c ...] --nodes 2 --gpus-per-node 8 --time 1440`` runs
 one DeepSpeed job as one Slurm task per GPU (on CPU partitions, ``--tasks-per-node`` tasks): every
-task is a rank, found by :func:`multi_dist.dist.discover` from ``SLURM_PROCID`` / ``SLURM_NTASKS``,
+task is a rank, found by :func:`multi_dist.dist.discover` from ``SLURM_PROCID`` / ``SLURM_STEP_NUM_TASKS``,
 with the first node as master and a port derived from the job id.
 
 Nothing is submitted before every config of the submission loads strictly through
@@ -108,6 +108,9 @@ class SlurmConfig:
                 f"--signal-delay-s {self.signal_delay_s} is not shorter than --time {self.time_min} min: the job "
                 "would be told to stop as soon as it starts"
             )
+        for flag, value in {"--cpus-per-task": self.cpus_per_task, "--mem": self.mem_gb}.items():
+            if value is not None and value <= 0:  # sbatch refuses it, after the code snapshot was written
+                raise ValueError(f"{flag} must be positive, got {value}")
         if self.gpus_per_node < 0 or self.max_requeues < 0:
             raise ValueError("--gpus-per-node and --max-requeues must be >= 0")
         if self.tasks_per_node is not None and self.tasks_per_node <= 0:
@@ -163,6 +166,22 @@ def plan(
             if folder in seen:
                 raise ValueError(f"{seen[folder].describe()} and {e.describe()} share run_dir {folder}")
             seen[folder] = e
+    if command == "evaluate":  # each writes {out_dir}/{task}-{tag}.json: the last to finish would win
+        from .evaluate import resolve
+
+        reports: dict[Path, Element] = {}
+        for e in elements:
+            try:
+                tag = resolve(e.cfg.init).tag
+            except FileNotFoundError:  # the job says so itself
+                continue
+            report = Path(e.cfg.out_dir).resolve() / f"{e.cfg.task.name}-{tag}.json"
+            if report in reports:
+                raise ValueError(
+                    f"{reports[report].describe()} and {e.describe()} would both write {report}: "
+                    "give them different out_dir"
+                )
+            reports[report] = e
     return elements
 
 
@@ -268,7 +287,11 @@ def requeue(max_requeues: int, env: Mapping[str, str] = os.environ) -> bool:
             flush=True,
         )
         return False
-    proc = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+    try:
+        proc = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as err:  # no scontrol here, a controller that hangs
+        print(f"could not requeue job {job}: {err}; submit the same command again to resume", flush=True)
+        return False
     if proc.returncode != 0:
         print(f"could not requeue job {job}: {proc.stderr.strip() or proc.stdout.strip()}", flush=True)
         return False

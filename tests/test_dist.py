@@ -26,6 +26,7 @@ def test_slurm_tasks_find_the_first_node_and_a_shared_port() -> None:
     env = {
         "SLURM_PROCID": "5",
         "SLURM_NTASKS": "8",
+        "SLURM_STEP_NUM_TASKS": "8",
         "SLURM_LOCALID": "1",
         "SLURM_JOB_ID": "123456",
         "SLURM_JOB_NODELIST": "gpu[003-004,010]",
@@ -43,6 +44,16 @@ def test_slurm_tasks_find_the_first_node_and_a_shared_port() -> None:
     }
     assert len(ports) == 300 and max(ports) < 32768 and min(ports) >= 20000
     assert discover({**env, "SLURM_JOB_NODELIST": "solo"}).master_addr == "solo"
+
+
+def test_plain_python_in_a_batch_script_is_a_world_of_one() -> None:
+    """A batch script's shell (and salloc's) has SLURM_PROCID=0 and the allocation's SLURM_NTASKS
+    but no job step: plain python there took world size 2 and waited forever for rank 1."""
+    env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "vm"}
+    info = discover(env)
+    assert (info.rank, info.world_size, info.launcher) == (0, 1, "single")
+    step = {**env, "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "1", "SLURM_NTASKS": "1"}  # srun --ntasks=1
+    assert (discover(step).world_size, discover(step).launcher) == (1, "slurm")
 
 
 def test_plain_python_is_a_world_of_one() -> None:

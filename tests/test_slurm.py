@@ -203,6 +203,40 @@ def test_requeue_only_after_the_time_limit_warning_and_within_max_requeues(
     assert "requeued 2 time(s) already (--max-requeues 2)" in capsys.readouterr().out
 
 
+def test_requeue_without_scontrol_says_so(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """No scontrol on the node (or one that hangs): 'could not requeue', not a traceback that
+    fails the job after its checkpoint."""
+    import signal
+
+    from multi_dist import slurm
+
+    monkeypatch.setattr(slurm, "_RECEIVED", [signal.SIGUSR2])
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert not slurm.requeue(3, {"SLURM_JOB_ID": "9"})
+    assert "could not requeue job 9: [Errno 2] No such file or directory: 'scontrol'" in capsys.readouterr().out
+
+
+def test_an_evaluation_array_whose_elements_share_a_report_is_refused(tmp_path: Path) -> None:
+    """Two runs' checkpoints of the same step, one out_dir: both reports were
+    {out_dir}/pretrain-step_00000100.json, the last element to finish overwriting the other."""
+    from multi_dist.slurm import SlurmConfig, plan
+
+    ckpts = []
+    for run in ("runA", "runB"):
+        ckpt = tmp_path / run / "checkpoints" / "step_00000100"
+        ckpt.mkdir(parents=True)
+        (ckpt / "trainer.json").write_text("{}")
+        ckpts.append(str(ckpt))
+    config, out = "configs/eval/demo_pretrain.yaml", f"out_dir={tmp_path / 'eval'}"
+    with pytest.raises(ValueError, match=r"would both write .*/eval/pretrain-step_00000100.json: give them different"):
+        plan("evaluate", str(ROOT / config), [out], checkpoints=ckpts)
+    later = Path(ckpts[1]).rename(Path(ckpts[1]).parent / "step_00000200")  # other steps: other reports
+    assert len(plan("evaluate", str(ROOT / config), [out], checkpoints=[ckpts[0], str(later)])) == 2
+    for flag, field in (("--cpus-per-task", "cpus_per_task"), ("--mem", "mem_gb")):
+        with pytest.raises(ValueError, match=f"{flag} must be positive, got -1"):
+            SlurmConfig(**{field: -1}).validate()
+
+
 def test_the_partition_and_its_cpus_come_from_sinfo(
     cluster: SlurmCluster, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
