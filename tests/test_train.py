@@ -347,14 +347,14 @@ def test_a_stop_asked_before_the_loop_and_a_checkpoint_never_written_over_anothe
     - A run resumed with another setting says so: the checkpoint's optimizer and schedule go on."""
     run = tmp_path / "run"
     stale = run / "checkpoints" / "step_00000002"
-    stale.mkdir(parents=True)
-    (stale / "rank_00001.pt").write_bytes(b"from a killed write")
     args = tiny_args(corpus, run, "steps=2", "ckpt_every=2", "val=null")
     before = "from multi_dist.train import request_stop\nrequest_stop()"
     asked = subprocess.run(pretrain_after(before, *args), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert asked.returncode == 0, asked.stderr[-3000:]
     assert "stopped at step 1 on request" in asked.stdout, asked.stdout[-2000:]
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000001"
+    stale.mkdir()  # made now: the first run's save at step 1 pruned a leftover made before it
+    (stale / "rank_00001.pt").write_bytes(b"from a killed write")
     proc = pretrain(1, *args, "optim.lr=0.5", "log_every=2")  # resumes, and writes step 2 over the leftover
     assert proc.returncode == 0 and "resumed from" in proc.stdout, proc.stderr[-3000:]
     # a changed setting is announced (the checkpoint's learning rate goes on); run control is not
