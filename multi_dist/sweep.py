@@ -47,6 +47,7 @@ import hashlib
 import math
 import os
 import queue
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -230,6 +231,14 @@ def trial_config(sweep: SweepConfig, values: dict[str, Any], run_dir: str | None
     return cli.load(sweep.command, sweep.base, trial_overrides(sweep, values, run_dir))
 
 
+def _error_line(error: BaseException) -> str:
+    """A failed trial's cause in one line: Ray wraps it in a RayTaskError whose first line is
+    Ray's own header (the actor, its pid), in terminal colours."""
+    cause = getattr(error, "cause", None) or error
+    text = f"{type(cause).__name__}: {cause}".strip()
+    return re.sub(r"\x1b\[[0-9;]*m", "", text.splitlines()[0] if text else type(cause).__name__)
+
+
 def check(sweep: SweepConfig) -> list[Any]:
     """Load the run config with the overrides alone, then with each value (or range end) of every
     space key, so that a typo or a bad value fails now, naming the key; returns the configs."""
@@ -248,12 +257,19 @@ def check(sweep: SweepConfig) -> list[Any]:
         max_t = sweep.asha.max_t or max(c.steps for c in configs)
         if sweep.asha.grace_period > max_t:
             raise ConfigError(f"asha.grace_period={sweep.asha.grace_period} exceeds max_t={max_t}")
-        if sweep.metric.startswith("eval/") and not all(c.val is not None and c.eval_every > 0 for c in configs):
+        if sweep.metric.startswith("eval/") and not all(_evaluates(c) and c.eval_every > 0 for c in configs):
             raise ConfigError(
                 f"metric {sweep.metric} is only logged at the end unless the runs evaluate during training: "
                 "set val and eval_every in the run config (or asha: null)"
             )
+    if sweep.metric.startswith("eval/") and not all(_evaluates(c) for c in configs):
+        raise ConfigError(f"metric {sweep.metric} needs an evaluation, but a run has none: set val in the run config")
     return configs
+
+
+def _evaluates(cfg: Any) -> bool:
+    """Whether a run logs eval/ metrics: one with no validation set does not."""
+    return cfg.val is not None and bool(cfg.val.path or cfg.val.corpora)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,6 +310,13 @@ class SweepTrial(tune.Trainable):
             self._logged[STEP] = step
             if self._sweep.metric in metrics:
                 return dict(self._logged)
+            section = self._sweep.metric.split("/")[0] + "/"
+            kin = sorted(k for k in metrics if k.startswith(section))
+            if kin:  # its kind was logged without it (a typo): fail now, not after the whole run
+                raise ValueError(
+                    f"the sweep's metric {self._sweep.metric!r} is not among what the run logs with it: "
+                    f"{', '.join(kin)}"
+                )
 
     def cleanup(self) -> None:
         run = getattr(self, "_run", None)  # None: setup failed before the run started
@@ -683,9 +706,7 @@ def _write_results(sweep: SweepConfig, grid: Any) -> SweepOutcome:
                 "world_size": last.get("world_size", 1),
                 "run_dir": str(Path(result.path) / RUN),
                 "overrides": " ".join(trial_overrides(sweep, values)),
-                "error": (str(result.error).strip().splitlines() or [type(result.error).__name__])[0]
-                if result.error
-                else "",
+                "error": _error_line(result.error) if result.error else "",
             }
         )
     sign = 1 if sweep.mode == "min" else -1
@@ -739,4 +760,6 @@ def main(doc: str, argv: list[str] | None = None) -> SweepOutcome:
         print(f"best run config: {outcome.best_config}")
     if outcome.unfinished:
         raise SystemExit(f"interrupted: {outcome.unfinished} trial(s) unfinished; continue with --resume")
+    if outcome.best_config is None:  # e.g. every trial failed: a script's next step needs best.yaml
+        raise SystemExit(f"no trial reported {sweep.metric}: no best config (see {outcome.results_csv})")
     return outcome

@@ -186,6 +186,41 @@ def test_a_bad_key_or_value_fails_before_ray_starts(tmp_path: Path, override: st
     assert not ray.is_initialized() and not sweep_dir.exists()
 
 
+def test_a_metric_the_runs_do_not_log_fails_the_trial_at_its_first_report(demo_corpus: Path, short_dir: Path) -> None:
+    """A typo in ``metric``: the trial trained to its last step and exported before it failed, and
+    the sweep then exited 0 with no best.yaml and Ray's header line as the error. Now the first
+    logged dict of the metric's kind (train/) fails it, the error column holds the cause, and
+    the command fails; an eval/ metric with no validation set fails before Ray starts."""
+    sweep_dir = short_dir / "s"
+    cmd = [
+        sys.executable,
+        "launch/sweep.py",
+        "--config",
+        "configs/sweep/tiny.yaml",
+        f"sweep_dir={sweep_dir}",
+        "num_cpus=1",
+        "space={}",
+        "num_samples=1",
+        "asha=null",
+        "metric=train/los",
+        run_overrides(demo_corpus, "steps=4", "log_every=1", "ckpt_every=100"),
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, **RAY_ENV})
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert f"no trial reported train/los: no best config (see {sweep_dir / 'results.csv'})" in proc.stderr
+    (row,) = read_rows(sweep_dir / "results.csv")
+    assert row["status"] == "error" and row["error"].startswith(
+        "ValueError: the sweep's metric 'train/los' is not among what the run logs with it: "
+    ), row["error"]
+    assert "train/loss" in row["error"] and "\x1b" not in row["error"]
+    run = Path(row["run_dir"])
+    assert len((run / "metrics.jsonl").read_text().splitlines()) < 4 and not (run / "summary.json").exists()
+    assert not (sweep_dir / "best.yaml").exists()
+    no_val = sweep.load("configs/sweep/tiny.yaml", ["metric=eval/t2v_r1", "asha=null", "overrides=[val=null]"])
+    with pytest.raises(ConfigError, match="metric eval/t2v_r1 needs an evaluation, but a run has none: set val"):
+        sweep.check(no_val)
+
+
 def test_the_example_sweep_checks() -> None:
     """configs/sweep/tiny.yaml: every trial config it can produce loads (base + overrides, then
     each value or range end of each space key)."""
