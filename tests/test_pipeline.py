@@ -245,11 +245,31 @@ def test_missing_dataset_is_named(demo_corpus: Path, tmp_path: Path) -> None:
         VideoTextStream(cfg_for(tmp_path / "cut"))
 
 
+def test_an_epoch_with_no_full_batch_for_a_rank_fails_at_start_up(demo_corpus: Path) -> None:
+    """Training in epoch mode whose share per rank is under a batch: the stream was empty and the
+    loop died with a bare StopIteration at its first step."""
+    cfg = cfg_for(demo_corpus / "val", resampled=False, batch_size=16)  # 40 clips: 10 per rank x worker
+    with pytest.raises(ValueError, match=r"rank 1's share of an epoch holds no full batch of 16 .*data.batch_size"):
+        VideoTextStream(cfg, rank=1, world_size=2, drop_last=True)
+    assert len(VideoTextStream(cfg, rank=1, world_size=2)) == 2  # evaluation keeps short batches
+
+
+def test_a_home_folder_in_a_brace_pattern_is_expanded(
+    demo_corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from multi_dist.data.shardlist import list_shards
+
+    (tmp_path / "data").symlink_to(demo_corpus / "val")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert list_shards("~/data/{00000..00001}.tar") == [str(tmp_path / "data" / f"0000{i}.tar") for i in (0, 1)]
+
+
 def test_a_json_that_is_not_an_object_or_a_bad_size_hint_does_not_stop_the_stream(
     demo_corpus: Path, tmp_path: Path
 ) -> None:
     """A sample whose json is a list is skipped and counted (it ended the loader worker); one whose
-    width is not a number streams, decoded without the size hint."""
+    width is not a number streams, decoded without the size hint; one with no txt and a null
+    json caption is skipped as captionless (it trained on the caption "None")."""
     shard = sorted((demo_corpus / "val").glob("*.tar"))[0]
     bad = tmp_path / "bad"
     bad.mkdir()
@@ -262,12 +282,16 @@ def test_a_json_that_is_not_an_object_or_a_bad_size_hint_does_not_stop_the_strea
                 data = b'["not", "an", "object"]'
             elif m.name == f"{keys[2]}.json":
                 data = json.dumps({**json.loads(data), "width": [64], "height": 1e400}).encode()
+            elif m.name == f"{keys[3]}.json":
+                data = json.dumps({**json.loads(data), "caption": None}).encode()
+            elif m.name == f"{keys[3]}.txt":
+                continue
             info = tarfile.TarInfo(m.name)
             info.size = len(data)
             tar_out.addfile(info, io.BytesIO(data))
     stream = VideoTextStream(cfg_for(bad, resampled=False, num_workers=1, shuffle_buffer=0))
-    assert sorted(all_keys(stream)) == [k for k in keys if k != keys[1]]
-    assert stream.totals == {"decoded": len(keys) - 1, "skipped": 1, "tar_errors": 0}
+    assert sorted(all_keys(stream)) == [k for k in keys if k not in (keys[1], keys[3])]
+    assert stream.totals == {"decoded": len(keys) - 2, "skipped": 2, "tar_errors": 0}
 
 
 def test_shards_that_cannot_be_read_fail_resampled_mode_instead_of_spinning(tmp_path: Path) -> None:
@@ -361,11 +385,14 @@ def test_restoring_with_other_worker_count_is_refused(demo_corpus: Path) -> None
 
 
 def test_pyav_backend_streams_the_same_clips(demo_corpus: Path) -> None:
-    base = cfg_for(demo_corpus / "val", resampled=False, num_workers=0, shuffle_buffer=0)
+    # at the clips' own 64 px: no resizing, which decord does while decoding and PyAV after
+    base = cfg_for(demo_corpus / "val", resampled=False, num_workers=0, shuffle_buffer=0, image_size=64)
     a = next(iter(VideoTextStream(base)))
     b = next(iter(VideoTextStream(dataclasses.replace(base, decoder="pyav"))))
     assert a["key"] == b["key"]
-    assert (normalize_frames(a["video"]) - normalize_frames(b["video"])).abs().mean() < 0.05
+    # the same frames, each (a one-frame shift of these slow clips is 0.03-0.08 for a frame)
+    diff = (normalize_frames(a["video"]) - normalize_frames(b["video"])).abs()
+    assert diff.flatten(2).mean(-1).max() < 0.01
 
 
 def test_parquet_column_keeps_the_rows_the_builder_wrote(tmp_path: Path) -> None:

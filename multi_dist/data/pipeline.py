@@ -648,7 +648,8 @@ def _decode_sample(
     if "txt" in sample:
         caption = sample["txt"].decode("utf-8").strip()
     else:
-        caption = str(meta.get("caption", "")).strip()
+        caption = meta.get("caption")
+        caption = "" if caption is None else str(caption).strip()  # a null caption is none, not "None"
     if not caption and cfg.require_caption:
         raise ValueError("empty caption")
     if kind == "image":
@@ -788,6 +789,12 @@ class VideoTextStream:
         self.corpus_counts = {c.name: 0 for c in self.corpora}
         """Samples delivered per corpus since the stream began (kept across checkpoints)."""
         self.skipped_keys: deque[str] = deque(maxlen=1000)
+        if drop_last and not cfg.resampled and all(c.sizes is not None for c in sampled) and len(self) == 0:
+            raise ValueError(
+                f"{self.where()}: rank {rank}'s share of an epoch holds no full batch of {cfg.batch_size} "
+                f"({world_size} rank(s) x {self.num_workers} worker(s); training drops a short last batch). "
+                f"Use a smaller {key}.batch_size, fewer {key}.num_workers, or {key}.resampled=true."
+            )
 
     def where(self) -> str:
         """What its messages name: the dataset path, or `<key>.corpora` for a mixture."""

@@ -25,6 +25,7 @@ def list_shards(path: str) -> list[str]:
     if "{" in path or is_url(path):
         shards = list(braceexpand.braceexpand(path))
         if not is_url(path):
+            shards = [os.path.expanduser(s) for s in shards]  # ~/data/{00000..00009}.tar as ~/data is
             missing = [s for s in shards if not os.path.isfile(s)]
             if missing:
                 raise FileNotFoundError(f"{len(missing)} shard(s) of {path} do not exist, e.g. {missing[0]}")

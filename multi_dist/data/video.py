@@ -173,15 +173,32 @@ def _decode_pyav(data: bytes, num_frames: int, strategy: FrameSampling, rng: ran
 
 
 def _decode_pyav_all(data: bytes, num_frames: int, strategy: FrameSampling, rng: random.Random | None) -> np.ndarray:
-    """Containers that do not state a frame count: decode all, then sample."""
+    """Containers that do not state a frame count (mkv, webm) or overstate it: count the video
+    packets (demuxing, no decoding), then decode once, converting only the sampled frames (a
+    minute of 1080p held as RGB is gigabytes)."""
     import av
 
     with av.open(io.BytesIO(data)) as container:
-        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
-    if not frames:
+        total = sum(1 for packet in container.demux(video=0) if packet.size)
+    if total == 0:
         raise DecodeError("no video frames")
-    idx = sample_frames(len(frames), num_frames, strategy, rng)
-    return np.stack([frames[i] for i in idx])
+    wanted = sample_frames(total, num_frames, strategy, rng)
+    picked: dict[int, np.ndarray] = {}
+    last = None
+    with av.open(io.BytesIO(data)) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        for i, frame in enumerate(container.decode(stream)):
+            if i in wanted:
+                picked[i] = frame.to_ndarray(format="rgb24")
+            last = (i, frame)
+            if i >= wanted[-1]:
+                break
+    if last is None:
+        raise DecodeError("no video frames")
+    if last[0] not in picked:  # fewer frames than packets: the last one stands in for the rest
+        picked[last[0]] = last[1].to_ndarray(format="rgb24")
+    return np.stack([picked.get(i, picked[last[0]]) if i > last[0] else picked[i] for i in wanted])
 
 
 def probe(data: bytes, full_decode: bool = True) -> VideoInfo:
