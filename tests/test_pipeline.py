@@ -17,7 +17,7 @@ from multi_dist.data.text import load_tokenizer, resolve_pretrained
 from multi_dist.data.transforms import frames_to_uint8, normalize_frames
 from multi_dist.data.video import decode_frames
 
-from .conftest import TOKENIZER, small_data_config
+from .conftest import ROOT, TOKENIZER, small_data_config
 
 
 def cfg_for(path: Path, **kw) -> DataConfig:
@@ -262,6 +262,42 @@ def test_a_home_folder_in_a_brace_pattern_is_expanded(
     (tmp_path / "data").symlink_to(demo_corpus / "val")
     monkeypatch.setenv("HOME", str(tmp_path))
     assert list_shards("~/data/{00000..00001}.tar") == [str(tmp_path / "data" / f"0000{i}.tar") for i in (0, 1)]
+
+
+def test_pipe_commands_outlive_the_jobs_stop_signals_without_loader_workers(demo_corpus: Path, tmp_path: Path) -> None:
+    """Slurm sends USR2 (and SIGTERM) to every process of the step. With data.num_workers=0 the
+    training process, whose handlers exec resets, started the ``pipe:`` commands: the signal
+    ended them, and the shard being read was skipped as unreadable before the stop checkpoint."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "read.py"
+    script.write_text(
+        "import os, signal, sys, threading\n"
+        "sys.path.insert(0, os.getcwd())\n"
+        "from multi_dist.data.pipeline import VideoTextStream\n"
+        "from tests.conftest import small_data_config\n"
+        "signal.signal(signal.SIGUSR2, lambda *_: None)  # as the training loop: a handler\n"
+        "signal.signal(signal.SIGTERM, lambda *_: None)\n"
+        "path = f'pipe:sleep 1 && cat {sys.argv[1]}/{{00000..00001}}.tar'\n"
+        "stream = VideoTextStream(small_data_config(path=path, resampled=False, num_workers=0, batch_size=5))\n"
+        "def stop() -> None:\n"
+        "    os.killpg(0, signal.SIGUSR2)\n"
+        "    os.killpg(0, signal.SIGTERM)\n"
+        "threading.Timer(0.5, stop).start()  # while the first shard's command sleeps\n"
+        "keys = [k for batch in stream for k in batch['key']]\n"
+        "print(len(keys), len(set(keys)), stream.totals['tar_errors'])\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, str(script), str(demo_corpus / "val")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        start_new_session=True,  # its own process group: the signals reach it and its commands only
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["20", "20", "0"], proc.stdout + proc.stderr[-3000:]
 
 
 def test_a_json_that_is_not_an_object_or_a_bad_size_hint_does_not_stop_the_stream(

@@ -46,6 +46,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset import tariterators
+from webdataset.gopen import Pipe, gopen_pipe, gopen_schemes
 
 from .images import IMAGE_EXTS, decode_image
 from .mcm import AnswerVocab, MCMConfig, build_question, collate_mcm, load_lexicon, mask_tokens
@@ -376,6 +377,21 @@ def mix(sources: list[Iterable[dict]], weights: list[float], rng: random.Random)
             live.remove(i)
             continue
         yield i, sample
+
+
+def _gopen_pipe(url: str, mode: str = "rb", bufsize: int = 8192, **kw: Any) -> Any:
+    """webdataset's ``pipe:`` opener, with a command that outlives the job's stop signals as the
+    loader workers do: USR2 and SIGTERM are ignored from the shell on (an ignored signal stays so
+    across exec; a handled one does not). With ``num_workers=0`` the training process starts the
+    commands, and Slurm's USR2, sent to every process of the step, ended them: the shard being read
+    was skipped as unreadable just before the stop checkpoint."""
+    if not mode.startswith("r"):
+        return gopen_pipe(url, mode, bufsize)
+    command = f"trap '' USR2 TERM; {url.removeprefix('pipe:')}"
+    return Pipe(command, mode=mode, shell=True, bufsize=bufsize, ignore_status=[141])
+
+
+gopen_schemes["pipe"] = _gopen_pipe
 
 
 def outlive_job_signals(worker_id: int) -> None:
