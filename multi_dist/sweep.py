@@ -41,9 +41,11 @@ trials restart in the same folder and their runs resume from their last checkpoi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import hashlib
+import json
 import math
 import os
 import queue
@@ -58,6 +60,7 @@ import ray
 import yaml
 from ray import tune
 from ray.train.v2.api.callback import UserCallback
+from ray.tune.schedulers import ASHAScheduler
 
 from . import cli
 from .config import ConfigError, exit_on_startup_error, load_config, save_config, start_up, to_dict
@@ -612,13 +615,41 @@ def _trainable(sweep: SweepConfig) -> Any:
     return tune.with_resources(tune.with_parameters(SweepTrial, sweep=sweep, cwd=os.getcwd()), resources)
 
 
+class ResumableASHA(ASHAScheduler):
+    """ASHA whose rungs survive ``--resume``. Tune does not keep a scheduler's state with the
+    experiment: a restored sweep got the scheduler pickled at its start, rungs empty, so trials
+    were compared only with reports made after the restart, and a bad trial begun again ran to
+    max_t. Each trial Tune adds back brings its earlier reports (its ``result.json``) into its
+    bracket, in order, as they were first judged."""
+
+    def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
+        super().on_trial_add(tune_controller, trial)
+        bracket = self._trial_info[trial.trial_id]
+        for result in _reports(trial):
+            if self._time_attr in result and result.get(self._metric) is not None:
+                bracket.on_result(trial, result[self._time_attr], self._metric_op * result[self._metric])
+
+
+def _reports(trial: Any) -> list[dict[str, Any]]:
+    """What a trial reported before (none for a new trial), from its folder in the sweep."""
+    if trial.storage is None or not trial.has_reported_at_least_once:
+        return []
+    path = Path(trial.path) / "result.json"
+    if not path.is_file():
+        return []
+    reports = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):  # a line cut by the kill
+            reports.append(json.loads(line))
+    return reports
+
+
 def _tuner(sweep: SweepConfig, configs: list[Any]) -> tune.Tuner:
-    from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import BasicVariantGenerator
 
     scheduler = None
     if sweep.asha is not None:
-        scheduler = ASHAScheduler(
+        scheduler = ResumableASHA(
             time_attr=STEP,
             max_t=sweep.asha.max_t or max(c.steps for c in configs),
             grace_period=sweep.asha.grace_period,

@@ -166,6 +166,84 @@ def test_a_two_worker_trial_trains_in_one_group_and_an_interrupted_sweep_resumes
     assert cli.load("pretrain", str(sweep_dir / "best.yaml")).steps == 24
 
 
+ASHA_SCRIPT = """
+import sys, time
+from pathlib import Path
+import ray
+from ray import tune
+from ray.tune.search import BasicVariantGenerator
+from multi_dist.sweep import ResumableASHA
+
+folder, how = Path(sys.argv[1]), sys.argv[2]
+
+class Trial(tune.Trainable):  # x is its loss; the bad trial takes a while to set up, as a run does
+    def setup(self, config):
+        self.x = config["x"]
+        if self.x > 0:
+            (folder / "bad_started").touch()
+            time.sleep(4)
+
+    def step(self):
+        return {"step": self.iteration + 1, "loss": float(self.x), "done": self.iteration + 1 >= 8}
+
+ray.init(num_cpus=1, include_dashboard=False)
+trainable = tune.with_resources(Trial, {"cpu": 1})
+if how == "resume":
+    tuner = tune.Tuner.restore(str(folder / "tune"), trainable=trainable, resume_unfinished=True, resume_errored=True)
+else:
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"x": tune.grid_search([0.0, 5.0])},
+        tune_config=tune.TuneConfig(
+            metric="loss",
+            mode="min",
+            search_alg=BasicVariantGenerator(max_concurrent=1),
+            scheduler=ResumableASHA(time_attr="step", max_t=8, grace_period=1, reduction_factor=2),
+        ),
+        run_config=tune.RunConfig(
+            name="tune",
+            storage_path=str(folder),
+            verbose=0,
+            checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False),
+        ),
+    )
+for result in tuner.fit():
+    print("x", (result.config or {}).get("x"), "step", (result.metrics or {}).get("step"))
+ray.shutdown()
+"""
+
+
+def test_asha_judges_a_resumed_sweeps_trials_against_the_reports_before_the_interruption(short_dir: Path) -> None:
+    """Tune restores a scheduler as it was pickled at the sweep's start: ASHA's rungs were empty
+    after --resume, so a bad trial begun again was compared with nothing and ran to max_t.
+    Interrupted while the bad trial sets up (the good one done), then resumed: the bad trial is
+    stopped at its first rung, as in a sweep never interrupted."""
+    script = short_dir / "asha.py"
+    script.write_text(ASHA_SCRIPT)
+    env = {**os.environ, **RAY_ENV, "PYTHONPATH": str(ROOT)}
+    first = subprocess.Popen(
+        [sys.executable, str(script), str(short_dir), "start"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.time() + 120
+    while not (short_dir / "bad_started").exists():
+        assert first.poll() is None and time.time() < deadline, first.communicate()[1][-3000:]
+        time.sleep(0.1)
+    first.send_signal(signal.SIGINT)
+    out, err = first.communicate(timeout=120)
+    assert "x 0.0 step 8" in out and "x 5.0" not in out, out + err[-3000:]  # the bad one had not reported
+    again = subprocess.run(
+        [sys.executable, str(script), str(short_dir), "resume"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    results = sorted(line for line in again.stdout.splitlines() if line.startswith("x "))
+    assert results == ["x 0.0 step 8", "x 5.0 step 1"], again.stdout + again.stderr[-3000:]
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [
