@@ -45,6 +45,7 @@ import contextlib
 import csv
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -242,20 +243,35 @@ def _error_line(error: BaseException) -> str:
     return re.sub(r"\x1b\[[0-9;]*m", "", text.splitlines()[0] if text else type(cause).__name__)
 
 
+MAX_CHECKED_COMBINATIONS = 256
+
+
 def check(sweep: SweepConfig) -> list[Any]:
-    """Load the run config with the overrides alone, then with each value (or range end) of every
-    space key, so that a typo or a bad value fails now, naming the key; returns the configs."""
+    """Load the run config with the overrides alone, then with every combination of the space's
+    values (range ends for ranges; beyond ``MAX_CHECKED_COMBINATIONS``, each value with the first
+    of the others), so that a typo or a bad value fails now, naming the keys; returns the configs."""
     try:
         configs = [cli.load(sweep.command, sweep.base, sweep.overrides)]
     except ConfigError as err:
         raise ConfigError(f"overrides: {err}") from err
-    first = {key: domain.candidates()[0] for key, domain in sweep.space.items()}
-    for key, domain in sweep.space.items():
-        for value in domain.candidates():
+    keys = list(sweep.space)
+    candidates = [sweep.space[key].candidates() for key in keys]
+    if math.prod(len(c) for c in candidates) <= MAX_CHECKED_COMBINATIONS:
+        # every combination: values valid alone may not be together (grad_accum=2 with on_nan=skip)
+        for combo in itertools.product(*candidates):
             try:
-                configs.append(trial_config(sweep, {**first, key: value}))
+                configs.append(trial_config(sweep, dict(zip(keys, combo, strict=True))))
             except ConfigError as err:
-                raise ConfigError(f"space '{key}' = {value!r}: {err}") from err
+                named = ", ".join(f"'{k}' = {v!r}" for k, v in zip(keys, combo, strict=True))
+                raise ConfigError(f"space {named}: {err}") from err
+    else:  # too many to load: each value with the first of the others
+        first = {key: c[0] for key, c in zip(keys, candidates, strict=True)}
+        for key, values in zip(keys, candidates, strict=True):
+            for value in values:
+                try:
+                    configs.append(trial_config(sweep, {**first, key: value}))
+                except ConfigError as err:
+                    raise ConfigError(f"space '{key}' = {value!r}: {err}") from err
     if sweep.asha is not None:
         max_t = sweep.asha.max_t or max(c.steps for c in configs)
         if sweep.asha.grace_period > max_t:

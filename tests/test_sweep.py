@@ -252,6 +252,10 @@ def test_asha_judges_a_resumed_sweeps_trials_against_the_reports_before_the_inte
         ("space={zero.stage: {choice: [2, 4]}}", "space 'zero.stage' = 4: zero.stage must be 0, 1, 2 or 3"),
         ("overrides=[steps=4, optim.warmup=2]", "overrides: unknown config key 'optim.warmup'"),
         ("metrc=train/loss", "unknown config key 'metrc'; did you mean 'metric'?"),
+        (  # values valid alone, not together: every combination is loaded
+            "space={grad_accum: {grid: [1, 2]}, on_nan: {choice: [stop, skip]}}",
+            "space 'grad_accum' = 2, 'on_nan' = 'skip': on_nan=skip needs grad_accum=1",
+        ),
     ],
 )
 def test_a_bad_key_or_value_fails_before_ray_starts(tmp_path: Path, override: str, message: str) -> None:
@@ -301,8 +305,8 @@ def test_a_metric_the_runs_do_not_log_fails_the_trial_at_its_first_report(demo_c
 
 def test_the_example_sweep_checks() -> None:
     """configs/sweep/tiny.yaml: every trial config it can produce loads (base + overrides, then
-    each value or range end of each space key)."""
+    every combination of the space's values and range ends)."""
     cfg = sweep.load("configs/sweep/tiny.yaml")
     configs = sweep.check(cfg)
-    assert len(configs) == 1 + 2 + 3 + 2 and {c.steps for c in configs} == {30}
+    assert len(configs) == 1 + 2 * 3 * 2 and {c.steps for c in configs} == {30}
     assert {c.optim.warmup_steps for c in configs} == {5, 2, 10}  # tiny.yaml's 5, then the choices
