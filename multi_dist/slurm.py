@@ -387,6 +387,9 @@ def sbatch_parameters(s: SlurmConfig, command: str, cfg: Any, code: Path) -> dic
             f"export PYTHONPATH={shlex.quote(str(code))}${{PYTHONPATH:+:$PYTHONPATH}}",
         ],
         "additional_parameters": {"requeue": True, "chdir": str(code)},
+        # a rank that fails ends the step: the others would wait in their next collective (NCCL:
+        # until its timeout, 30 min of the allocation)
+        "srun_args": ["--kill-on-bad-exit=1"],
     }
     if s.gpus_per_node:
         params["gpus_per_node"] = s.gpus_per_node

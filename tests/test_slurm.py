@@ -179,6 +179,8 @@ def test_dry_run_prints_the_batch_script_and_submits_nothing(demo_corpus: Path, 
         "#SBATCH --partition=gpu",
         "#SBATCH --mem=64G",
         "-u -m submitit.core._submit",
+        "srun --unbuffered --output",  # (submitit's)
+        "--kill-on-bad-exit=1",
     ):
         assert line in out, line
     assert f"init={ROOT / 'configs'}" in out and f"init={ROOT / 'launch'}" in out
