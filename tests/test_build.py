@@ -202,6 +202,21 @@ def test_a_container_the_stream_does_not_read_by_name_is_made_an_mp4(tmp_path: P
     assert [len(b["key"]) for b in stream] == [2] and stream.totals["skipped"] == 0
 
 
+def test_a_still_image_named_like_a_video_is_not_a_video_when_reencoding(tmp_path: Path) -> None:
+    """Kept as it was, a PNG named .mp4 failed to decode; re-encoded (--fps), it became a one-frame
+    'video'. Both ways now it is failed_to_decode, named."""
+    from PIL import Image
+
+    Image.fromarray(np.zeros((64, 80, 3), np.uint8)).save(tmp_path / "still.png", format="PNG")
+    shutil.copy(tmp_path / "still.png", tmp_path / "still.mp4")
+    rows = [{"video": str(tmp_path / "still.mp4"), "caption": "a still"}]
+    for name, opts in (("as_is", {}), ("reencoded", {"fps": 4})):
+        out = tmp_path / name
+        assert build(rows, BuildOptions(output=str(out), progress=False, **opts))["failed"] == {"failed_to_decode": 1}
+    (row,) = parquet_rows(tmp_path / "reencoded")
+    assert row["error_message"].endswith("still.mp4: an image (png_pipe), not a video")
+
+
 def test_extra_columns_of_any_parquet_type_are_kept_in_the_json(tmp_path: Path, real_clips: dict[str, Path]) -> None:
     """Timestamps, dates, decimals, bytes and lists from a Parquet table: kept as JSON (the build
     stopped on the first timestamp, leaving a .tar.tmp)."""
@@ -393,8 +408,11 @@ def test_cli_bad_input_is_one_error_line(tmp_path: Path) -> None:
 
     manifest = tmp_path / "in.jsonl"
     manifest.write_text(json.dumps({"video": "a.mp4", "caption": "x"}) + "\n")
+    clashing = tmp_path / "clash.jsonl"  # a dataset's name in 'source', a resolution in 'width'
+    clashing.write_text(json.dumps({"video": "a.mp4", "caption": "x", "source": "youtube", "width": 1}) + "\n")
     out = ["--output", str(tmp_path / "out")]
     cases = {
+        f"error: {clashing}: column(s) 'source', 'width' would be overwritten": ["--input", str(clashing)],
         "error: input file not found: ": ["--input", str(tmp_path / "nope.jsonl")],
         "error: input folder not found: ": ["--input-dir", str(tmp_path / "nodir")],
         f"error: {manifest}: no column 'captions'": ["--input", str(manifest), "--caption-col", "captions"],

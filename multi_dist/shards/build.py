@@ -146,9 +146,26 @@ def rows_from_dir(
     return rows
 
 
+# What the builder writes in each sample's json (and parquet row) itself: an input column of one
+# of these names would be lost under it.
+WRITTEN_FIELDS = {
+    "video": ("source", "key", "status", "error_message", "duration", "fps", "num_frames", "width", "height", "bytes"),
+    "image": (
+        *("source", "key", "status", "error_message", "width", "height"),
+        *("original_width", "original_height", "sha256", "bytes"),
+    ),
+}
+
+
 def check_columns(rows: list[dict[str, Any]], opts: BuildOptions, source: str) -> None:
     if not rows:
         raise ValueError(f"{source}: no rows")
+    taken = sorted(set(WRITTEN_FIELDS[opts.kind]) & set(rows[0]) - {opts.path_col, opts.caption_col})
+    if taken:
+        raise ValueError(
+            f"{source}: column(s) {', '.join(repr(c) for c in taken)} would be overwritten: the builder writes "
+            "fields of those names in each sample's json; rename them"
+        )
     for col in (opts.path_col, opts.caption_col):
         if col not in rows[0]:
             cols = [c for c in rows[0] if not c.startswith("_")]
@@ -264,10 +281,16 @@ def reencode(data: bytes, path: Path, opts: BuildOptions, start: float | None, e
 
     try:
         src = av.open(io.BytesIO(data))
-        stream = src.streams.video[0]
-        stream.thread_type = "AUTO"
     except Exception as err:
         raise SampleError(FAILED_TO_DECODE, f"{path}: {type(err).__name__}: {err}") from err
+    if not src.streams.video:
+        src.close()
+        raise SampleError(FAILED_TO_DECODE, f"{path}: no video stream")
+    if src.format.name == "image2" or src.format.name.endswith("_pipe"):  # re-encoded, a still was a 1-frame clip
+        src.close()
+        raise SampleError(FAILED_TO_DECODE, f"{path}: an image ({src.format.name}), not a video")
+    stream = src.streams.video[0]
+    stream.thread_type = "AUTO"
     try:
         w, h = stream.codec_context.width, stream.codec_context.height
         if opts.short_side and min(w, h) > opts.short_side:
