@@ -334,6 +334,20 @@ def test_sigterm_to_the_whole_job_checkpoints_and_the_loader_workers_outlive_it(
     assert 3 <= step < 500 and (run / "checkpoints" / "latest").read_text().strip() == f"step_{step:08d}"
 
 
+def test_the_latest_checkpoint_is_never_written_over(tmp_path: Path) -> None:
+    """save() removes a leftover folder of its tag before writing, unless that folder is the
+    latest complete checkpoint: refused before anything is touched (no engine is needed to see it)."""
+    from multi_dist import checkpoint
+
+    latest = tmp_path / "step_00000004"
+    latest.mkdir()
+    (latest / checkpoint.COMPLETE).write_text("{}")
+    (tmp_path / checkpoint.LATEST).write_text("step_00000004")
+    with pytest.raises(RuntimeError, match="step_00000004 is the latest checkpoint: it is not written over"):
+        checkpoint.save(None, tmp_path, 4, {}, {}, keep=3)
+    assert (latest / checkpoint.COMPLETE).is_file() and checkpoint.latest_tag(tmp_path) == "step_00000004"
+
+
 def test_a_stop_asked_before_the_loop_and_a_checkpoint_never_written_over_another_runs(
     corpus: Path, tmp_path: Path
 ) -> None:
