@@ -44,10 +44,19 @@ def latest_tag(ckpt_dir: str | Path) -> str | None:
 
 
 def atomic_write(path: Path, text: str) -> None:
-    """Write under a temporary name, then rename: readers see the old file or the whole new one."""
+    """Write under a temporary name, then rename: readers see the old file or the whole new one,
+    also after a crash of the machine (the data reaches the disk before the rename does)."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
+    with tmp.open("w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 def rng_state() -> dict[str, Any]:
@@ -89,6 +98,7 @@ def save(
         dist.barrier()
     engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)
     torch.save(rank_state, ckpt_dir / tag / f"rank_{rank:05d}.pt")
+    os.sync()  # this node's files on disk before rank 0 marks the checkpoint complete (a node that crashes)
     if dist.is_initialized():
         dist.barrier()
     if rank == 0:
