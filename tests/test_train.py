@@ -288,13 +288,15 @@ def test_epoch_mode_training_drops_short_batches_so_ranks_stay_in_step(tmp_path:
     """18 clips in shards of 4, 4, 4, 4, 2: rank 0 reads 10 clips an epoch, rank 1 reads 8. At
     batch 4 rank 0's third batch would hold 2 clips while rank 1 starts its next epoch with 4, and
     VTC's gather of unequal batches stopped the run; a training stream drops each worker's short
-    last batch, so both ranks have 2 whole batches an epoch, over 3 epochs here (5 steps)."""
+    last batch, so both ranks have 2 whole batches an epoch, over 3 epochs here (5 steps).
+    Captions may pass fusion.text_tokens (16): the start-up warning is said once, by rank 0."""
     from multi_dist.shards.demo import make_demo
 
     make_demo(tmp_path / "c", train=18, val=4, processes=2, train_per_shard=4, val_per_shard=4, progress=False)
     extra = ("data.resampled=false", "data.num_workers=1", "data.batch_size=4", "steps=5", "log_every=1", "val=null")
-    proc = pretrain(2, *tiny_args(tmp_path / "c", tmp_path / "run", *extra))
+    proc = pretrain(2, *tiny_args(tmp_path / "c", tmp_path / "run", *extra, "data.max_text_len=20"))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("data.max_text_len=20 is above fusion.text_tokens=16") == 1, proc.stderr[-3000:]
     assert sorted(metrics(tmp_path / "run")) == list(range(1, 6))
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 5
 
