@@ -341,6 +341,12 @@ def _check_start(cfg: TrainConfig, rank: int = 0) -> None:
     """Clear start-up errors for settings the loop cannot honour, before any heavy work. The model
     checked is the one that will train: ``init``'s architecture when there is one."""
     model = read_config(resolve(cfg.init).folder) if cfg.init else cfg.model
+    for name in ("vision", "text") if not cfg.init else ():
+        if getattr(model, name).missing():
+            raise ValueError(
+                f"model.{name}: an encoder needs a name (pretrained) or pretrained=false with an arch "
+                "(or give init, whose architecture is used)"
+            )
     limit = (
         f"the max_frames={model.max_frames} of init {cfg.init}" if cfg.init else f"model.max_frames={model.max_frames}"
     )

@@ -180,7 +180,13 @@ CONFIG_CLASSES = {
 
 
 @pytest.mark.parametrize("path", sorted(p.relative_to(ROOT / "configs") for p in (ROOT / "configs").rglob("*.yaml")))
-def test_every_config_file_parses(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_every_config_file_parses_and_loads_back_once_saved(
+    path: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Saved (as a run folder, a Slurm job or a sweep's trial keeps it), every config loads back
+    the same: a finetuning config, which names no encoders (init gives them), was refused."""
     monkeypatch.chdir(ROOT)  # where their section files (configs/data/...) are read from
     cls = CONFIG_CLASSES.get(path.parts[0]) or CONFIG_CLASSES[path.name]
-    load_config(cls, ROOT / "configs" / path)
+    cfg = load_config(cls, ROOT / "configs" / path)
+    save_config(cfg, tmp_path / "saved.yaml")
+    assert load_config(cls, tmp_path / "saved.yaml") == cfg

@@ -514,6 +514,7 @@ def test_non_finite_loss_stops_or_skips_as_configured(corpus: Path, tmp_path: Pa
         ("data.tokenizer=./no_tokenizer", "data.tokenizer: ./no_tokenizer does not exist"),
         ("data.batch_size=1", "loss.vtm=1.0 needs data.batch_size >= 2: VTM draws its hard negatives from"),
         ("on_nan=skip grad_accum=2", "on_nan=skip needs grad_accum=1: DeepSpeed counts the micro-batches"),
+        ("model.text.pretrained=true", "model.text: an encoder needs a name (pretrained) or pretrained=false"),
     ],
 )
 def test_start_up_errors_name_the_problem(corpus: Path, tmp_path: Path, override: str, message: str) -> None:

@@ -55,9 +55,11 @@ class EncoderConfig:
     kind: Literal["clip", "vit", "bert"] = "bert"
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
 
-    def validate(self) -> None:
-        if not self.name and (self.pretrained or not self.arch):
-            raise ValueError("an encoder needs a name (pretrained) or pretrained=false with an arch")
+    def missing(self) -> bool:
+        """Whether this names no backbone: neither a name nor pretrained=false with an arch. Not
+        an error when the config is read: a finetuning config names none (the architecture comes
+        from ``init``), and a saved one must load back; a model built from it is refused."""
+        return not self.name and (self.pretrained or not self.arch)
 
 
 def _hf_classes(kind: str) -> tuple[Any, Any]:
