@@ -31,7 +31,15 @@ T = TypeVar("T")
 
 
 class ConfigError(ValueError):
-    """A config file or override that does not fit the typed config; the message names the key."""
+    """A config file or override that does not fit the typed config; the message names the key.
+    ``key``: the dotted key (or the section, for a check of several of its keys) it is about, so
+    that the error can be laid at the door of the override that set it or of the config file;
+    ``plain``: the message before it named a section's file."""
+
+    def __init__(self, message: str, key: str | None = None, plain: str | None = None, check: bool = False) -> None:
+        super().__init__(message)
+        self.key, self.plain, self.check = key, plain or message, check
+        """``check``: a check of the section ``key`` as a whole (several of its keys together)."""
 
 
 _BAD_INPUT = (ValueError, ConfigError, FileNotFoundError)
@@ -88,14 +96,16 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             except ConfigError as err:
                 raise _in_file(err, section.origin, key) from err
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping for {tp.__name__} or a YAML file holding one, got {value!r}")
+            raise ConfigError(
+                f"{key}: expected a mapping for {tp.__name__} or a YAML file holding one, got {value!r}", key=key
+            )
         return _from_dict(tp, value, key)
     if origin in (Union, types.UnionType):
         args = get_args(tp)
         if value is None:
             if type(None) in args:
                 return None
-            raise ConfigError(f"{key}: may not be null (expected {_type_name(tp)})")
+            raise ConfigError(f"{key}: may not be null (expected {_type_name(tp)})", key=key)
         errors = []
         for arg in args:
             if arg is type(None):
@@ -104,31 +114,31 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, arg, key)
             except ConfigError as err:
                 errors.append(str(err))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} fits none of {tp}")
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} fits none of {tp}", key=key)
     if origin is Literal:
         choices = get_args(tp)
         if value not in choices:
-            raise ConfigError(f"{key}: {value!r} is not one of {list(choices)}")
+            raise ConfigError(f"{key}: {value!r} is not one of {list(choices)}", key=key)
         return value
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
+            raise ConfigError(f"{key}: expected a list, got {value!r}", key=key)
         args = get_args(tp)
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(args) != len(value):
-                raise ConfigError(f"{key}: expected {len(args)} items, got {len(value)}")
+                raise ConfigError(f"{key}: expected {len(args)} items, got {len(value)}", key=key)
             return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
         item = args[0] if args else Any
         items = [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}", key=key)
         kt, vt = get_args(tp) or (Any, Any)
         return {_coerce(k, kt, key): _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+            raise ConfigError(f"{key}: expected true or false, got {value!r}", key=key)
         return value
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads 3e-3 (no dot) as a string
@@ -137,24 +147,24 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
+            raise ConfigError(f"{key}: expected a number, got {value!r}", key=key)
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+            raise ConfigError(f"{key}: expected an integer, got {value!r}", key=key)
         return value
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
+            raise ConfigError(f"{key}: expected a string, got {value!r}", key=key)
         return value
-    raise ConfigError(f"{key}: unsupported config type {tp}")
+    raise ConfigError(f"{key}: unsupported config type {tp}", key=key)
 
 
 def _unknown_key(cls: type, name: str, key: str) -> ConfigError:
     fields = [f.name for f in dataclasses.fields(cls)]
     close = difflib.get_close_matches(name, fields, n=1)
     hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(fields)}"
-    return ConfigError(f"unknown config key '{key}'{hint}")
+    return ConfigError(f"unknown config key '{key}'{hint}", key=key)
 
 
 def _takes_section(tp: Any) -> bool:
@@ -180,7 +190,7 @@ def _from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
         try:
             data = expand(data)
         except ValueError as err:
-            raise ConfigError(f"{prefix}.{err}" if prefix else str(err)) from err
+            raise ConfigError(f"{prefix}.{err}" if prefix else str(err), key=prefix, check=True) from err
     known = {f.name: f for f in dataclasses.fields(cls) if f.init}
     kwargs = {}
     for name, value in data.items():
@@ -193,7 +203,7 @@ def _from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
                 log.warning("config key '%s' is no longer used (its default is dropped): %s", key, moved[0])
                 continue
             if moved is not None:
-                raise ConfigError(f"config key '{key}' has moved: {moved[0]}")
+                raise ConfigError(f"config key '{key}' has moved: {moved[0]}", key=key)
             raise _unknown_key(cls, str(name), key)
         try:
             kwargs[name] = _coerce(value, hints[name], key)
@@ -204,14 +214,14 @@ def _from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     try:
         obj = cls(**kwargs)
     except TypeError as err:
-        raise ConfigError(f"{prefix or cls.__name__}: {err}") from err
+        raise ConfigError(f"{prefix or cls.__name__}: {err}", key=prefix, check=True) from err
     validate = getattr(obj, "validate", None)
     if validate is not None:
         try:
             validate()
         except ValueError as err:
             where = f"{prefix}." if prefix else ""
-            raise ConfigError(f"{where}{err}") from err
+            raise ConfigError(f"{where}{err}", key=prefix, check=True) from err
     return obj
 
 
@@ -265,14 +275,14 @@ def read_section(path: str, key: str) -> Section:
     try:
         section = Section(load_yaml(path))
     except ConfigError as err:
-        raise ConfigError(f"{key}: {err}") from err
+        raise ConfigError(f"{key}: {err}", key=key) from err
     section.origin = path
     return section
 
 
 def _in_file(err: ConfigError, origin: str, key: str) -> ConfigError:
     """``err``, found in the section ``key`` that the file ``origin`` holds, naming that file."""
-    return ConfigError(f"{err} (in {origin}, given for '{key}')")
+    return ConfigError(f"{err} (in {origin}, given for '{key}')", key=err.key, plain=err.plain, check=err.check)
 
 
 def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
@@ -324,22 +334,29 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
         if path is None:  # the command line alone
             raise
 
-        # where the key came from: an override that names it or a section of it (a typo in
-        # ``dataa.num_frames=4`` is reported as 'dataa'), else the file
-        given = [text for text, (keys, _) in zip(overrides, parsed) if _names_key(str(err), keys, len(keys))]
-        given = given or [text for text, (keys, _) in zip(overrides, parsed) if _names_key(str(err), keys, 1)]
-        if given:
-            raise ConfigError(f"{err} (given on the command line: {given[-1]})") from err
-        raise ConfigError(f"{err} (from {path})") from err
+        # where the key came from: an override of it, else the file
+        given = _blamed(err, [(text, ".".join(keys)) for text, (keys, _) in zip(overrides, parsed)])
+        if given is not None:
+            text, own = given  # own: it set the key itself, not the file that held it
+            raise ConfigError(f"{err.plain if own else err} (given on the command line: {text})", key=err.key) from err
+        raise ConfigError(f"{err} (from {path})", key=err.key) from err
 
 
-def _names_key(message: str, keys: list[str], shortest: int) -> bool:
-    """Whether an error message names the dotted key ``keys`` or one of its sections of at least
-    ``shortest`` parts."""
-    return any(
-        re.search(rf"(?<![\w.]){re.escape('.'.join(keys[:i]))}(?![\w.])", message)
-        for i in range(len(keys), shortest - 1, -1)
-    )
+def _blamed(err: ConfigError, overrides: list[tuple[str, str]]) -> tuple[str, bool] | None:
+    """The override (its text, and whether it set the failing key itself) that ``err`` is about:
+    - a key's error: the last override of that key or of a section holding it (a file it named),
+      else one inside it (a typo in ``dataa.num_frames=4`` makes an unknown section 'dataa');
+    - a section's check of several keys: the last override inside the section, or of it;
+    - a check of the whole config: an override whose key the message names."""
+    key = err.key
+    if not key:
+        named = [(t, True) for t, k in overrides if re.search(rf"(?<![\w.]){re.escape(k)}(?![\w.])", str(err))]
+        return named[-1] if named else None
+    holding = [(t, k == key) for t, k in overrides if k == key or key.startswith(k + ".")]
+    inside = [(t, True) for t, k in overrides if k.startswith(key + ".")]
+    if err.check:
+        return (inside or holding or [None])[-1]
+    return (holding or inside or [None])[-1]
 
 
 def save_config(cfg: Any, path: str | Path) -> None:

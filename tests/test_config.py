@@ -64,6 +64,24 @@ def test_unknown_key_fails_naming_dotted_key_and_suggestion(tmp_path: Path, capl
         load_config(Outer, empty, ["steps=2", "innr.lr=3"])
     with pytest.raises(ConfigError, match=r"unknown config key 'data\.batchsize'"):
         load_config(TrainConfig, None, ["data.batchsize=4"])
+    # the key that failed decides, not the message's words: a hint naming 'steps' is not the
+    # command line's steps=5; a check of a section (positive rates, width by heads) is the
+    # override's that changed it; a section file's value changed on the command line is the latter's
+    stepz = tmp_path / "stepz.yaml"
+    stepz.write_text("stepz: 20\n")
+    with pytest.raises(ConfigError, match=r"'stepz'; did you mean 'steps'\? \(from .*stepz\.yaml\)$"):
+        load_config(Outer, stepz, ["steps=5"])
+    tiny = str(ROOT / "configs" / "pretrain" / "tiny.yaml")
+    with pytest.raises(ConfigError, match=r"rates must be positive \(given on the command line: optim\.lr=-1\)$"):
+        load_config(TrainConfig, tiny, ["optim.lr=-1"])
+    with pytest.raises(
+        ConfigError, match=r"multiple of heads \(5\) \(given on the command line: model\.fusion\.heads=5\)$"
+    ):
+        load_config(TrainConfig, tiny, ["model.fusion.heads=5"])
+    with pytest.raises(
+        ConfigError, match=r"^data\.batch_size must be .*\(given on the command line: data\.batch_size=0\)$"
+    ):
+        load_config(TrainConfig, tiny, [f"data={ROOT / 'configs' / 'data' / 'webvid.yaml'}", "data.batch_size=0"])
     # a key that moved says where to; its old default, as saved configs hold it, is dropped
     old = tmp_path / "old.yaml"
     old.write_text("data:\n  mean: [0.5, 0.5, 0.5]\n")
