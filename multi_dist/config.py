@@ -243,6 +243,37 @@ def _plain(value: Any) -> Any:
     return value
 
 
+class _YAMLLoader(yaml.SafeLoader):
+    """YAML as configs need it: ``1e-4`` is a number (YAML 1.1 reads an exponent without a dot
+    as a string, which reached free-form fields such as ``model.text.arch`` as one), and a key
+    given twice in one mapping is refused (the second silently replaced the first, e.g. a second
+    ``optim:`` section dropping the first one's keys)."""
+
+
+_YAMLLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
+
+
+def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    lines: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        line = key_node.start_mark.line + 1
+        if key in lines:
+            raise ConfigError(f"key '{key}' appears twice (lines {lines[key]} and {line})")
+        lines[key] = line
+    return loader.construct_mapping(node, deep)
+
+
+_YAMLLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+def read_yaml(text: str) -> Any:
+    """``text`` read as a config's YAML (:class:`_YAMLLoader`)."""
+    return yaml.load(text, Loader=_YAMLLoader)
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``a.b=c`` -> (['a', 'b'], c) with ``c`` read as YAML (so 3, 1e-4, true, [1, 2] work)."""
     if "=" not in text:
@@ -252,8 +283,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key:
         raise ConfigError(f"override '{text}' has an empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as err:
+        value = read_yaml(raw) if raw.strip() else ""
+    except (yaml.YAMLError, ConfigError) as err:
         raise ConfigError(f"override '{text}': value is not valid YAML: {err}") from err
     return key.split("."), value
 
@@ -314,9 +345,11 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = read_yaml(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from err
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
     return data

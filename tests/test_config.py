@@ -43,6 +43,19 @@ def test_defaults_then_yaml_then_overrides(tmp_path: Path) -> None:
     assert cfg.inner.name == "x"
 
 
+def test_yaml_reads_exponents_as_numbers_and_refuses_a_key_given_twice(tmp_path: Path) -> None:
+    """YAML 1.1 reads 1e-12 as a string: typed fields converted it, free-form ones (an encoder's
+    arch, a sweep's values) passed the string on. A key given twice kept the second silently."""
+    cfg = load_config(TrainConfig, None, ["model.preset=tiny", "model.text.arch.layer_norm_eps=1e-12"])
+    assert cfg.model.text.arch["layer_norm_eps"] == 1e-12
+    f = tmp_path / "twice.yaml"
+    f.write_text("optim:\n  lr: 1.0e-3\n  warmup_steps: 5\nsteps: 3\noptim:\n  lr: 3e-3\n")
+    with pytest.raises(ConfigError, match=r"twice\.yaml: key 'optim' appears twice \(lines 1 and 5\)"):
+        load_config(TrainConfig, f)
+    f.write_text("model:\n  preset: tiny\n  text:\n    arch: {layer_norm_eps: 1e-12}\n")
+    assert load_config(TrainConfig, f).model.text.arch["layer_norm_eps"] == 1e-12
+
+
 def test_unknown_key_fails_naming_dotted_key_and_suggestion(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     with pytest.raises(ConfigError, match=r"unknown config key 'inner\.lrr'.*did you mean 'lr'"):
         load_config(Outer, None, ["inner.lrr=3"])
