@@ -225,6 +225,21 @@ class EvalConfig:
             raise ValueError("max_batches must be >= 0")
 
 
+def check_clips_fit(model: Any, data: DataConfig, split: str, whose: str = "") -> None:
+    """Clips the model (a ``ModelConfig``; ``whose``: 'init X' when it is an init's) can take: no
+    more frames than its max_frames, and frames of its vision encoder's image_size where its arch
+    states one (a ViT or CLIP takes no other size: the run failed at its first forward)."""
+    for i, corpus in enumerate(data.corpus_configs()):
+        if corpus.num_frames > model.max_frames:
+            where = f"{split}.corpora[{i}]" if data.corpora else split
+            limit = f"the max_frames={model.max_frames} of {whose}" if whose else f"model.max_frames={model.max_frames}"
+            raise ValueError(f"{where}.num_frames={corpus.num_frames} exceeds {limit}")
+    size = model.vision.arch.get("image_size")
+    if size is not None and data.image_size != size:
+        encoder = f"{whose}'s vision encoder" if whose else "model.vision.arch"
+        raise ValueError(f"{split}.image_size={data.image_size} does not match the image_size={size} of {encoder}")
+
+
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Evaluate ``cfg.init`` on ``cfg.data`` for ``cfg.task``; returns the metrics (every rank) and
     writes the report (rank 0)."""
@@ -256,7 +271,9 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
                 trained.get("prompt", ""),
             )
         task = make_task(cfg.task, vocab, cfg.seed)
-        model = MuLTI(read_config(src.folder))
+        arch = read_config(src.folder)
+        check_clips_fit(arch, cfg.data, "data", f"init {src.folder}")
+        model = MuLTI(arch)
         load_weights(model, source_weights(src), str(src.folder))
     model.to(device)
     if bf16:

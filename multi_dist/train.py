@@ -30,6 +30,7 @@ from .data.pipeline import DataConfig, VideoTextStream
 from .evaluate import (
     TASK_FILE,
     TASK_HEADS,
+    check_clips_fit,
     eval_data_config,
     evaluate_task,
     load_weights,
@@ -347,17 +348,10 @@ def _check_start(cfg: TrainConfig, rank: int = 0) -> None:
                 f"model.{name}: an encoder needs a name (pretrained) or pretrained=false with an arch "
                 "(or give init, whose architecture is used)"
             )
-    limit = (
-        f"the max_frames={model.max_frames} of init {cfg.init}" if cfg.init else f"model.max_frames={model.max_frames}"
-    )
     for split in ("data", "val"):
         data = getattr(cfg, split)
-        if data is None:
-            continue
-        for i, corpus in enumerate(data.corpus_configs()):
-            if corpus.num_frames > model.max_frames:
-                where = f"{split}.corpora[{i}].num_frames" if data.corpora else f"{split}.num_frames"
-                raise ValueError(f"{where}={corpus.num_frames} exceeds {limit}")
+        if data is not None:
+            check_clips_fit(model, data, split, f"init {cfg.init}" if cfg.init else "")
     k = model.fusion.text_tokens
     if (
         rank == 0

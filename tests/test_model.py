@@ -546,7 +546,12 @@ def test_start_up_checks_the_model_that_will_train(tmp_path: Path, caplog: pytes
     assert cfg.model.max_frames == 128
     with pytest.raises(ValueError, match=rf"^data.num_frames=96 exceeds the max_frames=64 of init {tmp_path}/model$"):
         _check_start(cfg)
+    cfg.data.num_frames = 8  # frames of another size than the ViT's (it failed at the first forward)
+    match = rf"^data.image_size=224 does not match the image_size=32 of init {tmp_path}/model's vision encoder$"
+    with pytest.raises(ValueError, match=match):
+        _check_start(cfg)
     cfg = TrainConfig(init=str(tmp_path / "model"))
+    cfg.data.image_size = 32
     cfg.data.max_text_len = 24
     with caplog.at_level("WARNING", logger="multi_dist.train"):
         _check_start(cfg)
