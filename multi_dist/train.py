@@ -338,10 +338,34 @@ def _window_means(window: dict[str, list[torch.Tensor]]) -> dict[str, float]:
     return {f"train/{k}": m for k, m in zip(window, means)}
 
 
+INIT_SETTABLE = ("checkpointing", "checkpoint_frames", "heads.")
+"""Model keys a run with ``init`` sets itself (the rest is the init's architecture)."""
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as {dotted key: value} (values that are lists or dicts of an arch as text)."""
+    if not isinstance(tree, dict) or (prefix.endswith(".arch") or prefix == "arch"):
+        return {prefix: json.dumps(tree, sort_keys=True)}
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
 def _check_start(cfg: TrainConfig, rank: int = 0) -> None:
     """Clear start-up errors for settings the loop cannot honour, before any heavy work. The model
     checked is the one that will train: ``init``'s architecture when there is one."""
     model = read_config(resolve(cfg.init).folder) if cfg.init else cfg.model
+    if cfg.init:  # the architecture is init's: a model key set to something else would be ignored
+        ignored = _flat(to_dict(cfg.model)).items() - _flat(to_dict(ModelConfig())).items()
+        ignored -= _flat(to_dict(model)).items()
+        ignored = sorted(k for k, _ in ignored if not k.startswith(INIT_SETTABLE))
+        if ignored:
+            raise ValueError(
+                f"{', '.join(f'model.{k}' for k in ignored)}: with init the architecture is init's "
+                f"({cfg.init}); only model.checkpointing, model.checkpoint_frames and model.heads.label_source "
+                "may be set"
+            )
     for name in ("vision", "text") if not cfg.init else ():
         if getattr(model, name).missing():
             raise ValueError(

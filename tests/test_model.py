@@ -536,7 +536,8 @@ def test_finetuning_keeps_a_head_only_for_the_same_task_and_vocabulary(tmp_path:
 
 def test_start_up_checks_the_model_that_will_train(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """With ``init``, the frame limit is the export's (tiny: 64), not the finetune config's default
-    (128); MLM on captions padded past K_t is announced (those condensed take no part in it)."""
+    (128), and so is the image size; architecture keys set otherwise are refused (they were
+    ignored); MLM on captions padded past K_t is announced (those condensed take no part in it)."""
     from multi_dist.train import TrainConfig, _check_start
 
     MuLTI(model_config("tiny")).save_pretrained(tmp_path / "model")
@@ -552,6 +553,13 @@ def test_start_up_checks_the_model_that_will_train(tmp_path: Path, caplog: pytes
         _check_start(cfg)
     cfg = TrainConfig(init=str(tmp_path / "model"))
     cfg.data.image_size = 32
+    cfg.model.checkpointing = True  # the run's own: allowed
+    cfg.model.fusion.layers, cfg.model.max_frames = 5, 256  # the architecture's: ignored, silently
+    with pytest.raises(
+        ValueError, match=r"^model.fusion.layers, model.max_frames: with init the architecture is init's"
+    ):
+        _check_start(cfg)
+    cfg.model.fusion.layers, cfg.model.max_frames = 2, 64  # as init has them: fine (a run's saved config)
     cfg.data.max_text_len = 24
     with caplog.at_level("WARNING", logger="multi_dist.train"):
         _check_start(cfg)
