@@ -7,7 +7,7 @@ evaluates on the held-out clips and prints what the model learned.
 import argparse
 
 from multi_dist.config import exit_on_startup_error, load_config, start_up
-from multi_dist.demo import DemoConfig, run
+from multi_dist.demo import DemoConfig, check_pretrain, run
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -17,6 +17,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_intermixed_args(argv)  # overrides may come before or after the options
     with exit_on_startup_error(), start_up():
         cfg = load_config(DemoConfig, args.config, args.overrides)
+        check_pretrain(cfg)
     run(cfg)
 
 

@@ -146,7 +146,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return float(value)
             except ValueError:
                 pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:  # (NaN: no setting)
             raise ConfigError(f"{key}: expected a number, got {value!r}", key=key)
         return float(value)
     if tp is int:

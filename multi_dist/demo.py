@@ -49,6 +49,17 @@ def pretrain_config_path(name: str) -> str:
     return name
 
 
+def check_pretrain(cfg: DemoConfig) -> None:
+    """The pretraining config with the demo's overrides, loaded as the ranks will load it: a typo
+    in ``pretrain=[...]`` fails now, before the corpus is built and the launcher starts."""
+    from .cli import load
+
+    try:
+        load("pretrain", pretrain_config_path(cfg.pretrain_config), [f"run_dir={cfg.run_dir}", *cfg.pretrain])
+    except ValueError as err:
+        raise type(err)(f"pretrain: {err}") from err
+
+
 def pretrain_command(cfg: DemoConfig) -> list[str]:
     """The training command, run in the caller's directory (where ``corpus`` and ``run_dir`` are
     read and written, by this process as by the ranks)."""

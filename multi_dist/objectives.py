@@ -39,7 +39,7 @@ class LossConfig:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} weight must be >= 0")
         if self.vtc + self.vtm + self.mlm + self.mcm == 0:
-            raise ValueError("every loss weight is 0: nothing to train")
+            raise ValueError("vtc, vtm, mlm and mcm are all 0: nothing to train")
 
 
 def _world(group: Any = None) -> tuple[int, int]:

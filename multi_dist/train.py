@@ -66,8 +66,9 @@ class OptimConfig:
     grad_clip: float = 1.0
 
     def validate(self) -> None:
-        if self.lr <= 0 or self.encoder_lr <= 0:
-            raise ValueError("learning rates must be positive")
+        for name in ("lr", "encoder_lr"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if len(self.betas) != 2:
             raise ValueError("betas needs two values")
         if not 0 <= self.min_lr_ratio <= 1:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -85,8 +86,17 @@ def test_unknown_key_fails_naming_dotted_key_and_suggestion(tmp_path: Path, capl
     with pytest.raises(ConfigError, match=r"'stepz'; did you mean 'steps'\? \(from .*stepz\.yaml\)$"):
         load_config(Outer, stepz, ["steps=5"])
     tiny = str(ROOT / "configs" / "pretrain" / "tiny.yaml")
-    with pytest.raises(ConfigError, match=r"rates must be positive \(given on the command line: optim\.lr=-1\)$"):
+    with pytest.raises(
+        ConfigError, match=r"^optim\.lr must be positive, got -1\.0 \(given on the command line: optim\.lr=-1\)$"
+    ):
         load_config(TrainConfig, tiny, ["optim.lr=-1"])
+    # NaN is no setting (it passed every 'must be positive'); a preset is a name
+    for bad, message in (
+        ("optim.lr=.nan", "optim.lr: expected a number, got nan"),
+        ("model.preset=[tiny]", "model.preset: expected a preset's name, got ['tiny']"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_config(TrainConfig, tiny, [bad])
     with pytest.raises(
         ConfigError, match=r"multiple of heads \(5\) \(given on the command line: model\.fusion\.heads=5\)$"
     ):

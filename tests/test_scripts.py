@@ -125,7 +125,13 @@ def test_make_demo_is_deterministic_and_resumes(tmp_path: Path) -> None:
                     assert a[name] == b[name], name
 
 
-def test_main_job_rejects_a_typo_in_the_config() -> None:
+def test_main_job_rejects_a_typo_in_the_config(tmp_path: Path) -> None:
     proc = run_script("launch/demo.py", "--config", "configs/demo.yaml", "nprocs=4")
     assert proc.returncode != 0
     assert "unknown config key 'nprocs'" in proc.stderr and "did you mean 'nproc'" in proc.stderr
+    # one in its pretraining overrides too, before the corpus is built and the launcher starts
+    corpus = f"corpus={tmp_path / 'demo'}"
+    proc = run_script("launch/demo.py", "--config", "configs/demo.yaml", corpus, "pretrain=[stepz=5]")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.startswith("error: pretrain: unknown config key 'stepz'; did you mean 'steps'?"), proc.stderr
+    assert not (tmp_path / "demo").exists()

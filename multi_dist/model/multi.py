@@ -76,6 +76,8 @@ class ModelConfig:
     def expand_preset(data: dict[str, Any]) -> dict[str, Any]:
         """The preset's fields under the ones given (called by the config loader)."""
         name = data.get("preset", "custom")
+        if not isinstance(name, str):
+            raise ValueError(f"preset: expected a preset's name, got {name!r}")
         if name == "custom":
             return data
         if name not in PRESETS:
