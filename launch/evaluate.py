@@ -1,6 +1,6 @@
 """Evaluate a checkpoint or an exported model on a task; writes {out_dir}/{task}-{tag}.json.
 
-deepspeed --num_gpus N launch/evaluate.py --config configs/eval/msrvtt_qa.yaml init=runs/qa/checkpoints/step_00001000
+deepspeed --num_gpus N launch/evaluate.py --config configs/eval/msrvtt_qa.yaml init=runs/msrvtt_qa
 python launch/evaluate.py --config configs/eval/demo_pretrain.yaml init=runs/demo      # one process
 """
 

@@ -56,7 +56,8 @@ def main(command: str, doc: str, argv: list[str] | None = None) -> dict[str, Any
     folder = {"evaluate": "eval"}.get(command, command)
     p.add_argument("--config", help=f"YAML config (configs/{folder}/*.yaml)")
     p.add_argument("--local_rank", "--local-rank", type=int, help="set by the deepspeed launcher; read from env")
-    p.add_argument("overrides", nargs="*", help="a.b=c overrides, e.g. steps=100 data.batch_size=8")
+    example = "max_batches=10 data.batch_size=8" if command == "evaluate" else "steps=100 data.batch_size=8"
+    p.add_argument("overrides", nargs="*", help=f"a.b=c overrides, e.g. {example}")
     args = p.parse_intermixed_args(argv)  # overrides may come before or after the options
     with exit_on_startup_error():  # a wrong key or input: its message alone, on every rank
         with start_up():
