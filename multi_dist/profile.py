@@ -107,9 +107,11 @@ class StepProfiler:
         self._prof.__enter__()
         self._t0 = time.perf_counter()
 
-    def after(self, step: int) -> None:
+    def after(self, step: int) -> float:
+        """At the end of step ``step``; returns the seconds spent writing the profile (not the
+        steps' time: a log window leaves them out)."""
         if self._prof is None or step != self.last:
-            return
+            return 0.0
         with phase("drain"):  # the GPU finishing the profiled steps: their time too
             self._sync()
         wall = time.perf_counter() - self._t0
@@ -122,6 +124,7 @@ class StepProfiler:
         (self.folder / f"summary_rank{self.rank}.json").write_text(json.dumps(self.summary, indent=1))
         if self.rank == 0:
             print(describe(self.summary) + f" -> {self.folder}", flush=True)
+        return time.perf_counter() - self._t0 - wall
 
     def close(self) -> None:
         """Stop a profile the loop left early (an error, a stop request): nothing is written."""

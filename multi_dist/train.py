@@ -141,6 +141,12 @@ class TrainConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.eval_every < 0 or self.eval_batches < 0:
             raise ValueError("eval_every and eval_batches must be >= 0")
+        last = self.profile.start + self.profile.steps - 1
+        if self.profile.start and last > self.steps:  # (the profile was dropped without a word)
+            raise ValueError(
+                f"profile.start={self.profile.start} with profile.steps={self.profile.steps} ends "
+                f"at step {last}, after the run's last (steps={self.steps})"
+            )
         if self.on_nan == "skip" and self.grad_accum > 1:
             raise ValueError(  # skipping one micro-batch moved DeepSpeed's accumulation boundary for good
                 "on_nan=skip needs grad_accum=1: DeepSpeed counts the micro-batches of a step itself, and "
@@ -567,6 +573,8 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, float]], None] | No
         return {"stopped": True, "steps": state.step, "samples": state.samples}
 
     profiler = StepProfiler(cfg.profile, run_dir, rank, device)
+    if cfg.profile.start and state.step >= cfg.profile.start and rank == 0:
+        log.warning("profile.start=%d: the run resumed at step %d, past it; no profile", cfg.profile.start, state.step)
     # DeepSpeed keeps the global gradient norm in its ZeRO and bf16 wrappers; fp32 ZeRO-0 steps the
     # plain torch optimizer, whose gradients are whole on every rank (all-reduced): measured here
     own_norm = cfg.zero.stage == 0 and not bf16
@@ -618,7 +626,7 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, float]], None] | No
                         window.setdefault(k, []).append(v.detach())  # read at log steps: no wait here
             state.step += 1
             state.samples += global_batch
-            profiler.after(state.step)
+            t_window += profiler.after(state.step)  # (writing a profile is no step's time)
             steps_window += 1
             if not state.first_losses and window:
                 state.first_losses = {k: float(v[0]) for k, v in window.items() if k.startswith("loss")}

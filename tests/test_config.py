@@ -90,6 +90,11 @@ def test_unknown_key_fails_naming_dotted_key_and_suggestion(tmp_path: Path, capl
         ConfigError, match=r"^optim\.lr must be positive, got -1\.0 \(given on the command line: optim\.lr=-1\)$"
     ):
         load_config(TrainConfig, tiny, ["optim.lr=-1"])
+    # a profile that would end after the run (it was dropped without a word)
+    with pytest.raises(
+        ConfigError, match=r"^profile.start=3 with profile.steps=3 ends at step 5, after the run's last"
+    ):
+        load_config(TrainConfig, None, ["model.preset=tiny", "steps=4", "profile.start=3"])
     # NaN is no setting (it passed every 'must be positive'); a preset is a name
     for bad, message in (
         ("optim.lr=.nan", "optim.lr: expected a number, got nan"),
