@@ -80,3 +80,16 @@ def test_a_configuration_cut_by_the_time_guard_is_skipped_and_a_slow_one_times_o
     first, *rest = statuses["guard"]
     assert first == ("skipped", "time guard (0.1 min) reached while it ran")
     assert set(rest) == {("skipped", "time guard (0.1 min) reached")}
+
+
+def test_a_dense_baseline_out_of_memory_meets_the_memory_goal_but_not_the_speed_goal() -> None:
+    """With no dense step there is no speed to compare: the speed goal was reported met."""
+    common = {"frames": 64, "text": 32, "checkpointing": True, "frozen": False, "chunk": 8, "main": True}
+    results = [
+        {**common, "sampler": "multiway", "status": "ok", "peak_bytes": 5e9, "clips_per_s": 10.0},
+        {**common, "sampler": "none", "status": "oom"},
+    ]
+    goals = bench_memory.judge_goals(results, cuda=True, preset="base", texts=[32])
+    assert goals["cuda_mem_64_frames"]["met"] is True
+    assert goals["cuda_speed_64_frames"]["met"] is None
+    assert goals["cuda_speed_64_frames"]["note"] == "the dense baseline ran out of memory: no speed to compare"
