@@ -56,6 +56,8 @@ class LiveBytes(TorchDispatchMode):
             if storage in self._known:
                 continue
             self._known.add(storage)
+            if func.is_view:  # a view allocates nothing: its storage existed before (not in exclude)
+                continue
             nbytes = storage.nbytes()
             self.live += nbytes
             self.peak = max(self.peak, self.live)

@@ -31,6 +31,10 @@ def test_live_bytes_counts_what_is_created_and_freed() -> None:
         e = torch.empty(10, dtype=torch.int8)
     assert (mem.live, mem.peak) == (10, 10) and e.numel() == 10
     assert mem.ops == 4  # three allocations and one add: the view is not an op that launches work
+    before = torch.ones(1000)  # not excluded: a view of it allocates nothing (it counted 4,000 bytes)
+    with LiveBytes() as mem:
+        view = before[:10]
+    assert (mem.live, mem.peak) == (0, 0) and view.numel() == 10
 
 
 def test_the_fake_tensor_estimate_matches_a_real_step() -> None:
