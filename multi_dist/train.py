@@ -349,13 +349,11 @@ INIT_SETTABLE = ("checkpointing", "checkpoint_frames", "heads.")
 """Model keys a run with ``init`` sets itself (the rest is the init's architecture)."""
 
 
-def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested dicts as {dotted key: value} (values that are lists or dicts of an arch as text)."""
-    if not isinstance(tree, dict) or (prefix.endswith(".arch") or prefix == "arch"):
-        return {prefix: json.dumps(tree, sort_keys=True)}
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as {dotted key: value} (an empty dict is a value)."""
     out: dict[str, Any] = {}
-    for k, v in tree.items():
-        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
     return out
 
 
@@ -364,9 +362,10 @@ def _check_start(cfg: TrainConfig, rank: int = 0) -> None:
     checked is the one that will train: ``init``'s architecture when there is one."""
     model = read_config(resolve(cfg.init).folder) if cfg.init else cfg.model
     if cfg.init:  # the architecture is init's: a model key set to something else would be ignored
-        ignored = _flat(to_dict(cfg.model)).items() - _flat(to_dict(ModelConfig())).items()
-        ignored -= _flat(to_dict(model)).items()
-        ignored = sorted(k for k, _ in ignored if not k.startswith(INIT_SETTABLE))
+        given, default, init = (_flat(to_dict(m)) for m in (cfg.model, ModelConfig(), model))
+        ignored = sorted(
+            k for k, v in given.items() if v != default.get(k) and v != init.get(k) and not k.startswith(INIT_SETTABLE)
+        )
         if ignored:
             raise ValueError(
                 f"{', '.join(f'model.{k}' for k in ignored)}: with init the architecture is init's "
@@ -413,16 +412,9 @@ _RUN_CONTROL_SECTIONS = ("wandb.", "profile.")
 def _changed_settings(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     """``key: old -> new`` for each setting of a resumed run that differs from its checkpoint's,
     run control aside (``_RUN_CONTROL``)."""
-
-    def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
-        return out
-
     if not saved:
         return []
-    old, new = flat(saved), flat(now)
+    old, new = _flat(saved), _flat(now)
     keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     keys = [k for k in keys if k not in _RUN_CONTROL and not k.startswith(_RUN_CONTROL_SECTIONS)]
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys]
