@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 import random
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -142,30 +142,36 @@ def _decode_decord(
     return frames
 
 
+def _decode_wanted(container: Any, wanted: list[int]) -> tuple[dict[int, np.ndarray], int, Any]:
+    """Decode up to the last wanted frame, converting the wanted ones only; returns them, and the
+    index and (unconverted) frame of the last decoded."""
+    stream = container.streams.video[0]
+    stream.thread_type = "AUTO"
+    picked: dict[int, np.ndarray] = {}
+    last = None
+    for i, frame in enumerate(container.decode(stream)):
+        if i in wanted:
+            picked[i] = frame.to_ndarray(format="rgb24")
+        last = (i, frame)
+        if i >= wanted[-1]:
+            break
+    if last is None:
+        raise DecodeError("no video frames")
+    return picked, *last
+
+
 def _decode_pyav(data: bytes, num_frames: int, strategy: FrameSampling, rng: random.Random | None) -> np.ndarray:
     import av
 
     with av.open(io.BytesIO(data)) as container:
         if not container.streams.video:
             raise DecodeError("no video stream")
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        total = stream.frames
+        total = container.streams.video[0].frames
         if total > 0:
             wanted = sample_frames(total, num_frames, strategy, rng)
-            picked: dict[int, np.ndarray] = {}
-            last = None
-            for i, frame in enumerate(container.decode(stream)):
-                if i in wanted:
-                    picked[i] = frame.to_ndarray(format="rgb24")
-                last = i
-                if i >= wanted[-1]:
-                    break
-            if last is None:
-                raise DecodeError("no video frames")
+            picked, last, _ = _decode_wanted(container, wanted)
             # containers may overstate their frame count: fall back to the last decoded frame
-            fallback = picked.get(last) if last in picked else None
-            out = [picked.get(i, fallback) for i in wanted]
+            out = [picked.get(i, picked.get(last)) for i in wanted]
             if any(f is None for f in out):
                 return _decode_pyav_all(data, num_frames, strategy, rng)
             return np.stack(out)
@@ -183,22 +189,11 @@ def _decode_pyav_all(data: bytes, num_frames: int, strategy: FrameSampling, rng:
     if total == 0:
         raise DecodeError("no video frames")
     wanted = sample_frames(total, num_frames, strategy, rng)
-    picked: dict[int, np.ndarray] = {}
-    last = None
     with av.open(io.BytesIO(data)) as container:
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        for i, frame in enumerate(container.decode(stream)):
-            if i in wanted:
-                picked[i] = frame.to_ndarray(format="rgb24")
-            last = (i, frame)
-            if i >= wanted[-1]:
-                break
-    if last is None:
-        raise DecodeError("no video frames")
-    if last[0] not in picked:  # fewer frames than packets: the last one stands in for the rest
-        picked[last[0]] = last[1].to_ndarray(format="rgb24")
-    return np.stack([picked.get(i, picked[last[0]]) if i > last[0] else picked[i] for i in wanted])
+        picked, last, frame = _decode_wanted(container, wanted)
+        if last not in picked:  # fewer frames than packets: the last one stands in for the rest
+            picked[last] = frame.to_ndarray(format="rgb24")
+    return np.stack([picked.get(i, picked[last]) for i in wanted])
 
 
 def probe(data: bytes, full_decode: bool = True) -> VideoInfo:
