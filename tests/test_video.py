@@ -64,18 +64,10 @@ def test_pyav_reads_a_container_without_a_frame_count_holding_only_the_sampled_f
 
     import av
 
-    from multi_dist.shards.demo import clip_spec, render_frames
+    from multi_dist.shards.demo import clip_spec, encode_mp4, render_frames
 
     frames = render_frames(clip_spec("fixture", 2), 240, 320)  # 240 frames of 320 px: 74 MB as RGB
-    buf = io.BytesIO()
-    with av.open(buf, "w", format="matroska") as out:
-        stream = out.add_stream("libx264", rate=8)
-        stream.width = stream.height = 320
-        stream.pix_fmt = "yuv420p"
-        for img in frames:
-            out.mux(stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
-        out.mux(stream.encode(None))
-    data = buf.getvalue()
+    data = encode_mp4(frames, container="matroska")
     with av.open(io.BytesIO(data)) as container:
         assert container.streams.video[0].frames == 0
         every = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]

@@ -145,12 +145,13 @@ def render_frames(spec: dict[str, Any], num_frames: int = 16, size: int = 64) ->
     return frames
 
 
-def encode_mp4(frames: np.ndarray, fps: int = 8) -> bytes:
-    """H.264 mp4 bytes of uint8 RGB frames (libx264 through PyAV)."""
+def encode_mp4(frames: np.ndarray, fps: int = 8, container: str = "mp4") -> bytes:
+    """H.264 mp4 bytes of uint8 RGB frames (libx264 through PyAV); ``container``: another one,
+    e.g. ``matroska``."""
     import av
 
     buf = io.BytesIO()
-    with av.open(buf, "w", format="mp4") as out:
+    with av.open(buf, "w", format=container) as out:
         stream = out.add_stream("libx264", rate=fps)
         stream.height, stream.width = frames.shape[1:3]
         stream.pix_fmt = "yuv420p"
