@@ -258,20 +258,15 @@ def check(sweep: SweepConfig) -> list[Any]:
     candidates = [sweep.space[key].candidates() for key in keys]
     if math.prod(len(c) for c in candidates) <= MAX_CHECKED_COMBINATIONS:
         # every combination: values valid alone may not be together (grad_accum=2 with on_nan=skip)
-        for combo in itertools.product(*candidates):
-            try:
-                configs.append(trial_config(sweep, dict(zip(keys, combo, strict=True))))
-            except ConfigError as err:
-                named = ", ".join(f"'{k}' = {v!r}" for k, v in zip(keys, combo, strict=True))
-                raise ConfigError(f"space {named}: {err}") from err
+        checks = [(dict(zip(keys, combo, strict=True)), keys) for combo in itertools.product(*candidates)]
     else:  # too many to load: each value with the first of the others
         first = {key: c[0] for key, c in zip(keys, candidates, strict=True)}
-        for key, values in zip(keys, candidates, strict=True):
-            for value in values:
-                try:
-                    configs.append(trial_config(sweep, {**first, key: value}))
-                except ConfigError as err:
-                    raise ConfigError(f"space '{key}' = {value!r}: {err}") from err
+        checks = [({**first, key: v}, [key]) for key, c in zip(keys, candidates, strict=True) for v in c]
+    for values, named in checks:
+        try:
+            configs.append(trial_config(sweep, values))
+        except ConfigError as err:
+            raise ConfigError(f"space {', '.join(f'{k!r} = {values[k]!r}' for k in named)}: {err}") from err
     if sweep.asha is not None:
         max_t = sweep.asha.max_t or max(c.steps for c in configs)
         if sweep.asha.grace_period > max_t:
