@@ -551,7 +551,7 @@ def _same_build(built: dict[str, Any], rows: list[dict[str, Any]], opts: BuildOp
     were, and as they would have been spelled from the folder's recorded place (a corpus whose
     project moved, e.g. data/demo/raw/... built into data/demo/train)."""
     previous = built.get("fingerprint")
-    if previous in (fingerprint, _fingerprint(rows, opts, portable=False)):
+    if previous == fingerprint or previous == _fingerprint(rows, opts, portable=False):  # (hashed only if needed)
         return True
     then = built.get("options", {}).get("output")
     if not isinstance(then, str) or then == opts.output:
