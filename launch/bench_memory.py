@@ -773,12 +773,12 @@ def judge_goals(
                 "bound": bound,
                 "kind": "at most" if better == "le" else "at least",
                 "met": met if applies else None,
-                "note": f"goal is for the base preset, this run used {preset!r}"
-                if not applies
-                else "the dense baseline ran out of memory: no speed to compare"
-                if dense_oom and better == "ge"
-                else "",
+                "note": "",
             }
+            if not applies:
+                goals[name]["note"] = f"goal is for the base preset, this run used {preset!r}"
+            elif dense_oom and better == "ge":
+                goals[name]["note"] = "the dense baseline ran out of memory: no speed to compare"
         goals["cuda_mem_64_frames"]["what"] = "MuLTI peak / dense peak"
         if estimate:
             goals["cuda_mem_64_frames"].update(estimated=True, note="on CPU with fake tensors: a GPU run decides")

@@ -34,12 +34,12 @@ class ConfigError(ValueError):
     """A config file or override that does not fit the typed config; the message names the key.
     ``key``: the dotted key (or the section, for a check of several of its keys) it is about, so
     that the error can be laid at the door of the override that set it or of the config file;
-    ``plain``: the message before it named a section's file."""
+    ``plain``: the message before it named a section's file; ``check``: a check of the section
+    ``key`` as a whole (several of its keys together)."""
 
     def __init__(self, message: str, key: str | None = None, plain: str | None = None, check: bool = False) -> None:
         super().__init__(message)
         self.key, self.plain, self.check = key, plain or message, check
-        """``check``: a check of the section ``key`` as a whole (several of its keys together)."""
 
 
 _BAD_INPUT = (ValueError, ConfigError, FileNotFoundError)
