@@ -448,3 +448,47 @@ def test_parquet_column_keeps_the_rows_the_builder_wrote(tmp_path: Path) -> None
     plain = tmp_path / "plain.parquet"  # no status column: every row counts
     pq.write_table(pa.table({"caption": ["x", "y"]}), plain)
     assert list(parquet_column(plain, "caption")) == ["x", "y"]
+
+
+def test_a_loader_worker_outlives_the_jobs_stop_signals_but_not_its_training_process(tmp_path: Path) -> None:
+    """``outlive_job_signals``, as a loader worker runs it (first thing in a process forked from the
+    training process, as torch's DataLoader forks): USR2, and a SIGTERM from anyone but its parent
+    (Slurm signals every process of the step), leave it running, to be ended by its training
+    process after the stop checkpoint; a SIGTERM from that process (the loader ending a worker
+    that did not stop when asked) ends it at once, also while it sits in C code."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from multi_dist.data.pipeline import outlive_job_signals
+
+    ready = tmp_path / "ready"
+    pid = os.fork()
+    if pid == 0:  # the worker: never back into pytest
+        try:
+            outlive_job_signals(0)
+            ready.touch()
+            time.sleep(600)  # in C, as a decoder
+        finally:
+            os._exit(3)
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists():
+            assert time.monotonic() < deadline, "the worker did not start"
+            time.sleep(0.05)
+        os.kill(pid, signal.SIGUSR2)  # ignored whoever sends it
+        subprocess.run(["kill", "-TERM", str(pid)], check=True)  # from another process
+        time.sleep(2)
+        assert os.waitpid(pid, os.WNOHANG) == (0, 0), "the worker died of a signal it should outlive"
+        os.kill(pid, signal.SIGTERM)  # from its parent: this test, as the training process
+        deadline = time.monotonic() + 30
+        while (status := os.waitpid(pid, os.WNOHANG)) == (0, 0):
+            assert time.monotonic() < deadline, "the worker outlived its parent's SIGTERM"
+            time.sleep(0.05)
+        pid = 0
+        assert os.waitstatus_to_exitcode(status[1]) == 0
+    finally:
+        if pid:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)

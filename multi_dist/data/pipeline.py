@@ -402,7 +402,9 @@ def outlive_job_signals(worker_id: int) -> None:
     worker starts too, which inherit that), and SIGTERM is taken by a thread, also while the worker
     sits in a decoder's C code: from the training process (the loader ending a worker that did not
     stop when asked) it ends the worker at once; from anyone else it is ignored, and the training
-    process, told too, checkpoints and then ends its workers."""
+    process, told too, checkpoints and then ends its workers. It must run before the worker starts
+    a thread (torch's forked workers have one thread when they call it): a thread started earlier
+    keeps SIGTERM unblocked, and the default action would end the worker from there."""
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started from here on too
     parent = os.getppid()
