@@ -127,13 +127,21 @@ def run_pretrain(
         cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
     stderr: str | None = None
-    while stderr is None and time.time() - t0 < timeout:
-        try:  # in slices of ``heartbeat`` (a retried communicate loses none of the output)
-            _, stderr = proc.communicate(timeout=max(0.1, min(heartbeat, timeout - (time.time() - t0))))
-        except subprocess.TimeoutExpired:
-            waited = time.time() - t0
-            if waited < timeout:
-                print(f"    ... {run_dir.name} still running: {waited:.0f} s (--timeout {timeout:.0f} s)", flush=True)
+    try:
+        while stderr is None and time.time() - t0 < timeout:
+            try:  # in slices of ``heartbeat`` (a retried communicate loses none of the output)
+                _, stderr = proc.communicate(timeout=max(0.1, min(heartbeat, timeout - (time.time() - t0))))
+            except subprocess.TimeoutExpired:
+                waited = time.time() - t0
+                if waited < timeout:
+                    print(
+                        f"    ... {run_dir.name} still running: {waited:.0f} s (--timeout {timeout:.0f} s)", flush=True
+                    )
+    except BaseException:  # Ctrl-C, or SIGTERM (main makes it an exit): the ranks must not outlive us
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        remove_shm_segments(port)
+        raise
     if stderr is None:
         os.killpg(proc.pid, signal.SIGKILL)
         _, stderr = proc.communicate()
@@ -152,6 +160,8 @@ def run_pretrain(
         Path(traces).mkdir(parents=True, exist_ok=True)
         with trace.open("rb") as src, gzip.open(Path(traces) / f"trace_{run_dir.name}.json.gz", "wb") as dst:
             shutil.copyfileobj(src, dst)
+    for weights in ("checkpoints", "model"):  # the run's end writes both (GiBs a configuration): not wanted here
+        shutil.rmtree(run_dir / weights, ignore_errors=True)
     return {
         "clips_per_s": sum(r["perf/clips_per_s"] for r in rows) / len(rows),
         "step_s": sum(r["perf/step_s"] for r in rows) / len(rows),
@@ -623,8 +633,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     json_path.write_text(json.dumps(report, indent=1))
     if args.plot:
         plot(results, args.plot)
+    if results and all("error" in r for r in results):
+        sys.exit(f"error: no configuration ran to the end: each one's error is in {json_path}")
     return report
 
 
 if __name__ == "__main__":
-    main()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # an exit, so that a run's ranks are killed
+    try:
+        main()
+    except KeyboardInterrupt:  # the run's ranks are killed already
+        sys.exit(130)

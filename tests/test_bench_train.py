@@ -9,6 +9,7 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -195,7 +196,15 @@ def test_each_configuration_is_saved_as_it_ends(
     argv += ["--json", str(out), "--out-dir", str(tmp_path / "runs")]
     seen: list[dict] = []
     shm_before = set(Path("/dev/shm").glob(f"{SHM_SEGMENT}_*"))
-    worker = threading.Thread(target=bench_train.main, args=(argv,))
+    exits: list[object] = []
+
+    def bench() -> None:
+        try:
+            bench_train.main(argv)
+        except SystemExit as e:
+            exits.append(e.code)
+
+    worker = threading.Thread(target=bench)
     worker.start()
     while worker.is_alive():
         try:
@@ -216,6 +225,32 @@ def test_each_configuration_is_saved_as_it_ends(
     assert first and first[1] == first[2] and int(first[1]) >= 4, out  # one more at the first's pace
     assert re.search(r"^    2/2 configuration\(s\) in \d+ s$", out, re.M), out
     # killed in start-up, before the ranks unlinked DeepSpeed's shared memory (46 MB here): removed
+    assert set(Path("/dev/shm").glob(f"{SHM_SEGMENT}_*")) <= shm_before
+    # nothing measured: a failure, for a script or a job that runs the benchmark (it exited 0)
+    assert exits == [f"error: no configuration ran to the end: each one's error is in {out}"]
+
+
+def test_sigterm_or_ctrl_c_to_the_benchmark_ends_the_run_it_started(demo_corpus: Path, tmp_path: Path) -> None:
+    """The configuration's ranks run in their own session (so that a timeout can kill them all);
+    a benchmark stopped by SIGTERM (a job's end) or Ctrl-C left them training, unseen, on its GPUs.
+    Both now kill the run, remove its shared memory, and exit 143 / 130."""
+    shm_before = set(Path("/dev/shm").glob(f"{SHM_SEGMENT}_*"))
+    for sig, code in ((signal.SIGTERM, 143), (signal.SIGINT, 130)):
+        runs = tmp_path / f"runs_{sig.name}"
+        argv = ["--host-floor", "--zero", "2", "--compile", "off", "--timeout", "300", "--corpus", str(demo_corpus)]
+        argv += ["--json", str(tmp_path / f"{sig.name}.json"), "--out-dir", str(runs)]
+        proc = subprocess.Popen(
+            [sys.executable, "launch/bench_train.py", *argv], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        deadline = time.time() + 120
+        while len(processes_naming(f"run_dir={runs}")) < 3:  # the launcher and both ranks are up
+            assert time.time() < deadline and proc.poll() is None, proc.communicate()
+            time.sleep(0.2)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == code, err[-2000:]
+        time.sleep(1)
+        assert processes_naming(f"run_dir={runs}") == set()
     assert set(Path("/dev/shm").glob(f"{SHM_SEGMENT}_*")) <= shm_before
 
 
