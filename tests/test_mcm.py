@@ -32,6 +32,7 @@ from multi_dist.data.mcm import (
     collate_mcm,
     load_lexicon,
     mask_tokens,
+    same_meaning,
     word_form,
     words,
 )
@@ -200,6 +201,26 @@ def test_distractors_have_the_class_of_the_true_word(vocab, lexicon) -> None:
             assert all(c in vocab.counts[cls] for c in q.candidates), f"vocab had {available}: {q}"
             from_vocab += 1
     assert same_class > 1000 and from_vocab > 500  # the checks above did run, many times
+
+
+def test_no_option_means_another(vocab, lexicon) -> None:
+    """The lexicon's directions come in several words each (up, upward, upwards): drawn as a
+    distractor of "up", "upward" was a second right option (13 of the demo's 406 direction
+    questions), which the loss taught is wrong. No option may mean the answer or another option,
+    whether the corpus's vocabulary or the lexicon gives the distractors."""
+    asked = 0
+    for _, _, q in all_questions(vocab, lexicon, MCMConfig()):
+        if q.word_class == "direction":
+            meanings = [frozenset(same_meaning(c)) for c in q.candidates]
+            assert len(set(meanings)) == len(meanings), q
+            asked += 1
+    narrow = AnswerVocab({})  # no corpus words: every distractor from the lexicon's 39 directions
+    for key in KEYS:
+        q = build_question("upward", key, narrow, lexicon, MCMConfig(num_options=8))
+        assert q.candidates[q.answer] == "upward" and not {"up", "upwards"} & set(q.candidates), q
+        assert len({frozenset(same_meaning(c)) for c in q.candidates}) == 8, q
+        asked += 1
+    assert asked > 250  # the checks ran (273 demo direction questions, 3 keys)
 
 
 def test_distractors_share_the_true_words_form(vocab, lexicon) -> None:

@@ -35,6 +35,29 @@ import torch
 
 from .shardlist import parquet_column
 
+SAME_MEANING = (
+    ("up", "upward", "upwards"),
+    ("down", "downward", "downwards"),
+    ("left", "leftward", "leftwards"),
+    ("right", "rightward", "rightwards"),
+    ("forward", "forwards", "ahead"),
+    ("backward", "backwards", "back"),
+    ("anticlockwise", "counterclockwise"),
+    ("east", "eastward"),
+    ("west", "westward"),
+    ("north", "northward"),
+    ("south", "southward"),
+)
+"""Lexicon words that mean the same: never a distractor of one another (an option that means the
+answer is a second right option, which the loss would teach is wrong)."""
+_SAME = {w: set(group) for group in SAME_MEANING for w in group}
+
+
+def same_meaning(word: str) -> set[str]:
+    """``word`` and the words of :data:`SAME_MEANING` that mean the same."""
+    return _SAME.get(word, {word})
+
+
 CONTENT_CLASSES = ("noun", "verb", "adjective", "direction")
 """The word classes an MCM question prefers to ask about (directions count: "moves left")."""
 OTHER = "other"
@@ -401,12 +424,14 @@ def _distractors(
     lexicon: Lexicon,
     max_vocab: int,
 ) -> list[str]:
-    banned = set(banned)
+    banned = {v for w in (*banned, word) for v in same_meaning(w)}
     chosen: list[str] = []
 
     def take(new: list[str]) -> None:
-        chosen.extend(new)
-        banned.update(new)
+        for w in new:
+            if w not in banned:  # (a word meaning the same as one drawn with it)
+                chosen.append(w)
+                banned.update(same_meaning(w))
 
     form = word_form(word, cls)
     if form:
