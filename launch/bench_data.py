@@ -413,13 +413,18 @@ def plot(rows: list[dict[str, Any]], goals: dict[str, Any], sets: dict[str, list
 # Main
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (a job's allocation or a cgroup's cpuset, not the machine's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="launch/bench_data.py")
     p.add_argument("--json", help="write the figures here")
     p.add_argument("--plot", help="write a bar chart here (PNG)")
     p.add_argument("--seconds", type=float, default=2.5, help="timed seconds per cell and method")
     p.add_argument("--quick", action="store_true", help="smoke run: 0.5 s per cell")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="the 'several workers' count")
+    p.add_argument("--workers", type=int, default=usable_cpus(), help="the 'several workers' count")
     p.add_argument("--frames", type=int, nargs="+", default=[8, 16])
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--sampling", default="uniform", choices=["uniform", "random", "headtail"])
@@ -428,7 +433,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = p.parse_args(argv)
     seconds = 0.5 if args.quick else args.seconds
     min_clips = 1 if args.quick else 3  # per worker and half-run: slow raw-720p cells take a little longer
-    cpus = os.cpu_count() or 1
+    cpus = usable_cpus()
     worker_counts = sorted({1, max(1, args.workers)})
 
     t_start = time.perf_counter()
