@@ -42,6 +42,7 @@ class MetricLogger:
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
+        _drop_rows_after(run_dir / "metrics.jsonl", resume_step)
         self._file = (run_dir / "metrics.jsonl").open("a")
         if cfg.mode != "disabled":
             self._wandb = _start_wandb(run_dir, cfg, config)
@@ -127,6 +128,25 @@ class Progress:
 def _hms(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def _drop_rows_after(path: Path, step: int) -> None:
+    """Keep the rows of ``metrics.jsonl`` up to ``step``, where a run starts or resumes: what a
+    killed run logged after its last checkpoint is logged again (a step twice, the two differing in
+    time and rates), and a line cut by the kill is no JSON."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and row.get("step", 0) <= step:
+            kept.append(line + "\n")
+    from .checkpoint import atomic_write
+
+    atomic_write(path, "".join(kept))
 
 
 def _start_wandb(run_dir: Path, cfg: WandbConfig, config: dict[str, Any]) -> Any:
