@@ -91,7 +91,10 @@ def report(summary: dict[str, Any]) -> str:
         if "eval/mcm_acc" in ev:
             acc, chance = ev["eval/mcm_acc"], ev["eval/mcm_chance"]
             lines.append(f"  multiple choice (MCM) accuracy {acc:.1%} (chance {chance:.0%})")
-        lines.append(f"  on {int(ev['eval/clips'])} held-out clips; the exported model is in {summary['export']}")
+        lines.append(
+            f"  on {int(ev['eval/clips'])} held-out clips ({int(ev['eval/texts'])} distinct captions); "
+            f"the exported model is in {summary['export']}"
+        )
     return "\n".join(lines)
 
 

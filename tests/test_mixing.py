@@ -330,7 +330,7 @@ def test_evaluating_a_mixture_counts_every_sample_of_every_corpus(demo_corpus: P
     ctx = EvalContext(rank=0, world=1, device=torch.device("cpu"), bf16=False, batch_size=8)
     data = eval_data_config(mixed_cfg(corpora, mcm=MCMConfig(num_options=3)))
     metrics, predictions = run_evaluation(model, task, data, ctx)
-    assert metrics["clips"] == 62 and metrics["chance_r1"] == 1 / 62
+    assert metrics["clips"] == 62 and metrics["chance_r1"] == 1 / metrics["texts"] and metrics["texts"] <= 62
     assert metrics["mcm_chance"] == pytest.approx(1 / 3) and 0 <= metrics["mcm_acc"] <= 1
     assert {p["key"] for p in predictions} == {f"synthetic/{k}" for k in clips} | {f"photos/{k}" for k in stills}
 
