@@ -101,12 +101,25 @@ def write_report(
     info: dict[str, Any],
 ) -> Path:
     """``{out_dir}/{task}-{tag}.json`` and its predictions (``.predictions.jsonl``; retrieval:
-    ``.rankings.jsonl``), each written whole under a temporary name, then renamed."""
+    ``.rankings.jsonl``), each written whole under a temporary name, then renamed. A report there
+    of other weights or other data (two runs' ``step_00000500``, say) is kept: this one's name
+    then ends with a hash of its ``init`` and ``data`` (``{task}-{tag}-{hash}.json``); the same
+    evaluation again replaces its own."""
+    import hashlib
+
     from .checkpoint import atomic_write
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{task}-{tag}"
+    if (out / f"{stem}.json").is_file():
+        try:
+            there = json.loads((out / f"{stem}.json").read_text())
+        except ValueError:
+            there = {}
+        if (there.get("init"), there.get("data")) != (info.get("init"), info.get("data")):
+            what = json.dumps([info.get("init"), info.get("data")]).encode()
+            stem = f"{stem}-{hashlib.sha1(what).hexdigest()[:8]}"
     kind = "rankings" if task == "retrieval" else "predictions"
     pred_file = out / f"{stem}.{kind}.jsonl"
     atomic_write(pred_file, "".join(json.dumps(p) + "\n" for p in predictions))
@@ -271,6 +284,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
                 trained.get("prompt", ""),
             )
         task = make_task(cfg.task, vocab, cfg.seed)
+        task.check_data([c.path for c in cfg.data.corpus_configs()], "data", training=False, quiet=info.rank > 0)
         arch = read_config(src.folder)
         check_clips_fit(arch, cfg.data, "data", f"init {src.folder}")
         model = MuLTI(arch)

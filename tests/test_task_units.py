@@ -4,9 +4,11 @@ and losses on the tiny model (padding never changes a loss)."""
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import re
+import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,7 @@ import torch
 
 from multi_dist.data.text import load_tokenizer
 from multi_dist.model import MuLTI, model_config
+from multi_dist.shards.build import BuildOptions, build, read_rows
 from multi_dist.tasks import TaskConfig, make_task
 from multi_dist.tasks.base import field_values
 from multi_dist.tasks.labels import LabelsTask
@@ -63,6 +66,29 @@ def test_vocabularies_read_only_the_selected_shards(demo_corpus: Path) -> None:
     ]
     assert list(field_values(some, "qa")) == from_tars and len(from_tars) == 40  # of the folder's 120
     assert len(list(field_values(str(shards[2]), "labels"))) == 20  # a single tar: its own parquet
+
+
+def test_a_fresh_run_takes_its_vocabulary_from_its_data_and_a_resumed_one_from_its_checkpoint(
+    demo_corpus: Path, tmp_path: Path
+) -> None:
+    """The ``task.json`` an earlier run left in the run folder (one that failed before its first
+    checkpoint, or whose checkpoints were removed) decided the answers of every later start there,
+    on another corpus or with another ``task.answers`` too."""
+    from multi_dist import checkpoint
+    from multi_dist.train import TrainConfig, _task_vocab
+
+    cfg = TrainConfig(run_dir=str(tmp_path / "run"))
+    cfg.task, cfg.data.path = TaskConfig(name="qa", answers=3), str(demo_corpus / "train")
+    ckpts = tmp_path / "run" / "checkpoints"
+    ckpts.parent.mkdir()
+    (ckpts.parent / "task.json").write_text(json.dumps({"task": "qa", "vocab": ["stale"], "prompt": ""}))
+    fresh = OpenQATask.build_vocab(cfg.task, cfg.data.path)
+    assert _task_vocab(cfg, None) == fresh and len(fresh) == 3
+    (ckpts / "step_00000002").mkdir(parents=True)
+    trainer = {"task": {"task": "qa", "vocab": ["yes", "no"], "prompt": ""}}
+    (ckpts / "step_00000002" / checkpoint.COMPLETE).write_text(json.dumps(trainer))
+    # resumed: the vocabulary its head was trained with
+    assert _task_vocab(cfg, ckpts / "step_00000002") == ["yes", "no"]
 
 
 def test_qa_collate_pads_questions_and_marks_unknown_answers(tokenizer: Any) -> None:
@@ -130,6 +156,113 @@ def test_label_targets_are_multi_hot_and_ignore_unknown_labels(tokenizer: Any) -
     out = task.collate([sample("a", {"labels": ["red", "cat", "zebra"]}), sample("b", {})], tokenizer, 8, 0, True)
     assert out["label_targets"].tolist() == [[1, 0, 1], [0, 0, 0]]
     assert tokenizer.decode(out["label_input_ids"][1], skip_special_tokens=True) == "what is in the video?"
+
+
+def csv_corpus(folder: Path, clips: dict[str, Path], **columns: list[str]) -> Path:
+    """Shards built from a CSV file whose extra columns hold the given strings, row by row."""
+    folder.mkdir()
+    rows = [{"video": str(p), "caption": f"clip {i}"} for i, p in enumerate(clips.values())]
+    for name, values in columns.items():
+        for row, value in zip(rows, values):
+            row[name] = value
+    with (folder / "in.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    build(read_rows(folder / "in.csv"), BuildOptions(output=str(folder / "shards"), progress=False))
+    return folder / "shards"
+
+
+def tar_samples(shards: Path) -> list[dict[str, Any]]:
+    """Each sample's json as the training workers read it (not the parquet)."""
+    metas = []
+    for tar in sorted(shards.glob("*.tar")):
+        with tarfile.open(tar) as t:
+            metas += [json.loads(t.extractfile(m).read()) for m in t.getmembers() if m.name.endswith(".json")]
+    return [sample(m["key"], m) for m in metas]
+
+
+def test_task_fields_written_as_json_strings_read_alike_everywhere(
+    tmp_path: Path, real_clips: dict[str, Path], tokenizer: Any
+) -> None:
+    """A corpus built from a CSV file holds its list fields as strings. Written as JSON lists they
+    are read as lists alike by the vocabulary (from the parquet, or the tars without it) and by
+    the workers' collate (the tars' json): the questions the vocabulary was built from are the ones
+    trained on. An empty cell is no value."""
+    questions = [json.dumps([qa("what animal?", a)]) for a in ("cat", "dog", "cat")] + [""]
+    labels = [json.dumps(x) for x in (["cat", "dog"], ["bird"], ["cat"])] + [""]
+    shards = csv_corpus(tmp_path / "c", real_clips, qa=questions, labels=labels)
+    samples = tar_samples(shards)
+    assert isinstance(samples[0]["meta"]["qa"], str)  # as written
+    for with_parquet in (True, False):
+        if not with_parquet:
+            for f in shards.glob("*.parquet"):
+                f.unlink()
+        assert OpenQATask.build_vocab(TaskConfig(name="qa"), str(shards)) == ["cat", "dog"]
+        assert LabelsTask.build_vocab(TaskConfig(name="labels"), str(shards)) == ["bird", "cat", "dog"]
+    qa_task = make_task(TaskConfig(name="qa"), ["cat", "dog"])
+    batch = qa_task.collate(samples, tokenizer, 8, 0, True)
+    by_key = dict(zip((s["key"] for s in samples), batch["qa_items"]))
+    assert sorted(len(v) for v in by_key.values()) == [0, 1, 1, 1]
+    labels_task = make_task(TaskConfig(name="labels", prompt="p"), ["bird", "cat", "dog"])
+    targets = labels_task.collate(samples, tokenizer, 8, 0, True)["label_targets"]
+    assert sorted(targets.sum(1).tolist()) == [0, 1, 1, 2]
+    for task in (qa_task, labels_task):
+        task.check_data(str(shards), "val", training=False)  # no error
+
+
+def test_task_fields_of_the_wrong_form_fail_at_start_up_naming_the_sample(
+    tmp_path: Path, real_clips: dict[str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A CSV's ``cat|dog`` is no list of labels (it made a vocabulary of characters, or of
+    ``cat|dog``): an error naming the shard, the sample and the field. A split without the task's
+    fields at all (a captions corpus given to qa, choice or labels) is an error naming the split:
+    it trained to a loss of 0, or failed at its final evaluation. Held-out labels outside the label
+    set are counted in a warning (they were dropped without a word)."""
+    shards = csv_corpus(tmp_path / "c", real_clips, labels=["cat|dog", "bird", "cat", "bird"])
+    with pytest.raises(ValueError, match=r"shards/00000\.tar sample 00000000: 'labels' must be a list, e\.g\. "):
+        LabelsTask.build_vocab(TaskConfig(name="labels"), str(shards))
+    task = make_task(TaskConfig(name="labels", labels=["cat", "dog"]), ["cat", "dog"])
+    with pytest.raises(ValueError, match=r"got a str: 'cat\|dog'"):
+        task.check_data(str(shards), "val", training=False)
+
+    plain = csv_corpus(tmp_path / "p", real_clips, labels=['["cat"]', '["bird"]', '["bird", "cat"]', ""])
+    for name, field in (("qa", "open-ended questions"), ("choice", "multiple-choice questions")):
+        with pytest.raises(ValueError, match=f"^val {re.escape(str(plain))}: no sample has {field}"):
+            make_task(TaskConfig(name=name), ["cat"] if name == "qa" else None).check_data(str(plain), "val", False)
+    bare = csv_corpus(tmp_path / "n", real_clips)
+    with pytest.raises(ValueError, match=f"^data {re.escape(str(bare))}: no sample has labels"):
+        make_task(TaskConfig(name="labels"), ["x"]).check_data(str(bare), "data", True)
+    with caplog.at_level(logging.WARNING, logger="multi_dist.tasks"):
+        task.check_data(str(plain), "val", training=False)
+    assert "val: 2 of 4 labels (50.0%; 1 classes, e.g. bird) are outside the 2-class label set" in caplog.text
+
+
+def test_a_tie_between_the_answer_and_another_option_counts_as_wrong(tokenizer: Any) -> None:
+    """Options that read alike (or alike once truncated to the text length) score alike; the
+    first of them was the prediction, so an answer listed first was counted right."""
+    torch.manual_seed(0)
+    model = MuLTI(model_config("tiny")).eval()
+    task = make_task(TaskConfig(name="choice"))
+    clips = [sample("a", {"options": ["a red cube", "a red cube"], "answer": 0})]
+    batch = {
+        "key": ["a"],
+        "video": torch.stack([c["video"] for c in clips]),
+        **task.collate(clips, tokenizer, 8, 0, False),
+    }
+    with torch.no_grad():
+        logits = task._logits(model, batch)
+        records, _ = task.eval_step(model, batch)
+    assert logits[0, 0, 0] == logits[0, 0, 1]
+    assert records[0]["items"][0] | {"type": None} == {
+        "question": "",
+        "options": ["a red cube", "a red cube"],
+        "answer": 0,
+        "type": None,
+        "prediction": 0,
+        "correct": False,
+        "tied": True,
+    }
 
 
 def test_losses_train_every_head_and_padding_changes_nothing(tokenizer: Any) -> None:
@@ -307,6 +440,33 @@ def test_an_undecided_vtm_head_leaves_the_vtc_ranking_as_it_was() -> None:
     assert collapsed["t2v_meanr"] == 20.0
 
 
+def test_zero_shot_evaluation_counts_clips_with_the_same_caption_as_one_text() -> None:
+    """Four held-out clips, two with the same caption (the same tokens, hence the same text
+    embedding): a model that puts each clip nearest its caption is perfect both ways. Ranked clip
+    by clip, the twin's video tied with the clip's own (text-to-video) and the twin's caption was a
+    wrong text ahead of the truth (video-to-text): at most 3 of 4 hits each way."""
+    from multi_dist.tasks.base import EvalContext
+
+    texts = {"a red cube": (1, 0, 0), "a blue ball": (0, 1, 0), "a green cone": (0, 0, 1)}
+    captions = ["a red cube", "a red cube", "a blue ball", "a green cone"]
+    videos = [(1.0, 0.1, 0.0), (1.0, 0.0, 0.1), (0.1, 1.0, 0.0), (0.0, 0.1, 1.0)]
+    records = [
+        {
+            "key": f"{i:03d}",
+            "caption": c,
+            "tokens": (101, len(c), 102),
+            "text": torch.tensor(texts[c], dtype=torch.float32),
+            "video": torch.tensor(v),
+        }
+        for i, (c, v) in enumerate(zip(captions, videos))
+    ]
+    task = make_task(TaskConfig(name="pretrain"))
+    m, predictions = task.finish(None, records, {}, EvalContext(0, 1, torch.device("cpu"), False, 4))
+    assert (m["t2v_r1"], m["v2t_r1"], m["t2v_medr"], m["v2t_medr"]) == (1.0, 1.0, 1.0, 1.0)
+    assert (m["texts"], m["clips"], m["chance_r1"]) == (3.0, 4.0, 1 / 3)
+    assert [p["t2v_top1"] for p in predictions] == ["000", "000", "002", "003"]
+
+
 def test_top_k_takes_ties_at_the_kth_place_all_or_none() -> None:
     from multi_dist.tasks.retrieval import top_k_mask
 
@@ -336,3 +496,22 @@ def test_count_questions_report_their_mean_squared_error() -> None:
     assert metrics["mse_count"] == 2.0 and metrics["count_not_a_number"] == 1.0 and metrics["acc"] == 0.5
     metrics, _ = _accuracy_report([{"key": "a", "items": items[3:]}])
     assert "mse_count" not in metrics
+
+
+def test_a_report_of_other_weights_under_the_same_name_is_kept(tmp_path: Path) -> None:
+    """Two runs' ``step_00000002`` checkpoints evaluated into one folder: the second report took the
+    first one's name and replaced it. Now it gets a name of its own; the same evaluation again
+    replaces its own report."""
+    from multi_dist.evaluate import write_report
+
+    def report(run: str, acc: float) -> Path:
+        info = {"init": f"/runs/{run}/checkpoints/step_00000002", "data": "/data/val"}
+        return write_report(tmp_path, "qa", "step_00000002", {"acc": acc}, [{"key": "a"}], info)
+
+    first, second, again = report("a", 0.5), report("b", 0.7), report("a", 0.6)
+    assert first == again == tmp_path / "qa-step_00000002.json" and second != first
+    assert re.fullmatch(r"qa-step_00000002-[0-9a-f]{8}\.json", second.name)
+    assert json.loads(first.read_text())["metrics"] == {"acc": 0.6}
+    assert json.loads(second.read_text())["metrics"] == {"acc": 0.7}
+    assert (tmp_path / json.loads(second.read_text())["predictions"]).is_file()
+    assert len(list(tmp_path.glob("*.predictions.jsonl"))) == 2

@@ -199,10 +199,14 @@ def test_evaluate_gives_the_same_metrics_on_one_and_two_processes(
         assert one[k] == pytest.approx(final[k], abs=1e-6), k
 
 
-@pytest.mark.parametrize("problem", ["weights not finetuned", "no data"])
-def test_evaluating_bad_input_fails_clearly(demo_pretrained: Path, tmp_path: Path, problem: str) -> None:
+@pytest.mark.parametrize("problem", ["weights not finetuned", "no data", "no task fields"])
+def test_evaluating_bad_input_fails_clearly(
+    demo_pretrained: Path, tmp_root: Path, tmp_path: Path, problem: str
+) -> None:
     """Weights not finetuned for the task, named by ``init``; data that does not exist, the
-    stream's start-up error after the weights load. Each one line, no traceback."""
+    stream's start-up error after the weights load; data without the task's fields (the demo's
+    real clips have no questions), named before any batch. Each one line, no traceback."""
+    real = demo_pretrained / "demo" / "real"
     task, data, start, said = {
         "weights not finetuned": (
             "qa",
@@ -216,19 +220,82 @@ def test_evaluating_bad_input_fails_clearly(demo_pretrained: Path, tmp_path: Pat
             f"error: dataset path does not exist: {tmp_path / 'no_shards'}\n",
             "dataset path does not exist",
         ),
+        "no task fields": ("qa", real, f"error: data {real}: no sample has open-ended questions", "task qa needs them"),
     }[problem]
+    init = finetuned("qa", demo_pretrained, tmp_root) / "model" if problem == "no task fields" else None
     proc = run(
         1,
         "launch/evaluate.py",
         "--config",
         f"configs/eval/demo_{task}.yaml",
-        f"init={demo_pretrained / 'run' / 'model'}",
+        f"init={init or demo_pretrained / 'run' / 'model'}",
         f"data.path={data}",
         f"out_dir={tmp_path}",
     )
     assert proc.returncode == 1
     assert said in proc.stderr, proc.stderr[-2000:]
     assert proc.stderr.startswith(start) and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_a_finetune_whose_held_out_split_lacks_the_task_fields_fails_at_start_up(
+    demo_pretrained: Path, tmp_path: Path
+) -> None:
+    """The held-out split is read for its task fields before training: a QA finetune validated on
+    clips without questions trained every step and then failed at its final evaluation, before
+    its export (and so did every rerun)."""
+    real = demo_pretrained / "demo" / "real"
+    proc = run(
+        1,
+        "launch/finetune.py",
+        "--config",
+        "configs/finetune/demo_qa.yaml",
+        f"init={demo_pretrained / 'run' / 'model'}",
+        f"data.path={demo_pretrained / 'demo' / 'train'}",
+        f"val.path={real}",
+        f"run_dir={tmp_path / 'run'}",
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.startswith(f"error: val {real}: no sample has open-ended questions"), proc.stderr[-2000:]
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_finetune_resumes_when_its_init_is_gone(demo_pretrained: Path, tmp_root: Path, tmp_path: Path) -> None:
+    """A resumed finetune takes its architecture and weights from its checkpoint: ``init`` (the
+    pretrained weights, perhaps on a scratch disk cleaned since) is not needed again. It was read
+    at every start, and its absence failed the resume."""
+    import shutil
+
+    run_dir = tmp_path / "ft_qa"
+    shutil.copytree(finetuned("qa", demo_pretrained, tmp_root), run_dir)
+    proc = run(  # the command that made it (2 ranks: the data position is per rank), one step longer
+        2,
+        "launch/finetune.py",
+        "--config",
+        "configs/finetune/demo_qa.yaml",
+        f"init={tmp_path / 'pretrained_gone'}",
+        f"data.path={demo_pretrained / 'demo' / 'train'}",
+        "val=null",
+        f"run_dir={run_dir}",
+        f"steps={STEPS + 1}",
+        "data.batch_size=8",
+        "data.shuffle_buffer=100",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resumed from {run_dir / 'checkpoints' / f'step_{STEPS:08d}'} at step {STEPS}" in proc.stdout
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == STEPS + 1
+
+
+def test_labels_finetuned_from_a_qa_export_has_no_qa_head(demo_pretrained: Path, tmp_root: Path) -> None:
+    """Weights finetuned for QA, finetuned again for labels: the QA head's weights were dropped
+    (they mean another task's answers), but the head stayed in the architecture, re-initialised,
+    trained on nothing and exported with the labels model."""
+    from multi_dist.tasks import TaskConfig, make_task
+    from multi_dist.train import TrainConfig, _build_model
+
+    cfg = TrainConfig(init=str(finetuned("qa", demo_pretrained, tmp_root) / "model"))
+    model = _build_model(cfg, make_task(TaskConfig(name="labels", prompt="p"), ["cat", "dog"]))
+    assert (cfg.model.heads.qa_answers, cfg.model.heads.num_labels) == (0, 2)
+    assert model.qa_head is None and model.label_head is not None
 
 
 def test_init_names_a_run_its_checkpoints_a_checkpoint_or_an_export(demo_pretrained: Path, tmp_root: Path) -> None:

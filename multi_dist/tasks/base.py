@@ -36,6 +36,7 @@ from ..metrics import Progress
 from ..model.multi import MuLTI
 
 log = logging.getLogger("multi_dist.tasks")
+START_UP_SHARDS = 2  # a training split without parquet files: the shards whose task fields start-up reads
 TaskName = Literal["pretrain", "qa", "choice", "retrieval", "labels"]
 
 
@@ -93,27 +94,74 @@ def tokenize(tokenizer: Any, texts: list[str], max_len: int) -> tuple[torch.Tens
     return tok["input_ids"], tok["attention_mask"]
 
 
-def field_values(path: str | list[str], name: str) -> Iterator[Any]:
-    """Every sample's value of a task field over a shard set, or several (None where a sample
-    lacks it): from the parquet file beside each selected local shard (fast: no tar is opened),
-    else from the json members. Only the selected shards are read: a split given as some of a
-    folder's shards (``{00000..00007}.tar``) must not take answers or labels from the others."""
+def parse_field(value: Any, name: str, where: str) -> Any:
+    """A list-valued task field (``qa``, ``mc``, ``options``, ``labels``, ``captions``) as a sample
+    holds it: the json's list, or the same list written as a JSON string (a corpus built from a
+    CSV file; the parquet beside the shards stores lists so). ``''`` and None are no value. The one
+    reading of these fields for vocabularies, start-up checks and the workers' collates, so that
+    what the vocabulary was built from is what training sees."""
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return None
+        if text[0] in "[{":
+            try:
+                return json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: {name!r} is a string that is not JSON ({e.msg}): {value[:80]!r}") from None
+    return value
+
+
+def check_list(value: Any, name: str, where: str, example: str) -> list[Any] | None:
+    """``value`` (parsed) when it is a list or absent; else an error naming the sample and the
+    field, with the form expected (``example``)."""
+    if value is None or isinstance(value, list):
+        return value
+    raise ValueError(
+        f"{where}: {name!r} must be a list, e.g. {example}; got a {type(value).__name__}: {str(value)[:80]!r} "
+        "(a CSV column of several values must be written as a JSON list)"
+    )
+
+
+def named(path: str | list[str]) -> str:
+    """A split's shard sets as a message names them."""
+    return path if isinstance(path, str) else ", ".join(path)
+
+
+def sample_fields(
+    path: str | list[str], names: tuple[str, ...], max_shards: int = 0
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``(where, {name: value})`` of every sample of a shard set, or several, for task fields as
+    stored (None where a sample lacks one); ``where`` names the shard and the sample's key. Read
+    from the parquet file beside each selected local shard (fast: no tar is opened), else from the
+    json members (``max_shards``: of the first shards only; 0, all). Only the selected shards are
+    read: a split given as some of a folder's shards (``{00000..00007}.tar``) must not take answers
+    or labels from the others."""
     if isinstance(path, list):
         for p in path:
-            yield from field_values(p, name)
+            yield from sample_fields(p, names, max_shards)
         return
     shards = list_shards(path)
     parquets = [os.path.splitext(s)[0] + ".parquet" for s in shards]
     if not is_url(shards[0]) and all(map(os.path.isfile, parquets)):
-        for file in parquets:
-            for value in parquet_column(file, name):
-                yield json.loads(value) if isinstance(value, str) and value[:1] in "[{" else value
+        for shard, file in zip(shards, parquets):
+            columns = [list(parquet_column(file, name)) for name in ("key", *names)]
+            for key, *values in zip(*columns):
+                yield f"{shard} sample {key}", dict(zip(names, values))
         return
     from webdataset import tariterators
 
-    for sample in tariterators.tarfile_samples([{"url": u} for u in shards]):
+    for sample in tariterators.tarfile_samples([{"url": u} for u in shards[: max_shards or None]]):
         meta = json.loads(sample["json"]) if "json" in sample else {}
-        yield meta.get(name)
+        key = meta.get("key", sample.get("__key__"))
+        yield f"{sample.get('__url__')} sample {key}", {name: meta.get(name) for name in names}
+
+
+def field_values(path: str | list[str], name: str) -> Iterator[Any]:
+    """Every sample's value of a list-valued task field over a shard set, or several, parsed as
+    the collates parse it (:func:`parse_field`; None where a sample lacks it)."""
+    for where, values in sample_fields(path, (name,)):
+        yield parse_field(values[name], name, where)
 
 
 class Task(abc.ABC):
@@ -140,6 +188,15 @@ class Task(abc.ABC):
     def heads(self) -> dict[str, int]:
         """``model.heads`` sizes this task needs."""
         return {}
+
+    def check_data(  # noqa: B027 (pretraining reads no task field: nothing to check)
+        self, path: str | list[str], split: str, training: bool, quiet: bool = False
+    ) -> None:
+        """At start-up, before any heavy work: an error naming the split (and the shard and sample)
+        when its task fields cannot serve the task: absent from every sample, or of the wrong form;
+        warnings (unless ``quiet``: ranks but the first) for what will be neither trained nor
+        scored. A training split without parquet files is checked on its first shards
+        (``START_UP_SHARDS``), a held-out one whole."""
 
     def state(self) -> dict[str, Any]:
         """What travels with the weights (``task.json``, checkpoints): the task, its vocabulary,

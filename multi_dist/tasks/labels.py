@@ -15,10 +15,34 @@ import torch
 import torch.nn.functional as F
 
 from ..model.multi import MuLTI
-from .base import EvalContext, Task, TaskConfig, field_values, tokenize
+from .base import (
+    START_UP_SHARDS,
+    EvalContext,
+    Task,
+    TaskConfig,
+    check_list,
+    named,
+    parse_field,
+    sample_fields,
+    tokenize,
+)
 from .metrics import multilabel_metrics
 
 log = logging.getLogger("multi_dist.tasks")
+
+
+LABELS_FORM = '["cat", "dog"]'
+
+
+def read_labels(value: Any, where: str) -> list[str] | None:
+    """A sample's ``labels`` field, parsed (a JSON string too) as names; an error naming ``where``
+    if it is no list."""
+    labels = check_list(parse_field(value, "labels", where), "labels", where, LABELS_FORM)
+    return None if labels is None else [str(x) for x in labels]
+
+
+def _labels(path: str | list[str], max_shards: int = 0) -> list[list[str] | None]:
+    return [read_labels(fields["labels"], where) for where, fields in sample_fields(path, ("labels",), max_shards)]
 
 
 class LabelsTask(Task):
@@ -29,7 +53,7 @@ class LabelsTask(Task):
     def build_vocab(cls, cfg: TaskConfig, train_path: str | list[str]) -> list[str]:
         if cfg.labels:
             return list(cfg.labels)
-        names = {str(x) for value in field_values(train_path, "labels") for x in (value or [])}
+        names = {x for value in _labels(train_path) for x in value or []}
         if not names:
             raise ValueError(f"{train_path}: no 'labels' in the training split; set task.labels or convert labels")
         return sorted(names)
@@ -37,21 +61,42 @@ class LabelsTask(Task):
     def heads(self) -> dict[str, int]:
         return {"num_labels": len(self.vocab)}
 
+    def check_data(self, path: str | list[str], split: str, training: bool, quiet: bool = False) -> None:
+        values = _labels(path, START_UP_SHARDS if training else 0)
+        if not any(values):
+            raise ValueError(
+                f"{split} {named(path)}: no sample has labels ('labels', e.g. {LABELS_FORM}): task labels needs them"
+            )
+        given = sum(len(v) for v in values if v)
+        outside = sorted({x for v in values if v for x in v if x not in self.index})
+        dropped = sum(x not in self.index for v in values if v for x in v)
+        if dropped and not quiet:
+            log.warning(
+                "%s: %d of %d labels (%.1f%%; %d classes, e.g. %s) are outside the %d-class label set%s: they are "
+                "neither trained nor scored",
+                split,
+                dropped,
+                given,
+                100 * dropped / given,
+                len(outside),
+                ", ".join(outside[:5]),
+                len(self.vocab),
+                "" if self.cfg.labels else " of the training split",
+            )
+
     def collate(
         self, samples: list[dict[str, Any]], tokenizer: Any, max_len: int, epoch: int, training: bool
     ) -> dict[str, Any]:
         targets = torch.zeros(len(samples), len(self.vocab))
         for i, s in enumerate(samples):
-            labels = s["meta"].get("labels") or []
-            if not isinstance(labels, list):
-                log.warning("sample %s: labels is not a list: %r", s["key"], labels)
+            try:
+                labels = read_labels(s["meta"].get("labels"), f"sample {s['key']}") or []
+            except ValueError as e:  # the start-up check read this split whole, or its first shards
+                log.warning("%s", e)
                 labels = []
-            unknown = [x for x in labels if str(x) not in self.index]
-            if unknown:
-                log.info("sample %s: labels outside the label set ignored: %s", s["key"], unknown)
             for x in labels:
-                if str(x) in self.index:
-                    targets[i, self.index[str(x)]] = 1.0
+                if x in self.index:
+                    targets[i, self.index[x]] = 1.0
         texts = [self.cfg.prompt or s["caption"] for s in samples]
         ids, mask = tokenize(tokenizer, texts, max_len)
         return {"label_targets": targets, "label_input_ids": ids, "label_attention_mask": mask}

@@ -11,13 +11,26 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from ..model.multi import MuLTI
-from .base import EvalContext, Task, TaskConfig, field_values, item_rng, tokenize, zero_loss
+from .base import (
+    START_UP_SHARDS,
+    EvalContext,
+    Task,
+    TaskConfig,
+    check_list,
+    item_rng,
+    named,
+    parse_field,
+    sample_fields,
+    tokenize,
+    zero_loss,
+)
 from .metrics import accuracy_by_type
 
 log = logging.getLogger("multi_dist.tasks")
@@ -26,12 +39,38 @@ OUT_OF_VOCAB = -1  # evaluation: a real question whose answer the head cannot gi
 OPTION_PAD = -1e4  # logit of a padding option (finite: no NaN in the masked-out rows' gradients)
 
 
-def qa_items(meta: dict[str, Any], key: str) -> list[dict[str, str]]:
-    """The open-ended questions of a sample; malformed items are logged with the key and dropped."""
+QA_FORM = '[{"question": "what is the man doing?", "answer": "cooking"}]'
+MC_FIELDS = ("mc", "options", "question", "answer")
+MC_FORM = '[{"question": "...", "options": ["a", "b"], "answer": 1}]'
+
+
+def read_qa(value: Any, where: str) -> list[Any] | None:
+    """A sample's ``qa`` field, parsed (a JSON string too); an error naming ``where`` if it is no list."""
+    return check_list(parse_field(value, "qa", where), "qa", where, QA_FORM)
+
+
+def read_mc(meta: dict[str, Any], where: str) -> list[Any] | None:
+    """A sample's multiple-choice questions as stored: ``mc``, or top-level ``options``/``answer``."""
+    raw = check_list(parse_field(meta.get("mc"), "mc", where), "mc", where, MC_FORM)
+    if raw is None and meta.get("options") not in (None, ""):
+        options = check_list(parse_field(meta["options"], "options", where), "options", where, '["a", "b"]')
+        raw = [{"question": meta.get("question", ""), "options": options, "answer": meta.get("answer")}]
+    return raw
+
+
+def qa_items(meta: dict[str, Any], where: str) -> list[dict[str, str]]:
+    """The open-ended questions of a sample (``where``: the sample named); a malformed field or
+    item is logged and dropped (the start-up check refuses a split whose fields are of the wrong
+    form)."""
+    try:
+        raw = read_qa(meta.get("qa"), where)
+    except ValueError as e:
+        log.warning("%s", e)
+        raw = None
     items = []
-    for i, item in enumerate(meta.get("qa") or []):
+    for i, item in enumerate(raw or []):
         if not isinstance(item, dict) or not isinstance(item.get("question"), str) or "answer" not in item:
-            log.warning("sample %s: qa item %d is malformed (needs question and answer): %r", key, i, item)
+            log.warning("%s: qa item %d is malformed (needs question and answer): %r", where, i, item)
             continue
         items.append(
             {"question": item["question"], "answer": str(item["answer"]), "type": str(item.get("type", "all"))}
@@ -39,11 +78,13 @@ def qa_items(meta: dict[str, Any], key: str) -> list[dict[str, str]]:
     return items
 
 
-def mc_items(meta: dict[str, Any], key: str) -> list[dict[str, Any]]:
+def mc_items(meta: dict[str, Any], where: str) -> list[dict[str, Any]]:
     """The multiple-choice questions of a sample (``mc``, or top-level ``options``/``answer``)."""
-    raw = meta.get("mc")
-    if raw is None and "options" in meta:
-        raw = [{"question": meta.get("question", ""), "options": meta["options"], "answer": meta.get("answer")}]
+    try:
+        raw = read_mc(meta, where)
+    except ValueError as e:
+        log.warning("%s", e)
+        raw = None
     items = []
     for i, item in enumerate(raw or []):
         options = item.get("options") if isinstance(item, dict) else None
@@ -54,7 +95,7 @@ def mc_items(meta: dict[str, Any], key: str) -> list[dict[str, Any]]:
             or not isinstance(answer, int)
             or not 0 <= answer < len(options)
         ):
-            log.warning("sample %s: multiple-choice item %d is malformed (options, answer index): %r", key, i, item)
+            log.warning("%s: multiple-choice item %d is malformed (options, answer index): %r", where, i, item)
             continue
         items.append(
             {
@@ -65,6 +106,14 @@ def mc_items(meta: dict[str, Any], key: str) -> list[dict[str, Any]]:
             }
         )
     return items
+
+
+def _questions(path: str | list[str], max_shards: int) -> Iterator[tuple[str, list[dict[str, str]]]]:
+    """``(where, well-formed open-ended questions)`` of each sample of a split; an error naming the
+    sample for a ``qa`` field that is no list."""
+    for where, fields in sample_fields(path, ("qa",), max_shards):
+        read_qa(fields["qa"], where)
+        yield where, qa_items(fields, where)
 
 
 def _choose(items: list[Any], limit: int, training: bool, seed: int, epoch: int, key: str) -> list[Any]:
@@ -80,10 +129,8 @@ class OpenQATask(Task):
     @classmethod
     def build_vocab(cls, cfg: TaskConfig, train_path: str | list[str]) -> list[str]:
         counts: Counter[str] = Counter()
-        for value in field_values(train_path, "qa"):
-            for item in value or []:
-                if isinstance(item, dict) and "answer" in item:
-                    counts[str(item["answer"])] += 1
+        for _, items in _questions(train_path, 0):
+            counts.update(item["answer"] for item in items)
         if not counts:
             raise ValueError(f"{train_path}: no 'qa' answers in the training split (is it a QA corpus?)")
         # most frequent first, ties alphabetical: the same vocabulary on every rank and rerun
@@ -92,12 +139,33 @@ class OpenQATask(Task):
     def heads(self) -> dict[str, int]:
         return {"qa_answers": len(self.vocab)}
 
+    def check_data(self, path: str | list[str], split: str, training: bool, quiet: bool = False) -> None:
+        asked = outside = samples = 0
+        for _, items in _questions(path, START_UP_SHARDS if training else 0):
+            samples += bool(items)
+            asked += len(items)
+            outside += sum(item["answer"] not in self.index for item in items)
+        if not samples:
+            raise ValueError(
+                f"{split} {named(path)}: no sample has open-ended questions ('qa', e.g. {QA_FORM}): task qa needs them"
+            )
+        if outside and not training and not quiet:
+            log.warning(
+                "%s: %d of %d answers (%.1f%%) are outside the %d-answer vocabulary of the training split: those "
+                "questions count as wrong",
+                split,
+                outside,
+                asked,
+                100 * outside / asked,
+                len(self.vocab),
+            )
+
     def collate(
         self, samples: list[dict[str, Any]], tokenizer: Any, max_len: int, epoch: int, training: bool
     ) -> dict[str, Any]:
         rows = []
         for s in samples:
-            items = qa_items(s["meta"], s["key"])
+            items = qa_items(s["meta"], f"sample {s['key']}")
             if training:  # an answer outside the vocabulary teaches the head nothing
                 items = [it for it in items if it["answer"] in self.index]
             rows.append(_choose(items, self.cfg.max_questions, training, self.seed, epoch, s["key"]))
@@ -159,13 +227,24 @@ class OpenQATask(Task):
 class ChoiceTask(Task):
     name = "choice"
 
+    def check_data(self, path: str | list[str], split: str, training: bool, quiet: bool = False) -> None:
+        samples = 0
+        for where, fields in sample_fields(path, MC_FIELDS, START_UP_SHARDS if training else 0):
+            read_mc(fields, where)
+            samples += bool(mc_items(fields, where))
+        if not samples:
+            raise ValueError(
+                f"{split} {named(path)}: no sample has multiple-choice questions ('mc', e.g. {MC_FORM}, or top-level "
+                "'options' and 'answer'): task choice needs them"
+            )
+
     def collate(
         self, samples: list[dict[str, Any]], tokenizer: Any, max_len: int, epoch: int, training: bool
     ) -> dict[str, Any]:
-        rows = [
-            _choose(mc_items(s["meta"], s["key"]), self.cfg.max_questions, training, self.seed, epoch, s["key"])
-            for s in samples
-        ]
+        rows = []
+        for s in samples:
+            items = mc_items(s["meta"], f"sample {s['key']}")
+            rows.append(_choose(items, self.cfg.max_questions, training, self.seed, epoch, s["key"]))
         q = max(1, max(len(r) for r in rows))
         o = max([2] + [len(it["options"]) for r in rows for it in r])
         texts, valid, answers = [], [], []
@@ -215,11 +294,23 @@ class ChoiceTask(Task):
         return {"loss": loss, "objective": loss, "loss_choice": loss, "acc_choice": acc}
 
     def eval_step(self, model: MuLTI, batch: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-        pred = self._logits(model, batch).argmax(2).tolist()
+        logits = self._logits(model, batch)
+        pred = logits.argmax(2).tolist()
+        # correct only when the answer scores above every other option: two options that read the
+        # same once truncated to the text length tie, and a tie counts against the model
+        answer = batch["mc_answer"].clamp(min=0)
+        own = logits.gather(2, answer[..., None])
+        beaten = logits.scatter(2, answer[..., None], float("-inf")).amax(2, keepdim=True) < own
+        beaten = beaten.squeeze(2).tolist()
         records = []
         for i, key in enumerate(batch["key"]):
             items = [
-                {**item, "prediction": pred[i][j], "correct": pred[i][j] == item["answer"]}
+                {
+                    **item,
+                    "prediction": pred[i][j],
+                    "correct": beaten[i][j],
+                    **({"tied": True} if pred[i][j] == item["answer"] and not beaten[i][j] else {}),
+                }
                 for j, item in enumerate(batch["mc_items"][i])
             ]
             records.append({"key": key, "items": items})

@@ -19,6 +19,7 @@ runs the same number of fusion chunks (ZeRO-3 gathers weights collectively).
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -29,16 +30,41 @@ from ..data.pipeline import DataConfig
 from ..metrics import Progress
 from ..model.multi import MuLTI, VideoOutput
 from ..objectives import LossConfig, PretrainLoss
-from .base import EvalContext, Task, TaskConfig, item_rng, tokenize
+from .base import (
+    START_UP_SHARDS,
+    EvalContext,
+    Task,
+    TaskConfig,
+    check_list,
+    item_rng,
+    parse_field,
+    sample_fields,
+    tokenize,
+)
 from .metrics import retrieval_metrics
 
+log = logging.getLogger("multi_dist.tasks")
 TOP = 10  # rankings written per query
 RERANKED = 1e4  # added to re-ranked candidates' scores: they stay ahead of the rest
 
 
+CAPTIONS_FORM = '["a man cooks", "someone makes dinner"]'
+
+
+def read_captions(value: Any, where: str) -> list[Any] | None:
+    """A sample's ``captions`` field, parsed (a JSON string too); an error naming ``where`` if it
+    is no list."""
+    return check_list(parse_field(value, "captions", where), "captions", where, CAPTIONS_FORM)
+
+
 def captions_of(sample: dict[str, Any]) -> list[str]:
-    caps = sample["meta"].get("captions")
-    if isinstance(caps, list) and caps:
+    """A sample's captions: ``captions``, else its caption (also for a malformed field, logged)."""
+    try:
+        caps = read_captions(sample["meta"].get("captions"), f"sample {sample['key']}")
+    except ValueError as e:
+        log.warning("%s", e)
+        caps = None
+    if caps:
         return [str(c) for c in caps if str(c).strip()] or [sample["caption"]]
     return [sample["caption"]]
 
@@ -57,6 +83,10 @@ class RetrievalTask(Task):
         cfg = super().data_config(data, training)
         cfg.require_caption = True
         return cfg
+
+    def check_data(self, path: str | list[str], split: str, training: bool, quiet: bool = False) -> None:
+        for where, fields in sample_fields(path, ("captions",), START_UP_SHARDS if training else 0):
+            read_captions(fields["captions"], where)
 
     def collate(
         self, samples: list[dict[str, Any]], tokenizer: Any, max_len: int, epoch: int, training: bool
