@@ -102,6 +102,11 @@ class TrainConfig:
     log_every: int = 10
     ckpt_every: int = 500
     keep_checkpoints: int = 3
+    checkpoints: bool = True
+    """False: no checkpoint at all, not even at the end or on a stop request (benchmarks, smoke
+    runs); such a run cannot resume."""
+    export: bool = True
+    """Write the final model folder (``run_dir/model``) at the end."""
     eval_every: int = 0
     """Evaluate on ``val`` every N steps (0: only at the end)."""
     eval_batches: int = 0
@@ -357,10 +362,14 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _check_start(cfg: TrainConfig, rank: int = 0) -> None:
+def _check_start(cfg: TrainConfig, rank: int = 0, resume_from: Path | None = None) -> None:
     """Clear start-up errors for settings the loop cannot honour, before any heavy work. The model
-    checked is the one that will train: ``init``'s architecture when there is one."""
-    model = read_config(resolve(cfg.init).folder) if cfg.init else cfg.model
+    checked is the one that will train: ``init``'s architecture when there is one, read from the
+    checkpoint a run resumes from (``init`` itself may be gone by then)."""
+    if cfg.init:
+        model = read_config(resume_from or resolve(cfg.init).folder)
+    else:
+        model = cfg.model
     if cfg.init:  # the architecture is init's: a model key set to something else would be ignored
         given, default, init = (_flat(to_dict(m)) for m in (cfg.model, ModelConfig(), model))
         ignored = sorted(
@@ -397,6 +406,15 @@ def _check_start(cfg: TrainConfig, rank: int = 0) -> None:
             k,
             k,
         )
+    unfed = []  # a loss whose inputs the data does not make was skipped at every step, without a word
+    if cfg.task.name == "pretrain" and cfg.loss.mcm > 0 and not cfg.data.mcm.enabled:
+        unfed.append(f"loss.mcm={cfg.loss.mcm} needs data.mcm.enabled=true (the data workers make the questions)")
+    if cfg.task.name == "pretrain" and cfg.loss.mlm > 0 and cfg.data.mlm_probability == 0:
+        unfed.append(f"loss.mlm={cfg.loss.mlm} needs data.mlm_probability > 0 (the data workers mask the captions)")
+    if cfg.task.name == "retrieval" and cfg.loss.vtc == cfg.loss.vtm == 0:
+        unfed.append("task retrieval trains with loss.vtc and loss.vtm, which are both 0")
+    if unfed:
+        raise ValueError("; ".join(unfed) + ": set them, or the loss's weight to 0")
     if cfg.task.name in ("pretrain", "retrieval") and cfg.loss.vtm > 0 and cfg.data.batch_size < 2:
         raise ValueError(  # else VTM never runs, silently, and its head (retrieval's re-ranker) stays untrained
             f"loss.vtm={cfg.loss.vtm} needs data.batch_size >= 2: VTM draws its hard negatives from each "
@@ -405,7 +423,10 @@ def _check_start(cfg: TrainConfig, rank: int = 0) -> None:
 
 
 # what a resumed run may change without a word: how long it runs, what it logs and keeps
-_RUN_CONTROL = ("steps", "resume", "log_every", "ckpt_every", "keep_checkpoints", "eval_every", "eval_batches")
+_RUN_CONTROL = (
+    *("steps", "resume", "log_every", "ckpt_every", "keep_checkpoints", "checkpoints", "export"),
+    *("eval_every", "eval_batches"),
+)
 _RUN_CONTROL_SECTIONS = ("wandb.", "profile.")
 
 
@@ -426,30 +447,42 @@ def _val_config(cfg: TrainConfig, task: Task) -> DataConfig | None:
     return task.data_config(eval_data_config(cfg.val), training=False)
 
 
-def _task_vocab(cfg: TaskConfig, run_dir: Path, train_path: list[str]) -> list[str] | None:
-    """The task's vocabulary: the one this run started with (resume), else from the training split."""
-    saved = run_dir / TASK_FILE
-    if saved.is_file():
-        data = json.loads(saved.read_text())
-        if data.get("task") == cfg.name:
-            return data["vocab"]
-    return task_class(cfg.name).build_vocab(cfg, train_path)
+def _task_vocab(cfg: TrainConfig, resume_from: Path | None) -> list[str] | None:
+    """The task's vocabulary: the one of the checkpoint this run resumes from, else from the
+    training split. (Not the run folder's ``task.json``: one left by an earlier run in that folder,
+    on another corpus, would give a fresh run a vocabulary its data does not have.)"""
+    if resume_from is not None:
+        saved = checkpoint.read_trainer(resume_from.parent, resume_from.name).get("task") or {}
+        if saved.get("task") == cfg.task.name:
+            return saved["vocab"]
+    return task_class(cfg.task.name).build_vocab(cfg.task, [c.path for c in cfg.data.corpus_configs()])
 
 
-def _build_model(cfg: TrainConfig, task: Task) -> MuLTI:
+def _build_model(cfg: TrainConfig, task: Task, resume_from: Path | None = None) -> MuLTI:
     """The model as configured, or (``init``) rebuilt from the given weights with the task's heads:
     new ones, unless the weights were trained for this task with this vocabulary (and, for labels,
     the same ``label_source``), whose heads then go on training. Another task's head, even of the
-    same shape, is dropped: its outputs mean other answers."""
+    same shape, is dropped: its outputs mean other answers. A run with ``init`` that resumes takes
+    the architecture from its checkpoint (``resume_from``), which also holds the weights: ``init``
+    is not read again, and may have been moved or removed."""
     if not cfg.init:
         cfg.model.heads = dataclasses.replace(cfg.model.heads, **task.heads())
         return MuLTI(cfg.model)
+    if resume_from is not None:
+        model_cfg = read_config(resume_from)
+        model_cfg.checkpointing = cfg.model.checkpointing
+        model_cfg.checkpoint_frames = cfg.model.checkpoint_frames
+        cfg.model = model_cfg
+        return MuLTI(model_cfg)
     src = resolve(cfg.init)
     model_cfg = read_config(src.folder)
     source_heads = model_cfg.heads
     model_cfg.checkpointing = cfg.model.checkpointing
     model_cfg.checkpoint_frames = cfg.model.checkpoint_frames
-    model_cfg.heads = dataclasses.replace(model_cfg.heads, label_source=cfg.model.heads.label_source, **task.heads())
+    # the task's own head only: another task's (a QA head of weights finetuned for QA, say) would be
+    # dropped below, re-initialised, trained on nothing and exported with the model
+    heads = {"qa_answers": 0, "num_labels": 0, **task.heads()}
+    model_cfg.heads = dataclasses.replace(model_cfg.heads, label_source=cfg.model.heads.label_source, **heads)
     cfg.model = model_cfg  # the run's config records the architecture it really trains
     model = MuLTI(model_cfg)
     state = source_weights(src)
@@ -478,15 +511,18 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, float]], None] | No
     bf16 = use_bf16(cfg)
     run_dir = Path(cfg.run_dir)
     ckpt_dir = run_dir / "checkpoints"
+    resume_tag = checkpoint.latest_tag(ckpt_dir) if cfg.resume else None
+    resume_from = ckpt_dir / resume_tag if resume_tag else None
     with start_up():  # fails here, named, on wrong settings, missing or unfit shards, a missing init
-        _check_start(cfg, rank)
+        _check_start(cfg, rank, resume_from)
         if not cfg.resume and any(ckpt_dir.glob("step_*")):  # its checkpoints and ours would mix
             raise ValueError(
                 f"resume=false, but {ckpt_dir} holds another run's checkpoints: use another run_dir, "
                 "or remove that folder"
             )
-        vocab = _task_vocab(cfg.task, run_dir, [c.path for c in cfg.data.corpus_configs()])
+        vocab = _task_vocab(cfg, resume_from)
         task = make_task(cfg.task, vocab, cfg.seed, loss=cfg.loss)
+        task.check_data([c.path for c in cfg.data.corpus_configs()], "data", training=True, quiet=rank > 0)
         stream = VideoTextStream(
             task.data_config(cfg.data, training=True),
             rank,
@@ -498,16 +534,17 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, float]], None] | No
         val_cfg = _val_config(cfg, task)
         if val_cfg is not None:
             VideoTextStream(val_cfg, rank, world, key="val", evaluation=True)  # its checks, before training
+            task.check_data([c.path for c in val_cfg.corpus_configs()], "val", training=False, quiet=rank > 0)
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-        model = _build_model(cfg, task)
+        model = _build_model(cfg, task, resume_from)
     if cfg.compile:
         model.compile_layers()
     task_state = task.state()
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
-        (run_dir / TASK_FILE).write_text(json.dumps(task_state))
+        checkpoint.atomic_write(run_dir / TASK_FILE, json.dumps(task_state))
     groups = param_groups(model, cfg.optim, initialized=bool(cfg.init))
     names = {id(p): n for n, p in model.named_parameters()}
     param_order = [[names[id(p)] for p in g["params"]] for g in groups]
@@ -522,7 +559,7 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, float]], None] | No
     name_zero_stage(engine.optimizer)
     ctx = EvalContext(rank, world, device, bf16, val_cfg.batch_size if val_cfg else 1)
     state = TrainState()
-    tag = checkpoint.latest_tag(ckpt_dir) if cfg.resume else None
+    tag = resume_tag
     if tag is not None:
         saved_order = checkpoint.read_trainer(ckpt_dir, tag).get("param_order")
         with start_up():
@@ -557,8 +594,8 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, float]], None] | No
         return _stop_agreed(world, host_group)
 
     def stop(saved: bool) -> dict[str, Any]:
-        """A stop was asked: checkpoint at this step unless done, and return."""
-        if not saved:
+        """A stop was asked: checkpoint at this step unless done (or ``checkpoints=false``), and return."""
+        if not saved and cfg.checkpoints:
             _save(engine, ckpt_dir, state, cfg, stream, rank, task, param_order)
         if rank == 0:
             print(f"stopped at step {state.step} on request (signal {_STOP['signal']})", flush=True)
@@ -623,33 +660,30 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, float]], None] | No
             if not state.first_losses and window:
                 state.first_losses = {k: float(v[0]) for k, v in window.items() if k.startswith("loss")}
             if state.step % cfg.log_every == 0 or state.step == cfg.steps:
+                if device.type == "cuda":  # the window's kernels done before its time is read (a log step)
+                    torch.cuda.synchronize(device)
                 elapsed = time.perf_counter() - t_window
                 means = _window_means(window)
                 if len(stream.corpora) > 1:  # each corpus's share of the samples seen so far (all ranks)
                     means.update({f"data/share_{k}": v for k, v in stream.corpus_shares().items()})
-                means["perf/frames_per_s"] = frames_window / elapsed  # this rank's; x world after the mean
-                metrics = _reduce_means(means, world, device)
+                metrics = window_metrics(
+                    means, elapsed, steps_window, frames_window, wait_window, stream.totals["skipped"], world, device
+                )
+                metrics["perf/clips_per_s"] = global_batch / metrics["perf/step_s"]
                 state.last_losses = {
                     k.removeprefix("train/"): v for k, v in metrics.items() if k.startswith("train/loss")
                 }
-                metrics["perf/frames_per_s"] *= world
-                clips = global_batch * steps_window / elapsed
                 metrics.update(
                     {
                         "optim/lr": max(scheduler.get_last_lr()),  # the new modules' (peak) rate
                         "optim/grad_norm": float(grad_norm if own_norm else engine.get_global_grad_norm()),
-                        "perf/clips_per_s": clips,
-                        "perf/step_s": elapsed / steps_window,
-                        "data/wait_frac": wait_window / elapsed,
-                        "data/skipped": stream.totals["skipped"],
-                        "perf/mem_gib": _peak_gib(device),
                         "progress/samples": state.samples,
                     }
                 )
                 emit(state.step, metrics)
                 window, t_window, wait_window, steps_window, frames_window = {}, time.perf_counter(), 0.0, 0, 0
             t_aside = time.perf_counter()
-            saved = state.step % cfg.ckpt_every == 0 or state.step == cfg.steps
+            saved = cfg.checkpoints and (state.step % cfg.ckpt_every == 0 or state.step == cfg.steps)
             if saved:
                 _save(engine, ckpt_dir, state, cfg, stream, rank, task, param_order)
             if asked():
@@ -683,15 +717,40 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, float]], None] | No
                     run_dir / "eval", task.name, checkpoint.tag_of(state.step), metrics, predictions, info
                 )
                 summary["eval_report"] = str(report)
-        export = run_dir / "model"
-        _export(engine, export, cfg, rank, task_state)
-        summary["export"] = str(export)
+        if cfg.export:
+            export = run_dir / "model"
+            _export(engine, export, cfg, rank, task_state)
+            summary["export"] = str(export)
         if rank == 0:
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         return summary
     finally:
         profiler.close()
         logger.close()
+
+
+def window_metrics(
+    means: dict[str, float],
+    elapsed: float,
+    steps: int,
+    frames: int,
+    wait: float,
+    skipped: int,
+    world: int,
+    device: torch.device,
+) -> dict[str, float]:
+    """A log window's metrics over all ranks, from this rank's: the means of ``means`` (losses)
+    and of the data-wait share, the sums of frames per second and of samples skipped so far, the
+    slowest rank's step time and the largest peak memory. Collective when ``world > 1``."""
+    out = _reduce_means(
+        {**means, "perf/frames_per_s": frames / elapsed, "data/wait_frac": wait / elapsed, "data/skipped": skipped},
+        world,
+        device,
+    )
+    out["perf/frames_per_s"] *= world
+    out["data/skipped"] = round(out["data/skipped"] * world)
+    slowest, peak = _reduce_max([elapsed, _peak_gib(device)], world, device)
+    return {**out, "perf/step_s": slowest / steps, "perf/mem_gib": peak}
 
 
 def _reduce_means(metrics: dict[str, float], world: int, device: torch.device) -> dict[str, float]:
@@ -701,6 +760,14 @@ def _reduce_means(metrics: dict[str, float], world: int, device: torch.device) -
     t = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=device)
     dist_.all_reduce(t)
     return {k: float(v) / world for k, v in zip(keys, t.tolist())}
+
+
+def _reduce_max(values: list[float], world: int, device: torch.device) -> list[float]:
+    if world == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist_.all_reduce(t, op=dist_.ReduceOp.MAX)
+    return t.tolist()
 
 
 def _peak_gib(device: torch.device) -> float:
@@ -755,7 +822,7 @@ def _export(engine: Any, folder: Path, cfg: TrainConfig, rank: int, task_state: 
             if use_bf16(cfg):
                 module = _fp32_copy(module, masters)
             module.save_pretrained(folder, tokenizer=load_tokenizer(cfg.data.tokenizer))
-            (folder / TASK_FILE).write_text(json.dumps(task_state))
+            checkpoint.atomic_write(folder / TASK_FILE, json.dumps(task_state))
     if dist_.is_initialized():
         dist_.barrier()
 

@@ -220,14 +220,14 @@ def test_each_configuration_is_saved_as_it_ends(
     assert partial[:1] == [1] and set(partial) <= {1, 2}
     assert "partial" not in final and [r["zero"] for r in final["results"]] == [2, 1]
     assert all(r["error"].startswith("timed out after 4 s") for r in final["results"])
+    # nothing measured: a failure, for a script or a job that runs the benchmark (it exited 0)
+    assert exits == [f"error: no configuration ran to the end: each one's error is in {out}"]
     out = capsys.readouterr().out
     first = re.search(r"^    1/2 configuration\(s\) in (\d+) s, ~(\d+) s left for 1 more$", out, re.M)
     assert first and first[1] == first[2] and int(first[1]) >= 4, out  # one more at the first's pace
     assert re.search(r"^    2/2 configuration\(s\) in \d+ s$", out, re.M), out
     # killed in start-up, before the ranks unlinked DeepSpeed's shared memory (46 MB here): removed
     assert set(Path("/dev/shm").glob(f"{SHM_SEGMENT}_*")) <= shm_before
-    # nothing measured: a failure, for a script or a job that runs the benchmark (it exited 0)
-    assert exits == [f"error: no configuration ran to the end: each one's error is in {out}"]
 
 
 def test_sigterm_or_ctrl_c_to_the_benchmark_ends_the_run_it_started(demo_corpus: Path, tmp_path: Path) -> None:

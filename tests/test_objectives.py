@@ -123,6 +123,47 @@ def _vtc_rank(rank: int, world: int, port: int, text: torch.Tensor, video: torch
         dist.destroy_process_group()
 
 
+def _window_rank(rank: int, port: int, queue: mp.Queue) -> None:
+    from multi_dist.train import _peak_gib, window_metrics
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        if rank == 1:  # a rank whose peak memory is the larger one
+            ballast = bytearray(400 * 2**20)
+            ballast[:: 2**12] = b"x" * len(ballast[:: 2**12])
+        means = {"train/loss": 1.0 + rank}
+        # rank 1: twice the time, three times the waiting, 2 samples skipped (rank 0: 1)
+        out = window_metrics(means, 10.0 * (1 + rank), 5, 100, 1.0 + 5.0 * rank, 1 + rank, 2, torch.device("cpu"))
+        queue.put((rank, (out, _peak_gib(torch.device("cpu")))))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_logged_window_is_every_ranks_not_rank_0s() -> None:
+    """Two gloo ranks with different windows: the logged losses and waiting share are their
+    means, frames per second and skipped samples their sums, the step time the slower rank's and
+    the memory the larger peak. (Step time, waiting share, skipped samples and memory were rank
+    0's alone: a corrupt shard read by rank 1 counted 0 skipped.)"""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_window_rank, args=(r, port, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = dict(queue.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    (m, peak0), (other, peak1) = results[0], results[1]
+    assert m == other and peak1 > peak0 + 0.3
+    assert m["train/loss"] == 1.5 and m["data/skipped"] == 3
+    assert m["data/wait_frac"] == pytest.approx((1 / 10 + 6 / 20) / 2)
+    assert m["perf/frames_per_s"] == pytest.approx(100 / 10 + 100 / 20)
+    assert m["perf/step_s"] == 20.0 / 5
+    assert m["perf/mem_gib"] == peak1  # rank 1's peak resident memory, its 400 MiB ballast included
+
+
 def test_vtc_across_two_gloo_ranks_equals_the_single_process_loss() -> None:
     """Two real processes with a gloo group, each holding half the batch: the loss each reports
     and the averaged gradient equal the single-process values on the whole batch (fp32

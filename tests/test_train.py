@@ -56,7 +56,7 @@ def tiny_args(corpus: Path, run_dir: Path, *extra: str) -> list[str]:
 
 
 def metrics(run_dir: Path) -> dict[int, dict]:
-    """Logged train metrics by step (the last line for a step wins: a resumed run re-logs)."""
+    """Logged train metrics by step."""
     rows = {}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         row = json.loads(line)
@@ -477,6 +477,9 @@ def test_kill_9_after_a_checkpoint_then_resume_matches_an_uninterrupted_run(corp
     again = pretrain(2, *tiny_args(corpus, run, *extra))  # the same command
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resumed from" in again.stdout and "step_00000004 at step 4" in again.stdout
+    # steps 5 and 6, logged before the kill, are logged once: by the resumed run
+    logged = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert logged == list(range(1, 13)), logged
     got, want = metrics(run), metrics(reference)
     for step in range(5, 13):
         for key in ("train/loss", "train/loss_vtc", "train/loss_vtm", "train/loss_mlm", "train/loss_mcm"):
@@ -516,6 +519,11 @@ def test_non_finite_loss_stops_or_skips_as_configured(corpus: Path, tmp_path: Pa
         ("data.batch_size=1", "loss.vtm=1.0 needs data.batch_size >= 2: VTM draws its hard negatives from"),
         ("on_nan=skip grad_accum=2", "on_nan=skip needs grad_accum=1: DeepSpeed counts the micro-batches"),
         ("model.text.pretrained=true", "model.text: an encoder needs a name (pretrained) or pretrained=false"),
+        (
+            "data.mcm.enabled=false data.mlm_probability=0",
+            "loss.mcm=1.0 needs data.mcm.enabled=true (the data workers make the questions); loss.mlm=1.0 needs "
+            "data.mlm_probability > 0 (the data workers mask the captions): set them, or the loss's weight to 0",
+        ),
     ],
 )
 def test_start_up_errors_name_the_problem(corpus: Path, tmp_path: Path, override: str, message: str) -> None:
