@@ -667,7 +667,15 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, float]], None] | No
                 if len(stream.corpora) > 1:  # each corpus's share of the samples seen so far (all ranks)
                     means.update({f"data/share_{k}": v for k, v in stream.corpus_shares().items()})
                 metrics = window_metrics(
-                    means, elapsed, steps_window, frames_window, wait_window, stream.totals["skipped"], world, device
+                    means,
+                    elapsed,
+                    steps_window,
+                    frames_window,
+                    wait_window,
+                    stream.totals["skipped"],
+                    _peak_gib(device),
+                    world,
+                    device,
                 )
                 metrics["perf/clips_per_s"] = global_batch / metrics["perf/step_s"]
                 state.last_losses = {
@@ -736,12 +744,14 @@ def window_metrics(
     frames: int,
     wait: float,
     skipped: int,
+    peak_gib: float,
     world: int,
     device: torch.device,
 ) -> dict[str, float]:
     """A log window's metrics over all ranks, from this rank's: the means of ``means`` (losses)
     and of the data-wait share, the sums of frames per second and of samples skipped so far, the
-    slowest rank's step time and the largest peak memory. Collective when ``world > 1``."""
+    slowest rank's step time and the largest peak memory (``peak_gib``). Collective when
+    ``world > 1``."""
     out = _reduce_means(
         {**means, "perf/frames_per_s": frames / elapsed, "data/wait_frac": wait / elapsed, "data/skipped": skipped},
         world,
@@ -749,7 +759,7 @@ def window_metrics(
     )
     out["perf/frames_per_s"] *= world
     out["data/skipped"] = round(out["data/skipped"] * world)
-    slowest, peak = _reduce_max([elapsed, _peak_gib(device)], world, device)
+    slowest, peak = _reduce_max([elapsed, peak_gib], world, device)
     return {**out, "perf/step_s": slowest / steps, "perf/mem_gib": peak}
 
 
