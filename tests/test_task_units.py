@@ -402,7 +402,7 @@ def _reranked(sim: torch.Tensor, k: int, scale: float) -> dict[str, float]:
             "video": torch.eye(n)[v],  # so that text @ videos.T is sim
             "texts": [f"caption {v}"],
             "text": sim[v : v + 1],
-            "ids": torch.full((1, 6), 101),
+            "ids": torch.tensor([[101, 1000 + v, 102, 0, 0, 0]]),  # a caption of its own
             "mask": torch.ones(1, 6, dtype=torch.long),
             "scale": scale,
             "rank": 0,
@@ -515,3 +515,32 @@ def test_a_report_of_other_weights_under_the_same_name_is_kept(tmp_path: Path) -
     assert json.loads(second.read_text())["metrics"] == {"acc": 0.7}
     assert (tmp_path / json.loads(second.read_text())["predictions"]).is_file()
     assert len(list(tmp_path.glob("*.predictions.jsonl"))) == 2
+
+
+def test_copies_of_a_caption_score_alike_whatever_batch_computed_them() -> None:
+    """Two clips share a caption. Its copies, encoded in different batches (or fused in chunks
+    that depend on the number of processes), differed in their last bits, so their exact tie,
+    counted against the model, became a rank that flipped between 1 and 2 processes. Each copy
+    now takes the first copy's scores: the tie is exact, and the same everywhere."""
+    from multi_dist.tasks.base import EvalContext
+    from multi_dist.tasks.retrieval import RetrievalTask
+
+    rows = torch.tensor([[0.9, 0.9, 0.1], [0.9, 0.9 + 1e-6, 0.1], [0.1, 0.2, 0.9]])
+    tokens = [[101, 7, 102], [101, 7, 102], [101, 8, 102]]  # clips 0 and 1: the same caption
+    records = [
+        {
+            "key": f"{v:06d}",
+            "video": torch.eye(3)[v],
+            "texts": ["a caption"],
+            "text": rows[v : v + 1],
+            "ids": torch.tensor([tokens[v]]),
+            "mask": torch.ones(1, 3, dtype=torch.long),
+            "scale": 1.0,
+            "rank": 0,
+        }
+        for v in range(3)
+    ]
+    task = RetrievalTask(TaskConfig(name="retrieval", rerank_k=0))
+    m, _ = task.finish(None, records, {}, EvalContext(0, 1, torch.device("cpu"), False, 3))
+    assert m["t2v_r1"] == pytest.approx(1 / 3)  # both copies tie clips 0 and 1: rank 2 each
+    assert m["vtc_t2v_meanr"] == pytest.approx(5 / 3)

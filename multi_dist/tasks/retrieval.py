@@ -69,6 +69,14 @@ def captions_of(sample: dict[str, Any]) -> list[str]:
     return [sample["caption"]]
 
 
+def _first_of_equal_texts(records: list[dict[str, Any]]) -> torch.Tensor:
+    """For each text of the records (in order), the index of the first text with the same tokens."""
+    ids = torch.cat([r["ids"] for r in records])
+    mask = torch.cat([r["mask"] for r in records]).bool()
+    seen: dict[tuple[int, ...], int] = {}
+    return torch.tensor([seen.setdefault(tuple(ids[i][mask[i]].tolist()), i) for i in range(len(ids))])
+
+
 class RetrievalTask(Task):
     name = "retrieval"
 
@@ -134,7 +142,12 @@ class RetrievalTask(Task):
         self, model: MuLTI, records: list[dict[str, Any]], local: dict[str, Any], ctx: EvalContext
     ) -> tuple[dict[str, float], list[dict[str, Any]]]:
         videos = torch.stack([r["video"] for r in records])
-        text = torch.cat([r["text"] for r in records])
+        # a caption that several clips share (the same tokens) must score alike for each of them:
+        # encoded in other batches, or fused in other chunks (which depend on the number of ranks),
+        # its copies differed in their last bits, and their exact tie (counted against the model)
+        # became a rank that flipped with the number of processes. Each copy takes the first's.
+        first = _first_of_equal_texts(records)
+        text = torch.cat([r["text"] for r in records])[first]
         text_video = torch.cat([torch.full((len(r["texts"]),), i) for i, r in enumerate(records)])
         texts = [t for r in records for t in r["texts"]]
         sim = text @ videos.t()
@@ -146,7 +159,7 @@ class RetrievalTask(Task):
             # each text's top-k videos, each video's top-k texts
             in_t2v = top_k_mask(sim, k, dim=1)
             in_v2t = top_k_mask(sim, min(self.cfg.rerank_k, sim.shape[0]), dim=0)
-            vtm = self._vtm_scores(model, records, local, in_t2v | in_v2t, ctx)
+            vtm = self._vtm_scores(model, records, local, in_t2v | in_v2t, ctx)[first]
             # in float64: float32 steps by 1e-3 near RERANKED, which would tie scores that differ
             scaled = records[0]["scale"] * sim.double()
             reranked = RERANKED + scaled + vtm.double()
