@@ -2,7 +2,7 @@
 retrieval by VTC, MCM accuracy) on held-out clips.
 
 Clips whose captions read the same to the model (the same tokens: one caption for several clips,
-as the demo's 200 held-out clips have 163) are one text with several true videos: text-to-video
+as the demo's 200 held-out clips have 156) are one text with several true videos: text-to-video
 finds any of them, and each of them finds that text. Counting a clip's twin as a miss capped
 video-to-text recall of a perfect model at the share of unique captions."""
 
