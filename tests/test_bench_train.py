@@ -104,7 +104,7 @@ def test_the_host_floor_times_a_real_run_and_derives_the_batch_from_it(demo_corp
     the run, which works in the repository, writes where this process reads."""
     out = tmp_path / "floor.json"
     corpus = os.path.relpath(demo_corpus, tmp_path)
-    argv = ["--host-floor", "--quick", "--zero", "2", "--compile", "off", "--corpus", corpus]
+    argv = ["--host-floor", "--steps", "8", "--zero", "2", "--compile", "off", "--corpus", corpus]
     argv += ["--json", "floor.json", "--plot", "floor.png", "--traces", "traces"]
     proc = subprocess.run(
         [sys.executable, str(ROOT / "launch" / "bench_train.py"), *argv],
@@ -240,10 +240,16 @@ def test_sigterm_or_ctrl_c_to_the_benchmark_ends_the_run_it_started(demo_corpus:
         argv = ["--host-floor", "--zero", "2", "--compile", "off", "--timeout", "300", "--corpus", str(demo_corpus)]
         argv += ["--json", str(tmp_path / f"{sig.name}.json"), "--out-dir", str(runs)]
         proc = subprocess.Popen(
-            [sys.executable, "launch/bench_train.py", *argv], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            [sys.executable, "launch/bench_train.py", *argv],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            # as from a terminal: a shell's background job (a suite started with `&`) inherits
+            # SIGINT ignored, and Python then installs no KeyboardInterrupt for Ctrl-C
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         deadline = time.time() + 120
-        while len(processes_naming(f"run_dir={runs}")) < 3:  # the launcher and both ranks are up
+        while len(processes_naming(f"run_dir={runs}")) < 3:  # the runner, the launcher and the rank are up
             assert time.time() < deadline and proc.poll() is None, proc.communicate()
             time.sleep(0.2)
         proc.send_signal(sig)
@@ -262,6 +268,19 @@ def test_a_missing_corpus_is_one_error_line_before_any_run(tmp_path: Path) -> No
         bench_train.main([*argv, "--out-dir", str(tmp_path / "runs")])
     assert str(exc.value.code).startswith(f"error: --corpus {tmp_path / 'none'}: no train/sizes.json")
     assert not (tmp_path / "out").exists() and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("steps", ["4", "10"])
+def test_steps_that_do_not_make_four_log_windows_are_refused(
+    steps: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """``--steps`` is logged in four windows, the first not counted: 4 would leave windows of one
+    step, 10 windows of 2 that miss 2 steps. Refused before anything runs or is written."""
+    with pytest.raises(SystemExit) as exc:
+        bench_train.main(["--steps", steps, "--json", str(tmp_path / "out.json"), "--out-dir", str(tmp_path / "runs")])
+    assert exc.value.code == 2
+    assert f"--steps {steps}: a multiple of 4 from 8" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
 
 
 def test_gpu_bench_checks_its_inputs_before_the_first_run(tmp_path: Path) -> None:
