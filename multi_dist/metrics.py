@@ -159,16 +159,22 @@ def _start_wandb(run_dir: Path, cfg: WandbConfig, config: dict[str, Any]) -> Any
     folder.mkdir(exist_ok=True)
     os.environ.setdefault("WANDB_DIR", str(folder))
     os.environ.setdefault("WANDB_SILENT", "true")
-    return wandb.init(
-        project=cfg.project or "multi-dist",
-        entity=cfg.entity,
-        name=cfg.name or run_dir.name,
-        mode=cfg.mode,
-        config=config,
-        dir=str(folder),
-        resume="allow",
-        id=_run_id(run_dir),
-    )
+    try:
+        return wandb.init(
+            project=cfg.project or "multi-dist",
+            entity=cfg.entity,
+            name=cfg.name or run_dir.name,
+            mode=cfg.mode,
+            config=config,
+            dir=str(folder),
+            resume="allow",
+            id=_run_id(run_dir),
+        )
+    except (wandb.errors.UsageError, wandb.errors.CommError) as err:  # no API key; the server out of reach
+        said = " ".join(str(err).split())
+        raise ValueError(
+            f"wandb.mode={cfg.mode}: {said} (or set WANDB_API_KEY; wandb.mode=offline logs to {folder} to sync later)"
+        ) from err
 
 
 def _run_id(run_dir: Path) -> str:

@@ -582,9 +582,18 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, float]], None] | No
                     "; ".join(changed),
                     ckpt_dir / tag,
                 )
-    logger = MetricLogger(
-        run_dir, cfg.wandb, to_dict(cfg), total_steps=cfg.steps, enabled=rank == 0, resume_step=state.step
-    )
+    with start_up():  # wandb online without an API key, or out of reach: named, before the first step
+        failed: ValueError | None = None
+        try:
+            logger = MetricLogger(
+                run_dir, cfg.wandb, to_dict(cfg), total_steps=cfg.steps, enabled=rank == 0, resume_step=state.step
+            )
+        except ValueError as err:  # (rank 0's): every rank stops, none waits for it at the first step
+            failed = err
+        if _reduce_max([float(failed is not None)], world, device)[0] and failed is None:
+            raise ValueError("rank 0 could not start its metrics logger (wandb): see its error")
+        if failed is not None:
+            raise failed
     global_batch = cfg.data.batch_size * world * cfg.grad_accum
     batches = iter(stream)
 

@@ -171,6 +171,23 @@ def test_zero2_two_processes_learn_with_wandb_offline_and_a_profile(corpus: Path
         assert any(e.get("name") == "aten::mm" for e in trace["traceEvents"])
 
 
+def test_wandb_online_without_an_api_key_stops_every_rank_at_start_up(corpus: Path, tmp_path: Path) -> None:
+    """``wandb.mode=online`` on a machine that was never logged in: wandb refuses on rank 0 before
+    the first step. It was a traceback there while rank 1 went on to wait at its first collective;
+    now it is one error line naming the setting and what to do, on both ranks, with no step run."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_") and k != "NETRC"}
+    env["HOME"] = str(tmp_path)  # no ~/.netrc, no wandb settings: never logged in
+    run = tmp_path / "run"
+    proc = pretrain(2, *tiny_args(corpus, run, "wandb.mode=online", "wandb.project=multi-dist-test"), env=env)
+    assert proc.returncode != 0
+    said = proc.stderr + proc.stdout  # the launcher passes on what each rank printed
+    assert "error: wandb.mode=online: No API key configured. Use `wandb login` to log in." in said, said[-3000:]
+    assert "or set WANDB_API_KEY; wandb.mode=offline logs to" in said
+    assert "error: rank 0 could not start its metrics logger (wandb): see its error" in said, said[-3000:]
+    assert "Traceback" not in said and "step 1/" not in said, said[-3000:]
+    assert not (run / "checkpoints").exists()
+
+
 def assert_converts_to_the_export(run: Path, tag: str, out: Path) -> None:
     """DeepSpeed's ``zero_to_fp32.py`` converts checkpoint ``tag`` of a bf16 run; its weights load
     into the model and are the run's export bit for bit: both the fp32 master weights, gathered
