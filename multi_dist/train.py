@@ -458,7 +458,13 @@ def _task_vocab(cfg: TrainConfig, resume_from: Path | None) -> list[str] | None:
         saved = checkpoint.read_trainer(resume_from.parent, resume_from.name).get("task") or {}
         if saved.get("task") == cfg.task.name:
             return saved["vocab"]
-    return task_class(cfg.task.name).build_vocab(cfg.task, [c.path for c in cfg.data.corpus_configs()])
+    return task_class(cfg.task.name).build_vocab(cfg.task, _sampled_paths(cfg.data))
+
+
+def _sampled_paths(data: DataConfig) -> list[str]:
+    """The training corpora a run reads: a corpus mixed at weight 0 is left out, and so are its
+    answers and labels (outputs the head would never learn) and its fields' start-up check."""
+    return [c.path for c in data.corpus_configs() if c.weight > 0]
 
 
 def _build_model(cfg: TrainConfig, task: Task, resume_from: Path | None = None) -> MuLTI:
@@ -525,7 +531,7 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, float]], None] | No
             )
         vocab = _task_vocab(cfg, resume_from)
         task = make_task(cfg.task, vocab, cfg.seed, loss=cfg.loss)
-        task.check_data([c.path for c in cfg.data.corpus_configs()], "data", training=True, quiet=rank > 0)
+        task.check_data(_sampled_paths(cfg.data), "data", training=True, quiet=rank > 0)
         stream = VideoTextStream(
             task.data_config(cfg.data, training=True),
             rank,

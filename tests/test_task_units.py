@@ -91,6 +91,32 @@ def test_a_fresh_run_takes_its_vocabulary_from_its_data_and_a_resumed_one_from_i
     assert _task_vocab(cfg, ckpts / "step_00000002") == ["yes", "no"]
 
 
+def test_a_corpus_mixed_at_weight_zero_gives_no_answers_and_is_not_checked(
+    demo_corpus: Path, tmp_path: Path, real_clips: dict[str, Path]
+) -> None:
+    """Weight 0 leaves a corpus out of the mixture: no sample of it is trained on. Its answers were
+    in the vocabulary all the same (outputs the head never learns: here 'zebra'), and a corpus
+    switched off so because it has no questions (the demo's real clips) failed the start-up check."""
+    from multi_dist.data.pipeline import CorpusConfig
+    from multi_dist.train import TrainConfig, _sampled_paths, _task_vocab
+
+    zebras = csv_corpus(tmp_path / "z", real_clips, qa=[json.dumps([qa("what animal?", "zebra")])] * len(real_clips))
+    cfg = TrainConfig(run_dir=str(tmp_path / "run"))
+    cfg.task, cfg.data.path = TaskConfig(name="qa"), ""
+    cfg.data.corpora = [
+        CorpusConfig(path=str(demo_corpus / "train")),
+        CorpusConfig(path=str(zebras), weight=0),
+        CorpusConfig(path=str(demo_corpus / "real"), weight=0),
+    ]
+    assert _sampled_paths(cfg.data) == [str(demo_corpus / "train")]
+    assert _task_vocab(cfg, None) == OpenQATask.build_vocab(cfg.task, str(demo_corpus / "train"))
+    assert "zebra" in OpenQATask.build_vocab(cfg.task, [str(demo_corpus / "train"), str(zebras)])  # the control
+    task = make_task(cfg.task, _task_vocab(cfg, None))
+    task.check_data(_sampled_paths(cfg.data), "data", training=True)
+    with pytest.raises(ValueError, match="no sample has open-ended questions"):  # the control
+        task.check_data([str(demo_corpus / "real")], "data", training=True)
+
+
 def test_qa_collate_pads_questions_and_marks_unknown_answers(tokenizer: Any) -> None:
     task = make_task(TaskConfig(name="qa", max_questions=8), ["red", "blue", "circle"])
     batch = [
