@@ -71,10 +71,10 @@ def xdist_scope(nodeid: str) -> str:
     """The group of tests that one worker runs in a row: a module, a name of SHARED_TESTS, or
     the test alone."""
     path, _, name = nodeid.partition("::")
-    module = Path(path).stem
-    if name.split("[")[0] in SHARED_TESTS:
-        return SHARED_TESTS[name.split("[")[0]]
-    return nodeid if module in SPREAD_MODULES else module
+    test = name.split("[")[0]
+    if test in SHARED_TESTS:
+        return SHARED_TESTS[test]
+    return nodeid if Path(path).stem in SPREAD_MODULES else Path(path).stem
 
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
@@ -106,17 +106,22 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items.sort(key=order)
 
 
-def assert_no_segment_left(before: set[Path], wait_s: float = 60) -> None:
-    """DeepSpeed's shared-memory segments made since ``before`` (``/dev/shm/<SHM_SEGMENT>_*``) are
-    gone. A run on the other test worker holds its segments until its start-up ends (seconds):
-    those go within ``wait_s``; a leaked one never does."""
+def shm_segments() -> set[Path]:
+    """DeepSpeed's shared-memory segments now in ``/dev/shm`` (every user's and run's)."""
     from multi_dist.dist import SHM_SEGMENT
 
-    left = set(Path("/dev/shm").glob(f"{SHM_SEGMENT}_*")) - before
+    return set(Path("/dev/shm").glob(f"{SHM_SEGMENT}_*"))
+
+
+def assert_no_segment_left(before: set[Path], wait_s: float = 60) -> None:
+    """The segments made since ``before`` (:func:`shm_segments`) are gone. A run on the other test
+    worker holds its segments until its start-up ends (seconds): those go within ``wait_s``; a
+    leaked one never does."""
+    left = shm_segments() - before
     deadline = time.time() + wait_s
     while left and time.time() < deadline:
         time.sleep(0.5)
-        left &= set(Path("/dev/shm").glob(f"{SHM_SEGMENT}_*"))
+        left &= shm_segments()
     assert not left, f"shared-memory segments left: {sorted(map(str, left))}"
 
 

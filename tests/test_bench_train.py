@@ -25,12 +25,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from multi_dist.config import load_config
-from multi_dist.dist import SHM_SEGMENT
 from multi_dist.model import MuLTI
 from multi_dist.objectives import LossConfig, PretrainLoss
 from multi_dist.train import TrainConfig
 
-from .conftest import ROOT, assert_no_segment_left
+from .conftest import ROOT, assert_no_segment_left, shm_segments
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "launch"))
 import bench_memory  # noqa: E402
@@ -195,7 +194,7 @@ def test_each_configuration_is_saved_as_it_ends(
     argv = ["--host-floor", "--zero", "2", "1", "--compile", "off", "--timeout", "4", "--corpus", str(demo_corpus)]
     argv += ["--json", str(out), "--out-dir", str(tmp_path / "runs")]
     seen: list[dict] = []
-    shm_before = set(Path("/dev/shm").glob(f"{SHM_SEGMENT}_*"))
+    shm_before = shm_segments()
     exits: list[object] = []
 
     def bench() -> None:
@@ -234,7 +233,7 @@ def test_sigterm_or_ctrl_c_to_the_benchmark_ends_the_run_it_started(demo_corpus:
     """The configuration's ranks run in their own session (so that a timeout can kill them all);
     a benchmark stopped by SIGTERM (a job's end) or Ctrl-C left them training, unseen, on its GPUs.
     Both now kill the run, remove its shared memory, and exit 143 / 130."""
-    shm_before = set(Path("/dev/shm").glob(f"{SHM_SEGMENT}_*"))
+    shm_before = shm_segments()
     for sig, code in ((signal.SIGTERM, 143), (signal.SIGINT, 130)):
         runs = tmp_path / f"runs_{sig.name}"
         argv = ["--host-floor", "--zero", "2", "--compile", "off", "--timeout", "300", "--corpus", str(demo_corpus)]

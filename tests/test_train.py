@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from multi_dist.dist import SHM_SEGMENT, deepspeed_command, free_port
+from multi_dist.dist import deepspeed_command, free_port
 from multi_dist.model import MuLTI
 from multi_dist.profile import PHASES
 from multi_dist.train import lr_factor
 
-from .conftest import ROOT, assert_no_segment_left
+from .conftest import ROOT, assert_no_segment_left, shm_segments
 
 
 def command(nproc: int, *args: str) -> list[str]:
@@ -468,7 +468,7 @@ def test_kill_9_after_a_checkpoint_then_resume_matches_an_uninterrupted_run(corp
         *("steps=12", "ckpt_every=4", "keep_checkpoints=2", "log_every=1", "val=null"),
         *("data.frame_sampling=random", "data.crop=random"),
     )
-    shm_before = set(Path("/dev/shm").glob(f"{SHM_SEGMENT}_*"))
+    shm_before = shm_segments()
     reference = tmp_path / "reference"
     proc = pretrain(2, *tiny_args(corpus, reference, *extra))
     assert proc.returncode == 0, proc.stderr[-3000:]
