@@ -112,6 +112,11 @@ def test_asha_stops_the_worse_trials_early_and_writes_the_results(demo_corpus: P
         sweep.run_sweep(cfg)
 
 
+# long enough that Ctrl+C, sent at the first log (step 2), stops the run before its end: the stop
+# lands about 1 s later (measured at step 6 alone, 0.2 s a step), more under load
+TWO_WORKER_STEPS = 60
+
+
 def _sweep_command(sweep_dir: Path, corpus: Path, *extra: str) -> list[str]:
     return [
         sys.executable,
@@ -123,7 +128,7 @@ def _sweep_command(sweep_dir: Path, corpus: Path, *extra: str) -> list[str]:
         "workers_per_trial=2",
         "space={}",
         "num_samples=1",
-        run_overrides(corpus, "steps=24", "log_every=2", "ckpt_every=100"),
+        run_overrides(corpus, f"steps={TWO_WORKER_STEPS}", "log_every=2", "ckpt_every=100"),
         *extra,
     ]
 
@@ -152,18 +157,18 @@ def test_a_two_worker_trial_trains_in_one_group_and_an_interrupted_sweep_resumes
     (run,) = sweep_dir.glob("tune/trial_*/run")
     assert "stopped at step" in out  # the workers stopped at a step boundary, with a checkpoint
     stopped_at = int((run / "checkpoints" / "latest").read_text().strip().removeprefix("step_"))
-    assert 2 <= stopped_at < 24 and not (run / "summary.json").exists()
+    assert 2 <= stopped_at < TWO_WORKER_STEPS and not (run / "summary.json").exists()
     assert read_rows(sweep_dir / "results.csv")[0]["status"] == "unfinished"
 
     again = subprocess.run([*cmd, "--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"resumed from {run / 'checkpoints'}/step_{stopped_at:08d} at step {stopped_at}" in again.stdout
     (row,) = read_rows(sweep_dir / "results.csv")
-    assert row["status"] == "completed" and row["step"] == "24"
+    assert row["status"] == "completed" and row["step"] == str(TWO_WORKER_STEPS)
     assert row["world_size"] == "2"  # both ranks in one group: torch.distributed's world size
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["steps"] == 24 and summary["samples"] == 24 * 2 * 2  # 2 clips per rank, 2 ranks
-    assert cli.load("pretrain", str(sweep_dir / "best.yaml")).steps == 24
+    assert summary["steps"] == TWO_WORKER_STEPS and summary["samples"] == TWO_WORKER_STEPS * 2 * 2  # 2 clips, 2 ranks
+    assert cli.load("pretrain", str(sweep_dir / "best.yaml")).steps == TWO_WORKER_STEPS
 
 
 ASHA_SCRIPT = """
