@@ -85,24 +85,28 @@ def test_the_shared_memory_of_a_killed_run_is_removed_by_its_port() -> None:
             path.unlink(missing_ok=True)
 
 
-def test_a_lock_left_by_a_killed_start_up_does_not_hang_the_next_run() -> None:
+def test_a_lock_left_by_a_killed_start_up_does_not_hang_the_next_run(tmp_path: Path) -> None:
     """torch's JIT build of DeepSpeed's shared-memory op guards its folder with a plain lock file,
     which a rank killed during start-up leaves behind; every later start of this environment then
     waited for it forever (a sweep test hung so). A real one-process DeepSpeed start (gloo) with
-    such a file in place completes, removes it, and says so."""
+    such a file in place completes, removes it, and says so.
+
+    The start gets its own extensions folder (a copy of the built op, so nothing is rebuilt): in
+    the shared one, any other test's DeepSpeed start running at the same moment may find the lock
+    first and remove it, saying so in its own log (CI saw that)."""
+    import shutil
+
     from torch.utils.cpp_extension import _get_build_directory
 
-    lock = Path(_get_build_directory("deepspeed_shm_comm", verbose=False)) / "lock"
+    built = Path(_get_build_directory("deepspeed_shm_comm", verbose=False))
+    extensions = tmp_path / "torch_extensions"
+    shutil.copytree(built, extensions / built.name)  # keeps times: ninja sees nothing to build
+    lock = extensions / built.name / "lock"
     lock.touch()  # what a process killed inside torch's build or load leaves
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env["TORCH_EXTENSIONS_DIR"] = str(extensions)
     script = "from multi_dist import dist; info = dist.init(); print('WORLD', info.world_size, info.launcher)"
-    try:
-        proc = subprocess.run(
-            [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180
-        )
-        left = lock.exists()
-    finally:
-        lock.unlink(missing_ok=True)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "WORLD 1 single" in proc.stdout
-    assert not left and f"removing {lock}: left by a process killed" in proc.stderr
+    assert not lock.exists() and f"removing {lock}: left by a process killed" in proc.stderr
