@@ -297,10 +297,19 @@ class ChoiceTask(Task):
         logits = self._logits(model, batch)
         pred = logits.argmax(2).tolist()
         # correct only when the answer scores above every other option: two options that read the
-        # same once truncated to the text length tie, and a tie counts against the model
+        # same once truncated to the text length tie, and a tie counts against the model. Tied by
+        # their tokens, not only by their scores: a CPU's matmul may round two identical rows of
+        # one batch differently (seen on AVX-512), and the larger of the two is then noise
+        b, q, o = logits.shape
         answer = batch["mc_answer"].clamp(min=0)
+        ids = batch["mc_input_ids"].view(b, q, o, -1)
+        mask = batch["mc_attention_mask"].view(b, q, o, -1)
+        pick = answer[..., None, None].expand(b, q, 1, ids.shape[-1])
+        alike = ((ids == ids.gather(2, pick)) & (mask == mask.gather(2, pick))).all(-1)
+        alike = alike.scatter(2, answer[..., None], False)  # (b, q, o): other options that read as the answer
         own = logits.gather(2, answer[..., None])
-        beaten = logits.scatter(2, answer[..., None], float("-inf")).amax(2, keepdim=True) < own
+        rivals = logits.scatter(2, answer[..., None], float("-inf")).masked_fill(alike, float("inf"))
+        beaten = rivals.amax(2, keepdim=True) < own
         beaten = beaten.squeeze(2).tolist()
         records = []
         for i, key in enumerate(batch["key"]):
