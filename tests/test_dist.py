@@ -106,7 +106,9 @@ def test_a_lock_left_by_a_killed_start_up_does_not_hang_the_next_run(tmp_path: P
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env["TORCH_EXTENSIONS_DIR"] = str(extensions)
     script = "from multi_dist import dist; info = dist.init(); print('WORLD', info.world_size, info.launcher)"
-    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "WORLD 1 single" in proc.stdout
     assert not lock.exists() and f"removing {lock}: left by a process killed" in proc.stderr
