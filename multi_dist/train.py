@@ -467,6 +467,37 @@ def _sampled_paths(data: DataConfig) -> list[str]:
     return [c.path for c in data.corpus_configs() if c.weight > 0]
 
 
+def _check_text_tokens(cfg: TrainConfig, model: MuLTI) -> None:
+    """Each split's tokenizer fits the text encoder. Its ids must index the encoder's embeddings: a
+    larger vocabulary trained until a caption held one of its extra tokens, then failed deep in an
+    embedding lookup, naming no setting.
+    And where the encoder is pretrained (``model.text.name``) and ships its tokenizer, they must be
+    the ids it was trained with: another vocabulary of the same size trains on nonsense without a
+    word. (With ``init``, the tokenizer saved with the weights is checked by ``_check_start``; a hub
+    name is not checked here, which would mean a download.)"""
+    from .data.text import TOKENIZER_FILES, check_same_vocabulary, load_tokenizer, resolve_pretrained
+
+    rows = model.text.word_embeddings.num_embeddings
+    text = cfg.model.text
+    shipped = False
+    if not cfg.init and text.pretrained and text.name:
+        folder = Path(resolve_pretrained(text.name, "model.text.name"))
+        shipped = any((folder / f).is_file() for f in TOKENIZER_FILES)
+    for split in ("data", "val"):
+        data = getattr(cfg, split)
+        if data is None:
+            continue
+        size = len(load_tokenizer(data.tokenizer, f"{split}.tokenizer"))
+        if size > rows:
+            encoder = f"init {cfg.init}'s" if cfg.init else "model.text's"
+            raise ValueError(
+                f"{split}.tokenizer: tokenizer '{data.tokenizer}' has {size} tokens, but {encoder} text encoder "
+                f"embeds {rows}: ids from {rows} on have no embedding; use the encoder's own tokenizer"
+            )
+        if shipped and data.tokenizer != text.name:
+            check_same_vocabulary(data.tokenizer, f"{split}.tokenizer", text.name, "model.text")
+
+
 def _build_model(cfg: TrainConfig, task: Task, resume_from: Path | None = None) -> MuLTI:
     """The model as configured, or (``init``) rebuilt from the given weights with the task's heads:
     new ones, unless the weights were trained for this task with this vocabulary (and, for labels,
@@ -547,6 +578,7 @@ def train(cfg: TrainConfig, on_log: Callable[[int, dict[str, float]], None] | No
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         model = _build_model(cfg, task, resume_from)
+        _check_text_tokens(cfg, model)
     if cfg.compile:
         model.compile_layers()
     task_state = task.state()

