@@ -51,10 +51,39 @@ def _first_host(nodelist: str) -> str:
     return prefix + first
 
 
+PORTS_ENV = "MULTI_DIST_PORTS"
+_next_port: dict[tuple[int, int], int] = {}
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port free now, for a run's rendezvous (rank 0's store binds it seconds later, once
+    the launcher and the ranks have started). By default the kernel picks it from its ephemeral
+    range, as it picks every ``bind(0)``: another program's may take it in those seconds.
+    ``MULTI_DIST_PORTS=FIRST-LAST`` gives a block of ports outside that range
+    (``/proc/sys/net/ipv4/ip_local_port_range``), which no ``bind(0)`` takes: its ports are tried in
+    turn, each process from its own starting point, and the first that binds is returned. The test
+    suite gives each of its workers a block, so that the two never pick the same port."""
+    block = os.environ.get(PORTS_ENV)
+    if not block:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+    match = re.fullmatch(r"(\d+)-(\d+)", block.strip())
+    first, last = (int(match[1]), int(match[2])) if match else (0, -1)
+    if not 1024 <= first <= last <= 65535:
+        raise ValueError(f"{PORTS_ENV}={block!r}: give a range FIRST-LAST of ports within 1024-65535")
+    size = last - first + 1
+    start = _next_port.get((first, last), os.getpid() % size)
+    for i in range(size):
+        port = first + (start + i) % size
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _next_port[(first, last)] = (start + i + 1) % size  # the next call tries the ports after it
+        return port
+    raise OSError(f"{PORTS_ENV}={block}: no port of that range is free")
 
 
 def deepspeed_command(nproc: int, port: int | None = None) -> list[str]:
@@ -122,9 +151,12 @@ def init(info: DistInfo | None = None) -> DistInfo:
     )
     if torch.cuda.is_available():
         torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
+    # what DeepSpeed's communication set-up loads next (init_distributed here, or deepspeed.initialize
+    # where a process group exists already, as under Ray Train): here, under our lock. A load outside
+    # it could have its torch lock file taken for a stale one and removed by another run's start
+    load_op("ShareMemCommBuilder")
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        load_op("ShareMemCommBuilder")  # what init_distributed loads next: here, safe from a stale lock
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
         _unlink_shm_segment(info)
     return info

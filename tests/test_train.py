@@ -648,6 +648,8 @@ from multi_dist.evaluate import to_device
 from multi_dist.tasks import make_task
 from multi_dist.train import ALIGN_ELEMENTS, TrainConfig, _build_model, build_ds_config, build_optimizer
 from multi_dist.train import master_weights, name_zero_stage, param_groups
+from multi_dist import dist
+dist.init()  # as train() starts: the process group, DeepSpeed's op loaded under our lock
 
 class Ops(TorchDispatchMode):
     n = 0
