@@ -27,6 +27,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _WORKERS > 1:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // (2 * _WORKERS))))
+# Each worker's runs take their rendezvous ports from a block of their own, above the kernel's
+# ephemeral range (32768-60999 here), which no bind(0) (gloo's, Ray's) picks: a port that
+# free_port() found free stays free until the run binds it, seconds later (multi_dist.dist.free_port)
+_PORTS = 61000 + 250 * (int(os.environ.get("PYTEST_XDIST_WORKER", "gw-1")[2:]) + 1)  # gw0: 61250-61499
+os.environ.setdefault("MULTI_DIST_PORTS", f"{_PORTS}-{_PORTS + 249}")
 # DeepSpeed JIT-compiles a small op on first use: keep it in the venv so every run pays once
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
 

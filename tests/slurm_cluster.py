@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from multi_dist.dist import free_port
+
 INSTALL_HINT = (
     "Slurm is not installed: the Slurm tests start a real cluster and need slurmctld, slurmd, munged and the "
     "client commands. Run .ci/run (it installs them) or `apt-get install -y slurm-wlm`."
@@ -36,12 +38,6 @@ def missing_commands() -> list[str]:
 
 def _which(name: str) -> str:
     return shutil.which(name) or str(Path("/usr/sbin", name))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _real_memory_mb() -> int:
@@ -167,8 +163,8 @@ class SlurmCluster:
 ClusterName=mdtest{os.getpid()}
 FirstJobId={self.first_job_id}
 SlurmctldHost={self.node}
-SlurmctldPort={_free_port()}
-SlurmdPort={_free_port()}
+SlurmctldPort={free_port()}
+SlurmdPort={free_port()}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge

@@ -4,13 +4,14 @@ test_train.py and test_objectives.py)."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from multi_dist.dist import SHM_SEGMENT, discover, free_port, remove_shm_segments
+from multi_dist.dist import PORTS_ENV, SHM_SEGMENT, discover, free_port, remove_shm_segments
 
 from .conftest import ROOT
 
@@ -112,3 +113,22 @@ def test_a_lock_left_by_a_killed_start_up_does_not_hang_the_next_run(tmp_path: P
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "WORLD 1 single" in proc.stdout
     assert not lock.exists() and f"removing {lock}: left by a process killed" in proc.stderr
+
+
+def test_free_ports_come_from_the_given_block_in_turn_skipping_ports_in_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``MULTI_DIST_PORTS`` (the suite gives each worker a block above the ephemeral range),
+    a port is one of the block's, the next call's another, a port someone holds is passed over,
+    and a block all in use or a malformed one is an error naming the variable."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        port = held.getsockname()[1]
+        monkeypatch.setenv(PORTS_ENV, f"{port}-{port + 2}")
+        got = [free_port() for _ in range(4)]
+        assert port not in got and set(got) <= {port + 1, port + 2} and got[0] != got[1] and got[:2] == got[2:]
+        monkeypatch.setenv(PORTS_ENV, f"{port}-{port}")
+        with pytest.raises(OSError, match=f"{PORTS_ENV}={port}-{port}: no port of that range is free"):
+            free_port()
+    for bad in ("61000", "70000-70010", "62000-61000"):
+        monkeypatch.setenv(PORTS_ENV, bad)
+        with pytest.raises(ValueError, match=f"{PORTS_ENV}='{bad}': give a range FIRST-LAST"):
+            free_port()

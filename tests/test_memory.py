@@ -63,10 +63,12 @@ def test_the_fake_tensor_estimate_matches_a_real_step() -> None:
 def test_a_configuration_cut_by_the_time_guard_is_skipped_and_a_slow_one_times_out(tmp_path: Path) -> None:
     """Two limits, two statuses. One configuration killed at ``--config-timeout`` is a finding
     (``timeout``: too slow for the limit); one still running when ``--max-minutes`` runs out was
-    cut by the budget, whatever its speed (``skipped``, as are those never started). A
-    configuration takes more than 10 s here: a fresh interpreter, the model, warm-up, then at
-    least 1 s of steps."""
+    cut by the budget, whatever its speed (``skipped``, as are those never started). Each
+    configuration is asked for a minute of steps, so that both limits cut it however fast the
+    machine (it took about 10 s with the defaults on one machine, 6 s on a faster one: as long as
+    the guard)."""
     base = ["launch/bench_memory.py", "--device", "cpu", "--threads", "1", "--frames", "64", "--text", "32"]
+    base += ["--min-seconds", "60", "--max-steps", "100000"]
     statuses, lefts = {}, {}
     for name, limit in {"slow": ["--config-timeout", "1"], "guard": ["--max-minutes", "0.1"]}.items():
         out = tmp_path / f"{name}.json"

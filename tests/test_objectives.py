@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import os
 import random
-import socket
 
 import pytest
 import torch
@@ -10,6 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from multi_dist.data.text import load_tokenizer
+from multi_dist.dist import free_port
 from multi_dist.model import MuLTI, model_config
 from multi_dist.objectives import LossConfig, PretrainLoss, caption_ids, sample_hard_negatives, vtc_loss
 
@@ -99,12 +99,6 @@ def test_mlm_ignores_unmasked_positions() -> None:
     assert (grad[~masked] == 0).all()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _vtc_rank(rank: int, world: int, port: int, text: torch.Tensor, video: torch.Tensor, queue: mp.Queue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -146,7 +140,7 @@ def test_the_logged_window_is_every_ranks_not_rank_0s() -> None:
     0's alone: a corrupt shard read by rank 1 counted 0 skipped.)"""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_window_rank, args=(r, port, queue)) for r in range(2)]
     for p in procs:
         p.start()
@@ -171,7 +165,7 @@ def test_vtc_across_two_gloo_ranks_equals_the_single_process_loss() -> None:
     text, video = unit(torch.randn(8, 16, generator=g)), unit(torch.randn(8, 16, generator=g))
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_vtc_rank, args=(r, 2, port, text, video, queue)) for r in range(2)]
     for p in procs:
         p.start()
