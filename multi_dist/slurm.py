@@ -272,8 +272,9 @@ def slurm_job_id(env: Mapping[str, str] = os.environ) -> str:
 
 
 def requeue(max_requeues: int, env: Mapping[str, str] = os.environ) -> bool:
-    """Put this job back in the queue after a time-limit warning (USR2), at most ``max_requeues``
-    times (Slurm counts them in ``SLURM_RESTART_COUNT``). True when requeued."""
+    """Put this job back in the queue after a time-limit warning (USR2), while it has restarted
+    fewer than ``max_requeues`` times: ``SLURM_RESTART_COUNT``, which counts Slurm's own requeues
+    (preemption, node failure) as well as ours. True when requeued."""
     job = slurm_job_id(env)
     restarts = int(env.get("SLURM_RESTART_COUNT") or 0)
     if signal.SIGUSR2 not in _RECEIVED:
@@ -282,7 +283,7 @@ def requeue(max_requeues: int, env: Mapping[str, str] = os.environ) -> bool:
         return False
     if restarts >= max_requeues:
         print(
-            f"not requeueing job {job}: it was requeued {restarts} time(s) already (--max-requeues "
+            f"not requeueing job {job}: it has restarted {restarts} time(s) already (--max-requeues "
             f"{max_requeues}); submit the same command again to resume from the checkpoint",
             flush=True,
         )
@@ -492,7 +493,13 @@ def build_parser(doc: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--account")
     p.add_argument("--qos")
     p.add_argument("--job-name")
-    p.add_argument("--max-requeues", type=int, default=10, help="requeues after time-limit warnings (default 10)")
+    p.add_argument(
+        "--max-requeues",
+        type=int,
+        default=10,
+        help="requeue after a time-limit warning while the job has restarted fewer times than this, whatever "
+        "the cause: Slurm's SLURM_RESTART_COUNT counts its own requeues (preemption, node failure) too (default 10)",
+    )
     p.add_argument(
         "--signal-delay-s",
         type=int,

@@ -202,7 +202,7 @@ def test_requeue_only_after_the_time_limit_warning_and_within_max_requeues(
     assert "not requeueing job 7_1: stopped by SIGTERM" in capsys.readouterr().out
     monkeypatch.setattr(slurm, "_RECEIVED", [signal.SIGUSR2])
     assert not slurm.requeue(2, env)
-    assert "requeued 2 time(s) already (--max-requeues 2)" in capsys.readouterr().out
+    assert "restarted 2 time(s) already (--max-requeues 2)" in capsys.readouterr().out
 
 
 def test_requeue_without_scontrol_says_so(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
