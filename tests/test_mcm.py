@@ -474,6 +474,37 @@ def test_vocab_from_dataset_without_a_writable_cache(demo_train: Path, tmp_path:
     assert [p.name for p in folder.iterdir() if p.name.endswith(".tmp")] == []
 
 
+def test_a_split_that_samples_part_of_a_folder_counts_only_its_shards_words(tmp_path: Path, lexicon) -> None:
+    """Training and held-out shards in one folder, each split a brace pattern: the vocabulary of
+    one split was the whole folder's, so MCM drew distractors from the held-out captions. Now a
+    split counts its own shards' parquet files, cached apart from the whole folder's."""
+    from multi_dist.data.pipeline import DataConfig, VideoTextStream
+
+    make_demo(tmp_path, train=12, val=4, processes=1, train_per_shard=4, val_per_shard=4, progress=False)
+    folder = tmp_path / "train"
+    assert sorted(p.name for p in folder.glob("*.parquet")) == ["00000.parquet", "00001.parquet", "00002.parquet"]
+    rows = {p.stem: pq.read_table(p).to_pylist() for p in folder.glob("*.parquet")}
+    first_two = [r["caption"] for stem in ("00000", "00001") for r in rows[stem] if r["status"] == "success"]
+    assert len(first_two) == 8
+    expected = AnswerVocab.from_captions(first_two, lexicon)
+    everything = AnswerVocab.from_captions([r["caption"] for rs in rows.values() for r in rs], lexicon)
+    assert expected != everything  # the third shard has words of its own
+
+    part = AnswerVocab.from_dataset(folder, shards=[str(folder / "00000.tar"), str(folder / "00001.tar")])
+    assert part == expected and not (folder / VOCAB_CACHE).exists()
+    (cached,) = folder.glob("mcm_vocab.*.json")
+    assert AnswerVocab.from_json(cached.read_text()) == expected
+    assert AnswerVocab.from_dataset(folder, shards=[str(p) for p in folder.glob("*.tar")]) == everything
+    assert (folder / VOCAB_CACHE).is_file()  # all of them: the folder's own cache
+    with pytest.raises(FileNotFoundError, match=f"{folder}: no \\*.parquet files to read captions from for its"):
+        AnswerVocab.from_dataset(folder, shards=[str(folder / "00007.tar")])
+
+    stream = VideoTextStream(DataConfig(path=f"{folder}/{{00000..00001}}.tar", tokenizer=TOKENIZER, num_workers=0))
+    assert stream._answer_vocab() == expected
+    whole = VideoTextStream(DataConfig(path=str(folder), tokenizer=TOKENIZER, num_workers=0))
+    assert whole._answer_vocab() == everything
+
+
 def test_vocab_from_dataset_errors(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="parquet"):
         AnswerVocab.from_dataset(tmp_path)

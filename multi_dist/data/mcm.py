@@ -241,28 +241,40 @@ class AnswerVocab:
         return cls(counts, lexicon.fingerprint)
 
     @classmethod
-    def from_dataset(cls, path: str | os.PathLike[str], lexicon: Lexicon | None = None) -> AnswerVocab:
+    def from_dataset(
+        cls, path: str | os.PathLike[str], lexicon: Lexicon | None = None, shards: Iterable[str] | None = None
+    ) -> AnswerVocab:
         """The vocabulary of a shard folder's captions, read from its ``*.parquet`` files (rows
         with ``status == "success"``; the layout of ``shards/build.py`` and video2dataset).
+        ``shards``: only these shards' files (``00007.tar``'s is ``00007.parquet``), for a split
+        that samples part of a folder (``path: shards/{00000..00089}.tar``): the other part's
+        captions, a held-out split's say, are not its words.
 
-        The result is cached in ``path/mcm_vocab.json`` when the folder is writable, and rebuilt
-        when a parquet file is newer than the cache, the set of parquet files changed, or the
-        lexicon changed. Only parquet is read (no video bytes): counting runs at about 170k short
-        captions a second on one core."""
+        The result is cached in ``path/mcm_vocab.json`` when the folder is writable (for part of
+        the folder, ``mcm_vocab.<hash of the files>.json``), and rebuilt when a parquet file is
+        newer than the cache, the set of parquet files changed, or the lexicon changed. Only
+        parquet is read (no video bytes): counting runs at about 170k short captions a second on
+        one core."""
         lexicon = lexicon or load_lexicon()
         folder = Path(path)
         if not folder.is_dir():
             raise NotADirectoryError(
                 f"{path}: the MCM answer vocabulary is read from a local shard folder's *.parquet files"
             )
-        parquets = sorted(folder.glob("*.parquet"))
+        every = sorted(folder.glob("*.parquet"))
+        parquets = every
+        if shards is not None:
+            stems = {Path(s).name.split(".")[0] for s in shards}
+            parquets = [p for p in every if p.stem in stems]
         if not parquets:
             raise FileNotFoundError(
-                f"{folder}: no *.parquet files to read captions from (shards/build.py and video2dataset write one "
-                "beside each tar)"
+                f"{folder}: no *.parquet files to read captions from{' for its sampled shards' if every else ''} "
+                "(shards/build.py and video2dataset write one beside each tar)"
             )
         names = [p.name for p in parquets]
         cache = folder / VOCAB_CACHE
+        if len(parquets) < len(every):
+            cache = folder / f"mcm_vocab.{hashlib.sha1(' '.join(names).encode()).hexdigest()[:12]}.json"
         cached = _read_cache(cache, names, max(p.stat().st_mtime_ns for p in parquets), lexicon.fingerprint)
         if cached is not None:
             return cached

@@ -28,6 +28,7 @@ decoding them), and the stream continues with the batches an uninterrupted run w
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import json
@@ -823,24 +824,30 @@ class VideoTextStream:
 
     def _answer_vocab(self) -> AnswerVocab:
         """MCM distractors are drawn from the corpora's own words, counted from the parquet files
-        beside the shards (cached in mcm_vocab.json) and summed over the sampled corpora; remote
-        data falls back to the lexicon."""
-        counts: dict[str, dict[str, int]] = {}
-        fingerprint = None
+        of the sampled shards (cached beside them, see ``AnswerVocab.from_dataset``) and summed
+        over the sampled corpora; remote data falls back to the lexicon."""
+        found: list[AnswerVocab] = []
         for corpus in self.corpora:
-            first = corpus.shards[0]
-            folder = os.path.dirname(first)
             if corpus.weight <= 0:
                 continue
-            if is_url(first) or not glob.glob(f"{folder}/*.parquet"):
+            folders: dict[str, list[str]] = {}
+            for shard in corpus.shards:
+                folders.setdefault(os.path.dirname(shard) or ".", []).append(shard)
+            before = len(found)
+            for folder, shards in folders.items():
+                if not is_url(shards[0]) and glob.glob(f"{glob.escape(folder)}/*.parquet"):
+                    with contextlib.suppress(FileNotFoundError):  # none of these shards has one
+                        found.append(AnswerVocab.from_dataset(folder, shards=shards))
+            if len(found) == before:
                 log.warning(
                     "%s: no parquet files to count answer words from; MCM distractors come from the lexicon",
                     corpus.path,
                 )
-                continue
-            vocab = AnswerVocab.from_dataset(folder)
-            if len(self.corpora) == 1:
-                return vocab
+        if len(found) == 1:
+            return found[0]
+        counts: dict[str, dict[str, int]] = {}
+        fingerprint = None
+        for vocab in found:
             fingerprint = vocab.lexicon_fingerprint
             for cls, words in vocab.counts.items():
                 merged = counts.setdefault(cls, {})
