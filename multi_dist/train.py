@@ -485,13 +485,14 @@ def _check_text_tokens(cfg: TrainConfig, model: MuLTI) -> None:
         shipped = any((folder / f).is_file() for f in TOKENIZER_FILES)
     for split in ("data", "val"):
         data = getattr(cfg, split)
-        if data is None:
+        if data is None or not (data.path or data.corpora):  # (a val section without shards is no split)
             continue
-        size = len(load_tokenizer(data.tokenizer, f"{split}.tokenizer"))
-        if size > rows:
+        tokenizer = load_tokenizer(data.tokenizer, f"{split}.tokenizer")
+        top = max(max(tokenizer.get_vocab().values(), default=-1), len(tokenizer) - 1)
+        if top >= rows:
             encoder = f"init {cfg.init}'s" if cfg.init else "model.text's"
             raise ValueError(
-                f"{split}.tokenizer: tokenizer '{data.tokenizer}' has {size} tokens, but {encoder} text encoder "
+                f"{split}.tokenizer: tokenizer '{data.tokenizer}' gives ids up to {top}, but {encoder} text encoder "
                 f"embeds {rows}: ids from {rows} on have no embedding; use the encoder's own tokenizer"
             )
         if shipped and data.tokenizer != text.name:

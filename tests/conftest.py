@@ -30,8 +30,11 @@ if _WORKERS > 1:
 # Each worker's runs take their rendezvous ports from a block of their own, above the kernel's
 # ephemeral range (32768-60999 here), which no bind(0) (gloo's, Ray's) picks: a port that
 # free_port() found free stays free until the run binds it, seconds later (multi_dist.dist.free_port)
-_PORTS = 61000 + 250 * (int(os.environ.get("PYTEST_XDIST_WORKER", "gw-1")[2:]) + 1)  # gw0: 61250-61499
-os.environ.setdefault("MULTI_DIST_PORTS", f"{_PORTS}-{_PORTS + 249}")
+# (set, not defaulted, in a worker: the controller's conftest ran first and its value is inherited;
+# 18 blocks of 250 fit below 65536: gw17 takes the first, a lone pytest's, and from gw18 on workers share)
+if "PYTEST_XDIST_WORKER" in os.environ or "MULTI_DIST_PORTS" not in os.environ:
+    _PORTS = 61000 + 250 * ((int(os.environ.get("PYTEST_XDIST_WORKER", "gw-1")[2:]) + 1) % 18)  # gw0: 61250-61499
+    os.environ["MULTI_DIST_PORTS"] = f"{_PORTS}-{_PORTS + 249}"
 # DeepSpeed JIT-compiles a small op on first use: keep it in the venv so every run pays once
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
 

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import pickle
 import random
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -474,7 +476,9 @@ def test_vocab_from_dataset_without_a_writable_cache(demo_train: Path, tmp_path:
     assert [p.name for p in folder.iterdir() if p.name.endswith(".tmp")] == []
 
 
-def test_a_split_that_samples_part_of_a_folder_counts_only_its_shards_words(tmp_path: Path, lexicon) -> None:
+def test_a_split_that_samples_part_of_a_folder_counts_only_its_shards_words(
+    tmp_path: Path, lexicon, caplog: pytest.LogCaptureFixture
+) -> None:
     """Training and held-out shards in one folder, each split a brace pattern: the vocabulary of
     one split was the whole folder's, so MCM drew distractors from the held-out captions. Now a
     split counts its own shards' parquet files, cached apart from the whole folder's."""
@@ -503,6 +507,26 @@ def test_a_split_that_samples_part_of_a_folder_counts_only_its_shards_words(tmp_
     assert stream._answer_vocab() == expected
     whole = VideoTextStream(DataConfig(path=str(folder), tokenizer=TOKENIZER, num_workers=0))
     assert whole._answer_vocab() == everything
+
+    # names with dots: only the archive's suffix goes (train.00001.tar.gz: train.00001.parquet)
+    dotted = tmp_path / "dotted"
+    dotted.mkdir()
+    for stem in ("00000", "00001", "00002"):
+        shutil.copy(folder / f"{stem}.parquet", dotted / f"train.{stem}.parquet")
+        shutil.copy(folder / f"{stem}.tar", dotted / f"train.{stem}.tar")
+    tars = [str(dotted / "train.00000.tar"), str(dotted / "train.00001.tar.gz")]
+    assert AnswerVocab.from_dataset(dotted, shards=tars) == expected
+
+    # parquet files named otherwise than the shards: the folder's words, as before, with a warning
+    renamed = tmp_path / "renamed"
+    renamed.mkdir()
+    for stem in ("00000", "00001", "00002"):
+        shutil.copy(folder / f"{stem}.parquet", renamed / f"{stem}.parquet")
+        shutil.copy(folder / f"{stem}.tar", renamed / f"clips-{stem}.tar")
+    caplog.set_level(logging.WARNING, logger="multi_dist")
+    stream = VideoTextStream(DataConfig(path=str(renamed), tokenizer=TOKENIZER, num_workers=0, epoch_samples=12))
+    assert stream._answer_vocab() == everything
+    assert f"{renamed}: no parquet file is named as its shards are" in caplog.text
 
 
 def test_vocab_from_dataset_errors(tmp_path: Path) -> None:

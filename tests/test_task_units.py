@@ -299,7 +299,7 @@ def test_a_tie_between_the_answer_and_another_option_counts_as_wrong(
                 "type": None,
                 "prediction": None,
                 "correct": False,
-                **({"tied": True} if item["prediction"] == answer else {}),
+                "tied": True,  # whichever of the twins rounding put first
             }, nudge
             assert item["prediction"] == int(scores[0, 0].argmax())
         # an answer that reads differently from the rest and scores above them is right
@@ -309,6 +309,21 @@ def test_a_tie_between_the_answer_and_another_option_counts_as_wrong(
         batch["mc_answer"] = torch.full_like(batch["mc_answer"], 2)
         item = task.eval_step(model, batch)[0][0]["items"][0]
         assert item["prediction"] == 2 and item["correct"] is True and "tied" not in item
+
+    # an empty answer has no twin in the padding options (which tokenise as it does)
+    clips = [sample("e", {"options": ["", "a red cube"], "answer": 0})]
+    clips.append(sample("f", {"options": ["a", "b", "c"], "answer": 0}))  # three options: "e" gets a padding one
+    batch = {
+        "key": ["e", "f"],
+        "video": torch.stack([c["video"] for c in clips]),
+        **task.collate(clips, tokenizer, 8, 0, False),
+    }
+    assert batch["mc_option_mask"][0, 0].tolist() == [True, True, False]  # a padding option slot
+    scores = torch.full(batch["mc_option_mask"].shape, -1e4).masked_fill(batch["mc_option_mask"], 1.0)
+    scores[0, 0, 0] = 5.0
+    monkeypatch.setattr(task, "_logits", lambda model, batch: scores)
+    item = task.eval_step(model, batch)[0][0]["items"][0]
+    assert item["prediction"] == 0 and item["correct"] is True and "tied" not in item, item
 
 
 def test_losses_train_every_head_and_padding_changes_nothing(tokenizer: Any) -> None:

@@ -579,7 +579,7 @@ def test_a_tokenizer_that_does_not_fit_the_text_encoder_fails_at_start_up(corpus
         return pretrain(1, *[config if a == "configs/pretrain/tiny.yaml" else a for a in args])
 
     proc = start(f"data.tokenizer={larger}")
-    said = f"error: data.tokenizer: tokenizer '{larger}' has 30525 tokens, but model.text's text encoder embeds "
+    said = f"error: data.tokenizer: tokenizer '{larger}' gives ids up to 30524, but model.text's text encoder embeds "
     said += "30522: ids from 30522 on have no embedding; use the encoder's own tokenizer\n"
     assert proc.returncode == 1 and proc.stderr.endswith(said), proc.stderr[-2000:]
     assert not (tmp_path / "run" / "checkpoints").exists()

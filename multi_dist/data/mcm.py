@@ -264,7 +264,7 @@ class AnswerVocab:
         every = sorted(folder.glob("*.parquet"))
         parquets = every
         if shards is not None:
-            stems = {Path(s).name.split(".")[0] for s in shards}
+            stems = {re.sub(r"\.(tar(\.\w+)?|tgz)$", "", Path(s).name) for s in shards}  # a.0007.tar.gz: a.0007
             parquets = [p for p in every if p.stem in stems]
         if not parquets:
             raise FileNotFoundError(

@@ -28,7 +28,6 @@ decoding them), and the stream continues with the batches an uninterrupted run w
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import glob
 import json
@@ -836,8 +835,15 @@ class VideoTextStream:
             before = len(found)
             for folder, shards in folders.items():
                 if not is_url(shards[0]) and glob.glob(f"{glob.escape(folder)}/*.parquet"):
-                    with contextlib.suppress(FileNotFoundError):  # none of these shards has one
+                    try:
                         found.append(AnswerVocab.from_dataset(folder, shards=shards))
+                    except FileNotFoundError:  # named otherwise than the shards: the folder's words, as before
+                        log.warning(
+                            "%s: no parquet file is named as its shards are (00007.tar: 00007.parquet); MCM "
+                            "distractors come from all of the folder's parquet files",
+                            folder,
+                        )
+                        found.append(AnswerVocab.from_dataset(folder))
             if len(found) == before:
                 log.warning(
                     "%s: no parquet files to count answer words from; MCM distractors come from the lexicon",

@@ -306,10 +306,13 @@ class ChoiceTask(Task):
         mask = batch["mc_attention_mask"].view(b, q, o, -1)
         pick = answer[..., None, None].expand(b, q, 1, ids.shape[-1])
         alike = ((ids == ids.gather(2, pick)) & (mask == mask.gather(2, pick))).all(-1)
-        alike = alike.scatter(2, answer[..., None], False)  # (b, q, o): other options that read as the answer
+        alike &= batch["mc_option_mask"]  # (padding options of an empty answer read as it, and are none)
+        twins = alike.scatter(2, answer[..., None], False)  # (b, q, o): other options that read as the answer
         own = logits.gather(2, answer[..., None])
-        rivals = logits.scatter(2, answer[..., None], float("-inf")).masked_fill(alike, float("inf"))
+        rivals = logits.scatter(2, answer[..., None], float("-inf")).masked_fill(twins, float("inf"))
         beaten = rivals.amax(2, keepdim=True) < own
+        # a tie: the top score is the answer's or a twin's, whichever rounding put first
+        tied = (alike.gather(2, logits.argmax(2, keepdim=True)) & ~beaten).squeeze(2).tolist()
         beaten = beaten.squeeze(2).tolist()
         records = []
         for i, key in enumerate(batch["key"]):
@@ -318,7 +321,7 @@ class ChoiceTask(Task):
                     **item,
                     "prediction": pred[i][j],
                     "correct": beaten[i][j],
-                    **({"tied": True} if pred[i][j] == item["answer"] and not beaten[i][j] else {}),
+                    **({"tied": True} if tied[i][j] else {}),
                 }
                 for j, item in enumerate(batch["mc_items"][i])
             ]
