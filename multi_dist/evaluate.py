@@ -179,6 +179,26 @@ def trained_tokenizer(src: Source) -> str | None:
     return name if name in PACKAGED_MODELS or (name and Path(name).expanduser().is_dir()) else None
 
 
+def check_tokenizer_ids(model: MuLTI, splits: dict[str, DataConfig | None], encoder: str) -> None:
+    """Each split's tokenizer gives only ids that ``model``'s text encoder embeds (``encoder``:
+    whose encoder, for the message). A larger one trained or evaluated until a caption held such a
+    token, then failed inside an embedding lookup, naming no setting. A split without shards (a
+    ``val`` section that names none) is no split."""
+    from .data.text import load_tokenizer
+
+    rows = model.text.word_embeddings.num_embeddings
+    for split, data in splits.items():
+        if data is None or not (data.path or data.corpora):
+            continue
+        tokenizer = load_tokenizer(data.tokenizer, f"{split}.tokenizer")
+        top = max(max(tokenizer.get_vocab().values(), default=-1), len(tokenizer) - 1)
+        if top >= rows:
+            raise ValueError(
+                f"{split}.tokenizer: tokenizer '{data.tokenizer}' gives ids up to {top}, but {encoder} text encoder "
+                f"embeds {rows}: ids from {rows} on have no embedding; use the encoder's own tokenizer"
+            )
+
+
 def check_tokenizers(src: Source, splits: dict[str, DataConfig | None]) -> None:
     """Each split's tokenizer gives the token ids ``src`` was trained with (see
     :func:`multi_dist.data.text.check_same_vocabulary`); unchecked where that is not known."""
@@ -314,6 +334,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         check_clips_fit(arch, cfg.data, "data", f"init {src.folder}")
         check_tokenizers(src, {"data": cfg.data})
         model = MuLTI(arch)
+        check_tokenizer_ids(model, {"data": cfg.data}, f"init {src.folder}'s")  # (where its own is unknown)
         load_weights(model, source_weights(src), str(src.folder))
     model.to(device)
     if bf16:

@@ -31,6 +31,7 @@ from .evaluate import (
     TASK_FILE,
     TASK_HEADS,
     check_clips_fit,
+    check_tokenizer_ids,
     check_tokenizers,
     eval_data_config,
     evaluate_task,
@@ -468,34 +469,23 @@ def _sampled_paths(data: DataConfig) -> list[str]:
 
 
 def _check_text_tokens(cfg: TrainConfig, model: MuLTI) -> None:
-    """Each split's tokenizer fits the text encoder. Its ids must index the encoder's embeddings: a
-    larger vocabulary trained until a caption held one of its extra tokens, then failed deep in an
-    embedding lookup, naming no setting.
-    And where the encoder is pretrained (``model.text.name``) and ships its tokenizer, they must be
-    the ids it was trained with: another vocabulary of the same size trains on nonsense without a
-    word. (With ``init``, the tokenizer saved with the weights is checked by ``_check_start``; a hub
-    name is not checked here, which would mean a download.)"""
-    from .data.text import TOKENIZER_FILES, check_same_vocabulary, load_tokenizer, resolve_pretrained
+    """Each split's tokenizer fits the text encoder: its ids index the encoder's embeddings (see
+    :func:`check_tokenizer_ids`), and where the encoder is pretrained (``model.text.name``) and
+    ships its tokenizer, they are the ids it was trained with: another vocabulary of the same size
+    trains on nonsense without a word. (With ``init``, the tokenizer saved with the weights is
+    checked by ``_check_start``; a hub name is not checked here, which would mean a download.)"""
+    from .data.text import TOKENIZER_FILES, check_same_vocabulary, resolve_pretrained
 
-    rows = model.text.word_embeddings.num_embeddings
+    splits = {"data": cfg.data, "val": cfg.val}
+    check_tokenizer_ids(model, splits, f"init {cfg.init}'s" if cfg.init else "model.text's")
     text = cfg.model.text
-    shipped = False
-    if not cfg.init and text.pretrained and text.name:
-        folder = Path(resolve_pretrained(text.name, "model.text.name"))
-        shipped = any((folder / f).is_file() for f in TOKENIZER_FILES)
-    for split in ("data", "val"):
-        data = getattr(cfg, split)
-        if data is None or not (data.path or data.corpora):  # (a val section without shards is no split)
-            continue
-        tokenizer = load_tokenizer(data.tokenizer, f"{split}.tokenizer")
-        top = max(max(tokenizer.get_vocab().values(), default=-1), len(tokenizer) - 1)
-        if top >= rows:
-            encoder = f"init {cfg.init}'s" if cfg.init else "model.text's"
-            raise ValueError(
-                f"{split}.tokenizer: tokenizer '{data.tokenizer}' gives ids up to {top}, but {encoder} text encoder "
-                f"embeds {rows}: ids from {rows} on have no embedding; use the encoder's own tokenizer"
-            )
-        if shipped and data.tokenizer != text.name:
+    if cfg.init or not (text.pretrained and text.name):
+        return
+    folder = Path(resolve_pretrained(text.name, "model.text.name"))
+    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        return
+    for split, data in splits.items():
+        if data is not None and (data.path or data.corpora) and data.tokenizer != text.name:
             check_same_vocabulary(data.tokenizer, f"{split}.tokenizer", text.name, "model.text")
 
 

@@ -302,6 +302,32 @@ def test_a_tokenizer_with_other_token_ids_than_the_inits_fails_at_start_up(
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert not (tmp_path / "eval").exists()
 
+    # weights whose tokenizer is not known (an export without its tokenizer files: not compared),
+    # evaluated with a tokenizer that gives ids past the embeddings: refused at start-up, not at
+    # the first caption that holds one of its extra tokens
+    from multi_dist.data.text import TOKENIZER_FILES
+
+    bare = tmp_path / "bare"
+    shutil.copytree(export, bare, ignore=shutil.ignore_patterns(*TOKENIZER_FILES))
+    larger = tmp_path / "larger"
+    tok = load_tokenizer(str(export)).__class__.from_pretrained(str(export))
+    tok.add_tokens(["<clip>", "<frame>", "<shot>"])
+    tok.save_pretrained(larger)
+    proc = run(
+        1,
+        "launch/evaluate.py",
+        "--config",
+        "configs/eval/demo_pretrain.yaml",
+        f"init={bare}",
+        f"data.path={demo_pretrained / 'demo' / 'val'}",
+        f"data.tokenizer={larger}",
+        f"out_dir={tmp_path / 'eval'}",
+    )
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    refused = f"error: data.tokenizer: tokenizer '{larger}' gives ids up to 30524, but init {bare}'s text encoder "
+    assert proc.stderr.splitlines()[-1].startswith(refused + "embeds 30522: ids from 30522 on"), proc.stderr
+    assert not (tmp_path / "eval").exists()
+
     def finetune(*overrides: str) -> TrainConfig:
         paths = (f"init={export}", f"data.path={demo_pretrained / 'demo' / 'train'}", f"run_dir={tmp_path / 'run'}")
         paths += (f"val.path={demo_pretrained / 'demo' / 'val'}",)
