@@ -108,6 +108,10 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
     print("\n$ " + " ".join(cmd), flush=True)
     env = dict(os.environ)
     env.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")  # no detection warnings
+    # the deepspeed launcher leaves each rank torch's default, a thread per core: two ranks on two
+    # cores ran four threads, and the run was not bit-reproducible (measured on an AVX-512 machine:
+    # losses apart in the 7th digit from step 3, R@1 12.8% or 12.2% at the end); a share each is
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.nproc)))
     proc = subprocess.run(cmd, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"pretraining failed (exit {proc.returncode}); see the output above")
