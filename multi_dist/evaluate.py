@@ -170,26 +170,23 @@ def trained_tokenizer(src: Source) -> str | None:
     weights), or a checkpoint run's ``data.tokenizer`` where that loads from here (a packaged
     model, or a folder that exists); None where neither is known (a hub name is not fetched)."""
     from . import checkpoint
-    from .data.text import PACKAGED_MODELS, TOKENIZER_FILES
+    from .data.text import PACKAGED_MODELS, ships_tokenizer
 
     if src.kind == "model":
-        return str(src.folder) if any((src.folder / f).is_file() for f in TOKENIZER_FILES) else None
+        return str(src.folder) if ships_tokenizer(src.folder) else None
     config = checkpoint.read_trainer(src.folder.parent, src.folder.name).get("config") or {}
     name = (config.get("data") or {}).get("tokenizer") or ""
     return name if name in PACKAGED_MODELS or (name and Path(name).expanduser().is_dir()) else None
 
 
-def check_tokenizer_ids(model: MuLTI, splits: dict[str, DataConfig | None], encoder: str) -> None:
+def check_tokenizer_ids(model: MuLTI, splits: dict[str, DataConfig], encoder: str) -> None:
     """Each split's tokenizer gives only ids that ``model``'s text encoder embeds (``encoder``:
     whose encoder, for the message). A larger one trained or evaluated until a caption held such a
-    token, then failed inside an embedding lookup, naming no setting. A split without shards (a
-    ``val`` section that names none) is no split."""
+    token, then failed inside an embedding lookup, naming no setting."""
     from .data.text import load_tokenizer
 
     rows = model.text.word_embeddings.num_embeddings
     for split, data in splits.items():
-        if data is None or not (data.path or data.corpora):
-            continue
         tokenizer = load_tokenizer(data.tokenizer, f"{split}.tokenizer")
         top = max(max(tokenizer.get_vocab().values(), default=-1), len(tokenizer) - 1)
         if top >= rows:

@@ -474,18 +474,18 @@ def _check_text_tokens(cfg: TrainConfig, model: MuLTI) -> None:
     ships its tokenizer, they are the ids it was trained with: another vocabulary of the same size
     trains on nonsense without a word. (With ``init``, the tokenizer saved with the weights is
     checked by ``_check_start``; a hub name is not checked here, which would mean a download.)"""
-    from .data.text import TOKENIZER_FILES, check_same_vocabulary, resolve_pretrained
+    from .data.text import check_same_vocabulary, resolve_pretrained, ships_tokenizer
 
-    splits = {"data": cfg.data, "val": cfg.val}
+    # (a val section that names no shards is no split)
+    splits = {k: d for k, d in (("data", cfg.data), ("val", cfg.val)) if d is not None and (d.path or d.corpora)}
     check_tokenizer_ids(model, splits, f"init {cfg.init}'s" if cfg.init else "model.text's")
     text = cfg.model.text
     if cfg.init or not (text.pretrained and text.name):
         return
-    folder = Path(resolve_pretrained(text.name, "model.text.name"))
-    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+    if not ships_tokenizer(resolve_pretrained(text.name, "model.text.name")):
         return
     for split, data in splits.items():
-        if data is not None and (data.path or data.corpora) and data.tokenizer != text.name:
+        if data.tokenizer != text.name:
             check_same_vocabulary(data.tokenizer, f"{split}.tokenizer", text.name, "model.text")
 
 

@@ -133,6 +133,32 @@ def assert_no_segment_left(before: set[Path], wait_s: float = 60) -> None:
     assert not left, f"shared-memory segments left: {sorted(map(str, left))}"
 
 
+def swapped_tokenizer(name: str, out: Path) -> Path:
+    """Tokenizer ``name`` saved in ``out`` with the ids of 'red' and 'blue' swapped in its
+    tokenizer.json (what a fast tokenizer reads): the same size, other ids, as a cased or another
+    model's vocabulary would give."""
+    from multi_dist.data.text import load_tokenizer
+
+    load_tokenizer(name).save_pretrained(out)
+    spec = json.loads((out / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    vocab["red"], vocab["blue"] = vocab["blue"], vocab["red"]
+    (out / "tokenizer.json").write_text(json.dumps(spec))
+    (out / "vocab.txt").unlink(missing_ok=True)  # no second, unswapped copy
+    return out
+
+
+def larger_tokenizer(name: str, out: Path) -> Path:
+    """Tokenizer ``name`` with 3 added tokens (ids past its vocabulary), saved in ``out``."""
+    from multi_dist.data.text import load_tokenizer
+
+    own = load_tokenizer(name)  # (cached: a fresh copy takes the added tokens)
+    tok = own.__class__.from_pretrained(own.name_or_path)
+    tok.add_tokens(["<clip>", "<frame>", "<shot>"])
+    tok.save_pretrained(out)
+    return out
+
+
 def run_script(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run a repo script the way a user does (``python shards/build.py ...``) from the repo root."""
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)

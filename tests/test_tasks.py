@@ -17,7 +17,7 @@ import pytest
 
 from multi_dist.dist import deepspeed_command
 
-from .conftest import ROOT
+from .conftest import ROOT, larger_tokenizer, swapped_tokenizer
 
 STEPS = 40
 _runs: dict[str, Path] = {}
@@ -275,14 +275,7 @@ def test_a_tokenizer_with_other_token_ids_than_the_inits_fails_at_start_up(
 
     export = demo_pretrained / "run" / "model"
     ids = load_tokenizer(str(export)).get_vocab()
-    swapped = tmp_path / "swapped"  # the export's tokenizer files, two ids swapped in its tokenizer.json
-    swapped.mkdir()
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(export / name, swapped / name)
-    spec = json.loads((swapped / "tokenizer.json").read_text())
-    vocab = spec["model"]["vocab"]
-    vocab["red"], vocab["blue"] = vocab["blue"], vocab["red"]
-    (swapped / "tokenizer.json").write_text(json.dumps(spec))
+    swapped = swapped_tokenizer(str(export), tmp_path / "swapped")  # the export's, two ids swapped
     said = f"tokenizer '{swapped}' does not give the token ids init {export} was trained with ('{export}'): "
     said += f"2 of {len(ids)} tokens differ; set "
 
@@ -309,10 +302,7 @@ def test_a_tokenizer_with_other_token_ids_than_the_inits_fails_at_start_up(
 
     bare = tmp_path / "bare"
     shutil.copytree(export, bare, ignore=shutil.ignore_patterns(*TOKENIZER_FILES))
-    larger = tmp_path / "larger"
-    tok = load_tokenizer(str(export)).__class__.from_pretrained(str(export))
-    tok.add_tokens(["<clip>", "<frame>", "<shot>"])
-    tok.save_pretrained(larger)
+    larger = larger_tokenizer(str(export), tmp_path / "larger")
     proc = run(
         1,
         "launch/evaluate.py",

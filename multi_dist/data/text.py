@@ -66,6 +66,11 @@ def load_tokenizer(name: str, field: str = "tokenizer"):
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
 
 
+def ships_tokenizer(folder: str | os.PathLike[str]) -> bool:
+    """Whether ``folder`` holds a tokenizer (a model folder saved with its own)."""
+    return any(os.path.isfile(os.path.join(folder, f)) for f in TOKENIZER_FILES)
+
+
 def check_same_vocabulary(name: str, field: str, trained: str, whose: str) -> None:
     """``field``'s tokenizer (``name``) must give the token ids that ``whose`` was trained with
     (tokenizer ``trained``): with another vocabulary the text embeddings read other words, and a
