@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,6 +99,18 @@ def report(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def pretrain_env(cfg: DemoConfig, environ: Mapping[str, str]) -> dict[str, str]:
+    """The environment of the training command: ``environ`` and, unless it sets them, the
+    accelerator (no detection warnings) and each rank's share of the cores. The deepspeed launcher
+    leaves each rank torch's default, a thread per core: two ranks on two cores ran four threads,
+    and the run was not bit-reproducible (measured on an AVX-512 machine: losses apart in the 7th
+    digit from step 3, R@1 12.8% or 12.2% at the end; 291 s against 242 s with a thread a rank)."""
+    env = dict(environ)
+    env.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.nproc)))
+    return env
+
+
 def run(cfg: DemoConfig) -> dict[str, Any]:
     t0 = time.time()
     corpus = Path(cfg.corpus)
@@ -106,13 +119,7 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
         print("  " + format_summary(summary), flush=True)
     cmd = pretrain_command(cfg)
     print("\n$ " + " ".join(cmd), flush=True)
-    env = dict(os.environ)
-    env.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")  # no detection warnings
-    # the deepspeed launcher leaves each rank torch's default, a thread per core: two ranks on two
-    # cores ran four threads, and the run was not bit-reproducible (measured on an AVX-512 machine:
-    # losses apart in the 7th digit from step 3, R@1 12.8% or 12.2% at the end); a share each is
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.nproc)))
-    proc = subprocess.run(cmd, env=env)
+    proc = subprocess.run(cmd, env=pretrain_env(cfg, os.environ))
     if proc.returncode != 0:
         raise SystemExit(f"pretraining failed (exit {proc.returncode}); see the output above")
     summary = json.loads((Path(cfg.run_dir) / "summary.json").read_text())
