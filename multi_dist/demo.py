@@ -103,8 +103,8 @@ def pretrain_env(cfg: DemoConfig, environ: Mapping[str, str]) -> dict[str, str]:
     """The environment of the training command: ``environ`` and, unless it sets them, the
     accelerator (no detection warnings) and each rank's share of the cores. The deepspeed launcher
     leaves each rank torch's default, a thread per core: two ranks on two cores ran four threads,
-    and the run was not bit-reproducible (measured on an AVX-512 machine: losses apart in the 7th
-    digit from step 3, R@1 12.8% or 12.2% at the end; 291 s against 242 s with a thread a rank)."""
+    and two runs on one corpus were not bit-reproducible (measured on an AVX-512 machine: losses
+    apart in the 7th digit from step 3; with a thread a rank, the same to the last digit)."""
     env = dict(environ)
     env.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.nproc)))
