@@ -566,6 +566,32 @@ def _same_build(built: dict[str, Any], rows: list[dict[str, Any]], opts: BuildOp
     return previous == _fingerprint(moved, opts, portable=False)
 
 
+@contextlib.contextmanager
+def _kept_interrupts() -> Any:
+    """Ctrl+C as usual (KeyboardInterrupt), and remembered: the list it yields is non-empty once
+    one came. Python drops an exception raised inside a finaliser ("Exception ignored in"), and a
+    Ctrl+C that lands in decord's ``VideoReader.__del__`` was lost so: the build went on to the end
+    (seen in the test suite). The build checks the list after each video."""
+    import threading
+
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread() or (
+        signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield received  # not ours to change: a thread, or a caller's own handler
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def build(rows: list[dict[str, Any]], opts: BuildOptions) -> dict[str, Any]:
     """Build (or finish building) the dataset in ``opts.output``; returns the summary. Wrong
     options, or a folder built from other rows, raise a ``ValueError`` (a start-up error:
@@ -604,12 +630,19 @@ def build(rows: list[dict[str, Any]], opts: BuildOptions) -> dict[str, Any]:
         mininterval=1.0,
     )
     t0 = time.time()
-    if opts.processes <= 1 or len(tasks) <= 1:
-        for task in tasks:
-            stats[task[0]] = build_shard(*task, progress=bar.update)
-    else:
-        for s in _build_in_processes(tasks, opts.processes, bar.update):
-            stats[int(s["shard"].split(".")[0])] = s
+    with _kept_interrupts() as interrupted:
+
+        def progress(n: int = 1) -> None:
+            bar.update(n)
+            if interrupted:  # a Ctrl+C that a finaliser swallowed (see _kept_interrupts)
+                raise KeyboardInterrupt
+
+        if opts.processes <= 1 or len(tasks) <= 1:
+            for task in tasks:
+                stats[task[0]] = build_shard(*task, progress=progress)
+        else:
+            for s in _build_in_processes(tasks, opts.processes, progress):
+                stats[int(s["shard"].split(".")[0])] = s
     bar.close()
 
     sizes = {s["shard"]: s["successes"] for _, s in sorted(stats.items()) if s["successes"] > 0}
