@@ -52,6 +52,7 @@ import math
 import os
 import queue
 import re
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -687,19 +688,40 @@ def run_sweep(sweep: SweepConfig, address: str | None = None, resume: bool = Fal
     sweep_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
         _save_sweep(sweep, sweep_dir / "sweep.yaml")
-    started = _start_ray(sweep, address)
-    try:
-        if resume:
-            tuner = tune.Tuner.restore(
-                str(sweep_dir / EXPERIMENT), trainable=_trainable(sweep), resume_unfinished=True, resume_errored=True
-            )
-        else:
-            tuner = _tuner(sweep, configs)
-        grid = tuner.fit()
-    finally:
-        if started:
-            ray.shutdown()
+    with _signal_handlers_kept():
+        started = _start_ray(sweep, address)
+        try:
+            if resume:
+                tuner = tune.Tuner.restore(
+                    str(sweep_dir / EXPERIMENT),
+                    trainable=_trainable(sweep),
+                    resume_unfinished=True,
+                    resume_errored=True,
+                )
+            else:
+                tuner = _tuner(sweep, configs)
+            grid = tuner.fit()
+        finally:
+            if started:
+                ray.shutdown()
     return _write_results(sweep, grid)
+
+
+@contextlib.contextmanager
+def _signal_handlers_kept() -> Any:
+    """Put back the signal handlers that a sweep replaces: ``Tuner.fit`` installs its own for SIGINT
+    and SIGUSR1 (a Ctrl+C ends the sweep gracefully) and restores them only when one arrives, so a
+    process that ran a sweep to its end kept Tune's, and a later Ctrl+C only logged "Stop signal
+    received"; ``ray.init`` turns SIGTERM into ``sys.exit`` and leaves that after ``ray.shutdown``."""
+    kept = {}
+    if threading.current_thread() is threading.main_thread():  # (neither installs any elsewhere)
+        kept = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        yield
+    finally:
+        for sig, handler in kept.items():
+            if handler is not None:  # (None: set outside Python, which Python cannot put back)
+                signal.signal(sig, handler)
 
 
 def _write_results(sweep: SweepConfig, grid: Any) -> SweepOutcome:

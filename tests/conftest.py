@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -162,6 +163,23 @@ def larger_tokenizer(name: str, out: Path) -> Path:
 def run_script(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run a repo script the way a user does (``python shards/build.py ...``) from the repo root."""
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(autouse=True)
+def signal_handlers_left_as_found() -> Iterator[None]:
+    """A test (or the code it runs in the pytest process) that leaves a signal handler of its own
+    fails, and the handler is put back: a Ray Tune sweep once left Tune's SIGINT handler, and a
+    later test on that worker saw a Ctrl+C only logged."""
+    import signal
+
+    watched = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+    before = {sig: signal.getsignal(sig) for sig in watched}
+    yield
+    left = {sig.name: signal.getsignal(sig) for sig in watched if signal.getsignal(sig) is not before[sig]}
+    for sig in watched:
+        if before[sig] is not None:
+            signal.signal(sig, before[sig])
+    assert not left, f"the test left signal handlers of its own: {left}"
 
 
 @pytest.fixture(scope="session")

@@ -73,9 +73,20 @@ def test_asha_stops_the_worse_trials_early_and_writes_the_results(demo_corpus: P
             "asha={grace_period: 1, reduction_factor: 2}",
         ],
     )
+
+    def ours(signum: int, frame: object) -> None:  # a caller's handler, which the sweep must leave
+        raise KeyboardInterrupt
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    signal.signal(signal.SIGINT, ours)
     try:
         outcome = sweep.run_sweep(cfg)
+        # Tune's and Ray's handlers are gone (Tune's were left behind: a later Ctrl+C only logged a line)
+        assert signal.getsignal(signal.SIGINT) is ours
+        assert all(signal.getsignal(sig) is before[sig] for sig in (signal.SIGTERM, signal.SIGUSR1))
     finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
         temp = sweep_dir / "tmp"
         if temp.is_symlink():
             shutil.rmtree(temp.resolve(), ignore_errors=True)
