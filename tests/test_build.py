@@ -600,7 +600,9 @@ def test_cli_builds_images_from_a_folder_with_sidecar_captions(tmp_path: Path, c
 def test_a_ctrl_c_that_a_finaliser_swallows_is_still_seen() -> None:
     """Python drops an exception raised inside ``__del__``; a Ctrl+C that landed in decord's
     ``VideoReader.__del__`` was lost so, and the build ran on to its end (seen once in the suite).
-    Under ``_kept_interrupts`` the build sees it all the same, and Ctrl+C behaves as before after."""
+    Under ``_kept_interrupts`` the build sees it all the same, whichever Python handler is in place
+    (CI once ran this after a Ray Tune sweep had left Tune's handler installed), and the handler in
+    place is back after."""
     import os
     import signal
 
@@ -612,7 +614,30 @@ def test_a_ctrl_c_that_a_finaliser_swallows_is_still_seen() -> None:
             for _ in range(1000):
                 pass
 
-    with _kept_interrupts() as interrupted:
-        Finalised()  # dropped at once: the KeyboardInterrupt goes no further than __del__
-        assert interrupted == [signal.SIGINT]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    class Stop(Exception):
+        pass
+
+    def stop(signum: int, frame: object) -> None:
+        raise Stop
+
+    graceful: list[int] = []
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        with _kept_interrupts() as interrupted:
+            Finalised()  # dropped at once: the KeyboardInterrupt goes no further than __del__
+            assert [type(e) for e in interrupted] == [KeyboardInterrupt]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+        signal.signal(signal.SIGINT, stop)  # a caller's handler that raises: its exception is kept
+        with _kept_interrupts() as interrupted:
+            Finalised()
+            assert [type(e) for e in interrupted] == [Stop]
+        assert signal.getsignal(signal.SIGINT) is stop
+
+        signal.signal(signal.SIGINT, lambda signum, frame: graceful.append(signum))  # one that does not
+        with _kept_interrupts() as interrupted:
+            Finalised()
+            assert interrupted == [] and graceful == [signal.SIGINT]
+    finally:
+        signal.signal(signal.SIGINT, before)

@@ -568,28 +568,36 @@ def _same_build(built: dict[str, Any], rows: list[dict[str, Any]], opts: BuildOp
 
 @contextlib.contextmanager
 def _kept_interrupts() -> Any:
-    """Ctrl+C as usual (KeyboardInterrupt), and remembered: the list it yields is non-empty once
-    one came. Python drops an exception raised inside a finaliser ("Exception ignored in"), and a
-    Ctrl+C that lands in decord's ``VideoReader.__del__`` was lost so: the build went on to the end
-    (seen in the test suite). The build checks the list after each video."""
+    """Ctrl+C as usual, and remembered: the list it yields holds what the SIGINT handler raised
+    (KeyboardInterrupt under Python's default handler). Python drops an exception raised inside a
+    finaliser ("Exception ignored in"), and a Ctrl+C that lands in decord's ``VideoReader.__del__``
+    was lost so: the build went on to the end (seen in the test suite). The build checks the list
+    after each video and raises what it holds.
+
+    The handler in place (Python's, or a caller's own) still runs first and decides: only an
+    exception it raises is kept; a caller's handler that does not raise (a graceful stop of its
+    own) leaves the build running. Ray Tune's ``tune.run`` used to leave its handler behind, so a
+    Python-level handler other than the default is to be expected here."""
     import threading
 
-    received: list[int] = []
-    if threading.current_thread() is not threading.main_thread() or (
-        signal.getsignal(signal.SIGINT) is not signal.default_int_handler
-    ):
-        yield received  # not ours to change: a thread, or a caller's own handler
+    received: list[BaseException] = []
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or not callable(previous):
+        yield received  # not ours to change: a thread, or SIGINT ignored or set outside Python
         return
 
     def handler(signum: int, frame: Any) -> None:
-        received.append(signum)
-        raise KeyboardInterrupt
+        try:
+            previous(signum, frame)
+        except BaseException as err:
+            received.append(err)
+            raise
 
     signal.signal(signal.SIGINT, handler)
     try:
         yield received
     finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGINT, previous)
 
 
 def build(rows: list[dict[str, Any]], opts: BuildOptions) -> dict[str, Any]:
@@ -630,12 +638,13 @@ def build(rows: list[dict[str, Any]], opts: BuildOptions) -> dict[str, Any]:
         mininterval=1.0,
     )
     t0 = time.time()
-    with _kept_interrupts() as interrupted:
+    # the bar is closed before an interrupt's message is printed (not whenever it is collected)
+    with bar, _kept_interrupts() as interrupted:
 
         def progress(n: int = 1) -> None:
             bar.update(n)
             if interrupted:  # a Ctrl+C that a finaliser swallowed (see _kept_interrupts)
-                raise KeyboardInterrupt
+                raise interrupted[0]
 
         if opts.processes <= 1 or len(tasks) <= 1:
             for task in tasks:
@@ -643,7 +652,6 @@ def build(rows: list[dict[str, Any]], opts: BuildOptions) -> dict[str, Any]:
         else:
             for s in _build_in_processes(tasks, opts.processes, progress):
                 stats[int(s["shard"].split(".")[0])] = s
-    bar.close()
 
     sizes = {s["shard"]: s["successes"] for _, s in sorted(stats.items()) if s["successes"] > 0}
     for shard_id, s in stats.items():  # a shard where every row failed keeps no tar
