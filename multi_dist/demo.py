@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,18 +98,6 @@ def report(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def pretrain_env(cfg: DemoConfig, environ: Mapping[str, str]) -> dict[str, str]:
-    """The environment of the training command: ``environ`` and, unless it sets them, the
-    accelerator (no detection warnings) and each rank's share of the cores. The deepspeed launcher
-    leaves each rank torch's default, a thread per core: two ranks on two cores ran four threads,
-    and two runs on one corpus were not bit-reproducible (measured on an AVX-512 machine: losses
-    apart in the 7th digit from step 3; with a thread a rank, the same to the last digit)."""
-    env = dict(environ)
-    env.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.nproc)))
-    return env
-
-
 def run(cfg: DemoConfig) -> dict[str, Any]:
     t0 = time.time()
     corpus = Path(cfg.corpus)
@@ -119,7 +106,10 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
         print("  " + format_summary(summary), flush=True)
     cmd = pretrain_command(cfg)
     print("\n$ " + " ".join(cmd), flush=True)
-    proc = subprocess.run(cmd, env=pretrain_env(cfg, os.environ))
+    # the accelerator named (no detection warnings); each rank sets its own share of the cores
+    # (multi_dist.dist.threads_per_rank: the deepspeed launcher leaves it a thread per core)
+    accelerator = "cuda" if torch.cuda.is_available() else "cpu"
+    proc = subprocess.run(cmd, env={"DS_ACCELERATOR": accelerator, **os.environ})
     if proc.returncode != 0:
         raise SystemExit(f"pretraining failed (exit {proc.returncode}); see the output above")
     summary = json.loads((Path(cfg.run_dir) / "summary.json").read_text())

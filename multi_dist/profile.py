@@ -7,7 +7,8 @@ Steps ``N .. N+K-1`` run under ``torch.profiler`` on every rank. Each rank write
 - ``summary_rank<r>.json``: wall time per step, the device's busy fraction (the union of GPU
   kernel intervals over the wall time: below 1, the GPU waited for the host: launches, syncs,
   data), kernels and host ops per step, the host's time per phase of the step, on a GPU the
-  host's time in kernel launches and in waits for the GPU, and the top operators by self time.
+  host's time in kernel launches and in waits for the GPU, the top operators by self time, and
+  the rank's torch threads.
 
 The figure that tells a launch-bound step from a compute-bound one is ``device_busy``: a step
 whose kernels cover 30% of its wall time gains nothing from faster kernels and everything from
@@ -120,7 +121,9 @@ class StepProfiler:
         self.folder.mkdir(parents=True, exist_ok=True)
         prof.export_chrome_trace(str(self.folder / f"trace_rank{self.rank}.json"))
         self.summary = summarize(prof, wall, self.cfg.steps, self.cuda, self.cfg.top)
-        self.summary.update(first_step=self.cfg.start, last_step=self.last, rank=self.rank)
+        self.summary.update(
+            first_step=self.cfg.start, last_step=self.last, rank=self.rank, threads=torch.get_num_threads()
+        )
         (self.folder / f"summary_rank{self.rank}.json").write_text(json.dumps(self.summary, indent=1))
         if self.rank == 0:
             print(describe(self.summary) + f" -> {self.folder}", flush=True)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from multi_dist.dist import PORTS_ENV, SHM_SEGMENT, discover, free_port, remove_shm_segments
+from multi_dist.dist import PORTS_ENV, SHM_SEGMENT, discover, free_port, remove_shm_segments, threads_per_rank
 
 from .conftest import ROOT
 
@@ -21,6 +21,19 @@ def test_torch_style_launchers() -> None:
     info = discover(env)
     assert (info.rank, info.local_rank, info.world_size, info.master_addr, info.master_port) == (3, 1, 8, "node7", 1234)
     assert info.launcher == "torch" and not info.is_main
+
+
+def test_several_ranks_on_a_node_share_its_cores_unless_told() -> None:
+    """The deepspeed launcher (LOCAL_SIZE) leaves each rank torch's thread per core; the ranks take
+    their share (at least one). OMP_NUM_THREADS (the user's, torchrun's, Slurm's, Ray's) wins, and
+    one rank keeps torch's default. The training processes of test_train check it end to end."""
+    assert threads_per_rank({"LOCAL_SIZE": "2"}, 2) == 1
+    assert threads_per_rank({"LOCAL_SIZE": "4"}, 16) == 4
+    assert threads_per_rank({"LOCAL_WORLD_SIZE": "3"}, 16) == 5
+    assert threads_per_rank({"LOCAL_SIZE": "8"}, 2) == 1
+    assert threads_per_rank({"LOCAL_SIZE": "2", "OMP_NUM_THREADS": "7"}, 16) is None
+    assert threads_per_rank({"LOCAL_SIZE": "1"}, 16) is None
+    assert threads_per_rank({}, 16) is None
 
 
 def test_slurm_tasks_find_the_first_node_and_a_shared_port() -> None:

@@ -128,27 +128,26 @@ def test_zero3_two_processes_learn_and_export(zero3_run: Path) -> None:
 
 
 def test_zero2_two_processes_learn_with_wandb_offline_and_a_profile(corpus: Path, tmp_path: Path) -> None:
+    """Also: the deepspeed launcher sets no OMP_NUM_THREADS (unset here, as a user's shell leaves
+    it), and each rank takes its share of the cores (the profile's summary records its threads)."""
     run = tmp_path / "run"
-    env_dirs = {k: str(tmp_path / "wandb") for k in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR")}
-    os.environ.update(env_dirs)
-    try:
-        proc = pretrain(
-            2,
-            *tiny_args(
-                corpus,
-                run,
-                "zero.stage=2",
-                "steps=40",
-                "log_every=1",
-                "ckpt_every=40",
-                "wandb.mode=offline",
-                "profile.start=5",
-                "profile.steps=2",
-            ),
-        )
-    finally:
-        for k in env_dirs:
-            os.environ.pop(k)
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    env.update({k: str(tmp_path / "wandb") for k in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR")})
+    proc = pretrain(
+        2,
+        *tiny_args(
+            corpus,
+            run,
+            "zero.stage=2",
+            "steps=40",
+            "log_every=1",
+            "ckpt_every=40",
+            "wandb.mode=offline",
+            "profile.start=5",
+            "profile.steps=2",
+        ),
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     _assert_learns(run)
     assert "step 40/40 | loss" in proc.stdout  # the progress line
@@ -157,6 +156,7 @@ def test_zero2_two_processes_learn_with_wandb_offline_and_a_profile(corpus: Path
     for rank in (0, 1):  # every rank traces its own steps 5 and 6
         summary = json.loads((run / "profile" / f"summary_rank{rank}.json").read_text())
         assert (summary["first_step"], summary["last_step"], summary["rank"]) == (5, 6, rank)
+        assert summary["threads"] == max(1, len(os.sched_getaffinity(0)) // 2)  # (torch's own: a thread per core)
         assert 0 < summary["wall_s_per_step"] < 60 and summary["host_ops_per_step"] > 100
         phases = summary["phase_ms_per_step"]  # the loop's phases, found in the trace by their names
         assert set(phases) == {*PHASES, "other"}
