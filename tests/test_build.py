@@ -143,6 +143,33 @@ def test_reencoding_sets_fps_short_side_and_clip_window(tmp_path: Path, real_cli
     assert bikes["num_frames"] == 12 and bikes["duration"] == pytest.approx(3.0)
 
 
+def test_x264_writes_the_same_bytes_for_the_same_frames(tmp_path: Path) -> None:
+    """Encoding is reproducible: the demo's clips and the builder's re-encodes come out the same
+    bytes every time. On a CPU with AVX-512 x264's AVX-512 code did not (2 of 40 demo clips came out
+    in 2-4 versions over 8 encodes, measured); there x264 is kept to its code up to AVX2, never with
+    a flag the CPU lacks."""
+    from multi_dist.shards.build import reencode, x264_options
+
+    assert x264_options("flags\t\t: fpu sse sse2 pni ssse3 avx avx2 fma bmi1 bmi2 abm") == {}  # no AVX-512: x264's own
+    zen4 = (
+        "processor\t: 0\nflags\t\t: fpu sse sse2 pni ssse3 sse4_1 sse4_2 avx avx2 fma bmi1 bmi2 abm avx512f avx512bw\n"
+    )
+    assert x264_options(zen4) == {
+        "x264-params": "asm=MMX2,SSE,SSE2,SSE3,SSSE3,SSE4.1,SSE4.2,AVX,FMA3,BMI1,BMI2,AVX2,LZCNT"
+    }
+    knl = "flags\t\t: sse sse2 pni ssse3 sse4_1 sse4_2 avx avx2 fma abm avx512f"  # no BMI: none asked for
+    assert x264_options(knl)["x264-params"] == "asm=MMX2,SSE,SSE2,SSE3,SSSE3,SSE4.1,SSE4.2,AVX,FMA3,AVX2,LZCNT"
+
+    clips = [encode_mp4(render_frames(clip_spec("train", i))) for i in range(24)]
+    for i, clip in enumerate(clips):
+        again = {encode_mp4(render_frames(clip_spec("train", i))) for _ in range(5)}
+        assert again == {clip}, f"clip {i}: {len(again | {clip})} versions"
+    path = tmp_path / "clip.mp4"
+    path.write_bytes(clips[8])  # (one that came out in 4 versions on AVX-512)
+    opts = BuildOptions(output=str(tmp_path), fps=6, short_side=48, progress=False)
+    assert len({reencode(clips[8], path, opts, None, None) for _ in range(8)}) == 1
+
+
 def offset_clip(path: Path, fmt: str, offset_s: float, frames: int = 16, rate: int = 8) -> Path:
     """A clip whose first frame is shown at ``offset_s`` (as MPEG-TS files and stream-copied cuts
     start); frame i is a flat grey of brightness 15 i."""

@@ -7,10 +7,8 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from multi_dist.data.video import decode_frames
 from multi_dist.shards.demo import LABELS, caption_of, clip_spec, task_fields
 
 from .conftest import run_script
@@ -110,16 +108,11 @@ def test_make_demo_is_deterministic_and_resumes(tmp_path: Path) -> None:
             a = tar_members(shard)
             b = tar_members(tmp_path / "b" / split / shard.name)
             assert a.keys() == b.keys()
-            for name in a:
-                if name.endswith(".mp4"):
-                    # x264 may pick different bits for the same frames from one run to the next (its
-                    # state carries over between clips): the decoded clips agree to compression noise
-                    fa, fb = (decode_frames(x[name], 16).astype(float) for x in (a, b))
-                    assert np.abs(fa - fb).mean() < 1.0, name
-                elif name.endswith(".json"):
+            for name in a:  # the same bytes: clips too (x264_options), bar the json's source path
+                if name.endswith(".json"):
                     ja, jb = json.loads(a[name]), json.loads(b[name])
                     for j in (ja, jb):
-                        del j["source"], j["bytes"]
+                        del j["source"]
                     assert ja == jb, name
                 else:
                     assert a[name] == b[name], name

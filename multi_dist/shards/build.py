@@ -17,6 +17,7 @@ import contextlib
 import csv
 import datetime
 import decimal
+import functools
 import hashlib
 import io
 import json
@@ -275,6 +276,49 @@ def _encode_image(data: bytes, ext: str, short_side: int | None) -> bytes:
     return out.getvalue()
 
 
+# x264's names for the instruction sets up to AVX2, and /proc/cpuinfo's for the same
+_X264_UP_TO_AVX2 = {
+    "MMX2": "sse",
+    "SSE": "sse",
+    "SSE2": "sse2",
+    "SSE3": "pni",
+    "SSSE3": "ssse3",
+    "SSE4.1": "sse4_1",
+    "SSE4.2": "sse4_2",
+    "AVX": "avx",
+    "FMA3": "fma",
+    "BMI1": "bmi1",
+    "BMI2": "bmi2",
+    "AVX2": "avx2",
+    "LZCNT": "abm",
+}
+
+
+@functools.cache
+def _cpuinfo() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux
+        return ""
+
+
+def x264_options(cpuinfo: str | None = None) -> dict[str, str]:
+    """libx264 options that make its output the same bytes every time on this CPU: on a CPU with
+    AVX-512, x264 is kept to its code up to AVX2. Its AVX-512 code gives other bytes from one
+    encode of the same frames to the next (measured on a 2-core AMD EPYC with AVX-512, x264 core
+    165 from PyAV 16: 2 of 40 demo clips came out in 2-4 versions over 8 encodes each, with
+    ``threads=1``; none with the AVX2 code or without asm), so the demo corpus of two fresh clones
+    differed (116 of 1,600 clips), and with it their runs. The set is the CPU's own flags up to
+    AVX2, never one it lacks. ``cpuinfo``: /proc/cpuinfo's text (where there is none: x264's
+    default)."""
+    line = next((ln for ln in (_cpuinfo() if cpuinfo is None else cpuinfo).splitlines() if ln.startswith("flags")), "")
+    flags = set(line.partition(":")[2].split())
+    if "avx512f" not in flags:
+        return {}
+    kept = [name for name, flag in _X264_UP_TO_AVX2.items() if flag in flags]
+    return {"x264-params": "asm=" + ",".join(kept)}
+
+
 def reencode(data: bytes, path: Path, opts: BuildOptions, start: float | None, end: float | None) -> bytes:
     """Re-encode to H.264 mp4: optional clip window, frame rate and shorter side."""
     import av
@@ -304,7 +348,7 @@ def reencode(data: bytes, path: Path, opts: BuildOptions, start: float | None, e
             ostream = out.add_stream("libx264", rate=rate)
             ostream.width, ostream.height, ostream.pix_fmt = w, h, "yuv420p"
             # fastdecode (no CABAC, no deblocking) about halves training-time decode cost for ~10% more bytes
-            ostream.options = {"crf": str(opts.crf), "preset": opts.preset, "tune": "fastdecode"}
+            ostream.options = {"crf": str(opts.crf), "preset": opts.preset, "tune": "fastdecode", **x264_options()}
             t0, period, half = start or 0.0, 1 / float(rate), 0.5 / float(src_rate)
             next_t, written = t0, 0
             # times from the stream's first frame, as the window and ffmpeg's -ss count them: MPEG-TS

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from ..config import exit_on_startup_error
-from .build import BuildOptions, _fingerprint, _write_json_atomic, build, format_summary
+from .build import BuildOptions, _fingerprint, _write_json_atomic, build, format_summary, x264_options
 
 COLORS = {
     "red": (220, 40, 40),
@@ -155,7 +155,8 @@ def encode_mp4(frames: np.ndarray, fps: int = 8, container: str = "mp4") -> byte
         stream = out.add_stream("libx264", rate=fps)
         stream.height, stream.width = frames.shape[1:3]
         stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": "18", "preset": "veryfast", "threads": "1"}
+        # the same bytes every time (x264_options)
+        stream.options = {"crf": "18", "preset": "veryfast", "threads": "1", **x264_options()}
         for img in frames:
             out.mux(stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
         out.mux(stream.encode(None))
