@@ -36,6 +36,8 @@ from typing import Any
 
 import numpy as np
 
+from multi_dist.threads import usable_cpus
+
 GOAL_PER_CORE = 40.0  # clips/s per core, 8 frames, re-encoded 10-second clip
 GOAL_RATIO_720P = 2.0  # ours / naive on raw 720p clips
 METHODS = ("ours", "naive")
@@ -411,11 +413,6 @@ def plot(rows: list[dict[str, Any]], goals: dict[str, Any], sets: dict[str, list
 
 # ----------------------------------------------------------------------------------------------
 # Main
-
-
-def usable_cpus() -> int:
-    """The CPUs this process may run on (a job's allocation or a cgroup's cpuset, not the machine's)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

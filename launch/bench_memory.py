@@ -1109,7 +1109,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.lever_frames = [8] if args.quick else ([64] if estimate else ([16, 64] if cuda else [16, 32]))
     if args.min_seconds is None:
         args.min_seconds = 0.0 if args.quick else (1.0 if cuda else 3.0)
-    threads = args.threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    _ensure_importable()
+    from multi_dist.threads import usable_cpus
+
+    threads = args.threads or usable_cpus()
     settings = {
         "preset": preset,
         "device": "estimate" if estimate else ("cuda" if cuda else "cpu"),

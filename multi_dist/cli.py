@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .config import exit_on_startup_error, load_config, start_up
+from .threads import share_cores
 
 COMMANDS = ("pretrain", "finetune", "evaluate")
 OnLog = Callable[[int, dict[str, float]], None]
@@ -61,5 +62,6 @@ def main(command: str, doc: str, argv: list[str] | None = None) -> dict[str, Any
     args = p.parse_intermixed_args(argv)  # overrides may come before or after the options
     with exit_on_startup_error():  # a wrong key or input: its message alone, on every rank
         with start_up():
+            share_cores()  # before torch and numpy's BLAS start their threads (they load with the config)
             cfg = load(command, args.config, args.overrides)
         return run(command, cfg)

@@ -16,12 +16,13 @@ import os
 import re
 import socket
 import sys
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .threads import share_cores
 
 log = logging.getLogger("multi_dist.dist")
 
@@ -137,39 +138,19 @@ def discover(env: dict[str, str] | None = None) -> DistInfo:
     return DistInfo(rank, local, world, addr or "127.0.0.1", port, launcher)
 
 
-def threads_per_rank(env: Mapping[str, str], cores: int) -> int | None:
-    """torch's threads for each rank when this node runs several, or None to keep torch's own.
-
-    None where ``OMP_NUM_THREADS`` is set (the user's choice; torchrun sets 1, our Slurm scripts a
-    task's CPUs, Ray a worker's), or where the launcher ran one rank here. The ``deepspeed``
-    launcher (``LOCAL_SIZE``) sets none: its N ranks each took a thread per core, N x the cores
-    spin-waiting on each other, and two 2-rank runs on 2 cores were not bit-reproducible (measured:
-    losses apart in the 7th digit from step 3). Each rank gets its share of ``cores``, at least one."""
-    if env.get("OMP_NUM_THREADS"):
-        return None
-    local = env.get("LOCAL_WORLD_SIZE") or env.get("LOCAL_SIZE")  # torchrun and Ray's name; deepspeed's
-    if not local or int(local) <= 1:
-        return None
-    return max(1, cores // int(local))
-
-
 def init(info: DistInfo | None = None) -> DistInfo:
     """Start the default process group (gloo on CPU, NCCL on GPU) via DeepSpeed; idempotent.
     Where the launcher left each of this node's ranks a thread per core, sets its share instead
-    (:func:`threads_per_rank`)."""
+    (:func:`multi_dist.threads.share_cores`)."""
     import deepspeed
     import torch.distributed as dist
 
     info = info or discover()
-    cores = len(os.sched_getaffinity(0))
-    threads = threads_per_rank(os.environ, cores)
+    threads = share_cores()  # (the launch scripts did it before torch loaded; a run started otherwise)
     if threads is not None:
         torch.set_num_threads(threads)
-        os.environ["OMP_NUM_THREADS"] = str(threads)  # for the processes it starts (compile workers)
-        if info.rank == 0:
-            log.info(
-                "%d torch thread(s) per rank: %d cores for this node's ranks (OMP_NUM_THREADS sets it)", threads, cores
-            )
+    if info.rank == 0:
+        log.info("%d torch thread(s) per rank (OMP_NUM_THREADS sets it)", torch.get_num_threads())
     os.environ.update(
         RANK=str(info.rank),
         LOCAL_RANK=str(info.local_rank),

@@ -44,6 +44,8 @@ from typing import Any
 
 import torch
 
+from .threads import usable_cpus
+
 
 @dataclass
 class ProfileConfig:
@@ -279,10 +281,9 @@ def machine_info(**versions: Any) -> dict[str, Any]:
     with contextlib.suppress(OSError, StopIteration, ValueError):
         line = next(x for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemTotal"))
         mem = int(line.split()[1]) * 1024
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {
         "cpu_count": os.cpu_count(),
-        "cpu_threads_usable": usable,
+        "cpu_threads_usable": usable_cpus(),
         "cpu_model": cpu,
         "mem_total_bytes": mem,
         "platform": platform.platform(),

@@ -720,8 +720,9 @@ def _signal_handlers_kept() -> Any:
         yield
     finally:
         for sig, handler in kept.items():
-            if handler is not None:  # (None: set outside Python, which Python cannot put back)
-                signal.signal(sig, handler)
+            # None: one set outside Python, which Python cannot put back: the default, not Tune's
+            default = signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL
+            signal.signal(sig, default if handler is None else handler)
 
 
 def _write_results(sweep: SweepConfig, grid: Any) -> SweepOutcome:

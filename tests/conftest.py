@@ -27,7 +27,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # process this session starts inherits its share of the cores instead.
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _WORKERS > 1:
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // (2 * _WORKERS))))
+    from multi_dist.threads import usable_cores
+
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, usable_cores() // (2 * _WORKERS))))
 # Each worker's runs take their rendezvous ports from a block of their own, above the kernel's
 # ephemeral range (32768-60999 here), which no bind(0) (gloo's, Ray's) picks: a port that
 # free_port() found free stays free until the run binds it, seconds later (multi_dist.dist.free_port)

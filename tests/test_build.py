@@ -146,19 +146,37 @@ def test_reencoding_sets_fps_short_side_and_clip_window(tmp_path: Path, real_cli
 def test_x264_writes_the_same_bytes_for_the_same_frames(tmp_path: Path) -> None:
     """Encoding is reproducible: the demo's clips and the builder's re-encodes come out the same
     bytes every time. On a CPU with AVX-512 x264's AVX-512 code did not (2 of 40 demo clips came out
-    in 2-4 versions over 8 encodes, measured); there x264 is kept to its code up to AVX2, never with
-    a flag the CPU lacks."""
-    from multi_dist.shards.build import reencode, x264_options
+    in 2-4 versions over 8 encodes, measured); there x264 is kept to its code up to AVX2, and asked
+    for no set that the CPU lacks in part (a name turns on the sets x264 puts under it)."""
+    import av.logging
 
-    assert x264_options("flags\t\t: fpu sse sse2 pni ssse3 avx avx2 fma bmi1 bmi2 abm") == {}  # no AVX-512: x264's own
-    zen4 = (
-        "processor\t: 0\nflags\t\t: fpu sse sse2 pni ssse3 sse4_1 sse4_2 avx avx2 fma bmi1 bmi2 abm avx512f avx512bw\n"
-    )
-    assert x264_options(zen4) == {
-        "x264-params": "asm=MMX2,SSE,SSE2,SSE3,SSSE3,SSE4.1,SSE4.2,AVX,FMA3,BMI1,BMI2,AVX2,LZCNT"
-    }
-    knl = "flags\t\t: sse sse2 pni ssse3 sse4_1 sse4_2 avx avx2 fma abm avx512f"  # no BMI: none asked for
-    assert x264_options(knl)["x264-params"] == "asm=MMX2,SSE,SSE2,SSE3,SSSE3,SSE4.1,SSE4.2,AVX,FMA3,AVX2,LZCNT"
+    from multi_dist.shards.build import _cpuinfo, reencode, x264_options
+
+    assert x264_options("flags\t\t: fpu mmx sse sse2 pni ssse3 avx avx2 fma bmi1 bmi2 abm") == {}  # no AVX-512
+    zen4 = "processor\t: 0\nflags\t\t: fpu mmx sse sse2 pni ssse3 sse4_1 sse4_2 avx avx2 fma bmi1 bmi2 abm avx512f\n"
+    up_to_fma3 = "MMX2,SSE,SSE2,SSE3,SSSE3,SSE4.1,SSE4.2,AVX,FMA3"
+    assert x264_options(zen4) == {"x264-params": f"asm={up_to_fma3},LZCNT,BMI1,BMI2,AVX2"}
+    no_bmi = zen4.replace(" bmi1 bmi2", "")  # (a VM that hides flags): no BMI1, nor AVX2, which turns BMI2 on
+    assert x264_options(no_bmi) == {"x264-params": f"asm={up_to_fma3},LZCNT"}
+
+    # x264 takes the list (it only logs a name it does not know, and goes on without any asm):
+    # this CPU's own flags as if it had AVX-512 give its sets up to AVX2, and no AVX-512
+    options = x264_options(_cpuinfo().replace("flags\t\t:", "flags\t\t: avx512f", 1))
+    level = av.logging.get_level()
+    av.logging.set_level(av.logging.INFO)
+    try:
+        with av.logging.Capture() as logs, av.open(io.BytesIO(), "w", format="mp4") as out:
+            s = out.add_stream("libx264", rate=8)
+            s.width = s.height = 64
+            s.pix_fmt, s.options = "yuv420p", options
+            out.mux(s.encode(av.VideoFrame.from_ndarray(np.zeros((64, 64, 3), np.uint8), format="rgb24")))
+            out.mux(s.encode(None))
+    finally:
+        av.logging.set_level(level)
+    messages = [m for _, name, m in logs if name == "libx264"]
+    assert not [m for m in messages if "rror" in m], messages
+    caps = next(m for m in messages if m.startswith("using cpu capabilities:")).split(":")[1].split()
+    assert "AVX512" not in caps and ("AVX2" in caps) == ("avx2" in _cpuinfo().split()), caps
 
     clips = [encode_mp4(render_frames(clip_spec("train", i))) for i in range(24)]
     for i, clip in enumerate(clips):

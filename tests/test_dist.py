@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from multi_dist.dist import PORTS_ENV, SHM_SEGMENT, discover, free_port, remove_shm_segments, threads_per_rank
+from multi_dist.dist import PORTS_ENV, SHM_SEGMENT, discover, free_port, remove_shm_segments
+from multi_dist.threads import share_cores, threads_per_rank, usable_cores
 
 from .conftest import ROOT
 
@@ -25,15 +26,27 @@ def test_torch_style_launchers() -> None:
 
 def test_several_ranks_on_a_node_share_its_cores_unless_told() -> None:
     """The deepspeed launcher (LOCAL_SIZE) leaves each rank torch's thread per core; the ranks take
-    their share (at least one). OMP_NUM_THREADS (the user's, torchrun's, Slurm's, Ray's) wins, and
-    one rank keeps torch's default. The training processes of test_train check it end to end."""
+    their share (at least one). A thread count the user set (OMP_NUM_THREADS, MKL_NUM_THREADS; or
+    torchrun, Slurm, Ray) wins, and one rank keeps torch's default. The training processes of
+    test_train check it end to end."""
     assert threads_per_rank({"LOCAL_SIZE": "2"}, 2) == 1
     assert threads_per_rank({"LOCAL_SIZE": "4"}, 16) == 4
-    assert threads_per_rank({"LOCAL_WORLD_SIZE": "3"}, 16) == 5
+    assert threads_per_rank({"LOCAL_WORLD_SIZE": "3", "LOCAL_SIZE": "8"}, 16) == 5  # torchrun's and Ray's name first
     assert threads_per_rank({"LOCAL_SIZE": "8"}, 2) == 1
+    assert threads_per_rank({"LOCAL_SIZE": "2", "OMP_NUM_THREADS": ""}, 16) == 8  # empty: unset
     assert threads_per_rank({"LOCAL_SIZE": "2", "OMP_NUM_THREADS": "7"}, 16) is None
+    assert threads_per_rank({"LOCAL_SIZE": "2", "MKL_NUM_THREADS": "3"}, 16) is None
     assert threads_per_rank({"LOCAL_SIZE": "1"}, 16) is None
     assert threads_per_rank({}, 16) is None
+    for bad in ("abc", "2.0", "0", "-1"):
+        with pytest.raises(ValueError, match=f"LOCAL_SIZE='{bad}': the launcher's count of this node's ranks"):
+            threads_per_rank({"LOCAL_SIZE": bad}, 16)
+    env = {"LOCAL_SIZE": "2"}
+    assert share_cores(env) == max(1, usable_cores() // 2) and env["OMP_NUM_THREADS"] == str(
+        share_cores({"LOCAL_SIZE": "2"})
+    )
+    assert share_cores(env) is None  # set now: a second call leaves it
+    assert 1 <= usable_cores() <= (os.cpu_count() or 1)
 
 
 def test_slurm_tasks_find_the_first_node_and_a_shared_port() -> None:

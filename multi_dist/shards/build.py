@@ -276,22 +276,23 @@ def _encode_image(data: bytes, ext: str, short_side: int | None) -> bytes:
     return out.getvalue()
 
 
-# x264's names for the instruction sets up to AVX2, and /proc/cpuinfo's for the same
-_X264_UP_TO_AVX2 = {
-    "MMX2": "sse",
-    "SSE": "sse",
-    "SSE2": "sse2",
-    "SSE3": "pni",
-    "SSSE3": "ssse3",
-    "SSE4.1": "sse4_1",
-    "SSE4.2": "sse4_2",
-    "AVX": "avx",
-    "FMA3": "fma",
-    "BMI1": "bmi1",
-    "BMI2": "bmi2",
-    "AVX2": "avx2",
-    "LZCNT": "abm",
-}
+# x264's names for its instruction sets up to AVX2, and the /proc/cpuinfo flags each needs: a name
+# turns on the sets x264 puts under it too (AVX2 = FMA3 | BMI2 | AVX2 in its table, BMI1 includes
+# LZCNT), so each needs all of theirs (LZCNT is cpuinfo's abm, SSE3 its pni)
+_SSE = {"mmx", "sse"}
+_X264_NEEDS: dict[str, set[str]] = {"MMX2": _SSE, "SSE": _SSE}
+for _name, _flag, _under in (
+    ("SSE2", "sse2", "SSE"),
+    ("SSE3", "pni", "SSE2"),
+    ("SSSE3", "ssse3", "SSE3"),
+    ("SSE4.1", "sse4_1", "SSSE3"),
+    ("SSE4.2", "sse4_2", "SSE4.1"),
+    ("AVX", "avx", "SSE4.2"),
+    ("FMA3", "fma", "AVX"),
+):
+    _X264_NEEDS[_name] = _X264_NEEDS[_under] | {_flag}
+_X264_NEEDS.update(LZCNT={"abm"}, BMI1={"abm", "bmi1"}, BMI2={"abm", "bmi1", "bmi2"})
+_X264_NEEDS["AVX2"] = _X264_NEEDS["FMA3"] | _X264_NEEDS["BMI2"] | {"avx2"}
 
 
 @functools.cache
@@ -306,16 +307,16 @@ def x264_options(cpuinfo: str | None = None) -> dict[str, str]:
     """libx264 options that make its output the same bytes every time on this CPU: on a CPU with
     AVX-512, x264 is kept to its code up to AVX2. Its AVX-512 code gives other bytes from one
     encode of the same frames to the next (measured on a 2-core AMD EPYC with AVX-512, x264 core
-    165 from PyAV 16: 2 of 40 demo clips came out in 2-4 versions over 8 encodes each, with
+    165 in PyAV 18.1's wheel: 2 of 40 demo clips came out in 2-4 versions over 8 encodes each, with
     ``threads=1``; none with the AVX2 code or without asm), so the demo corpus of two fresh clones
-    differed (116 of 1,600 clips), and with it their runs. The set is the CPU's own flags up to
-    AVX2, never one it lacks. ``cpuinfo``: /proc/cpuinfo's text (where there is none: x264's
+    differed (116 of 1,600 clips), and with it their runs. The set is the CPU's own up to AVX2:
+    no name whose sets the CPU lacks in part. ``cpuinfo``: /proc/cpuinfo's text (where there is none: x264's
     default)."""
     line = next((ln for ln in (_cpuinfo() if cpuinfo is None else cpuinfo).splitlines() if ln.startswith("flags")), "")
     flags = set(line.partition(":")[2].split())
     if "avx512f" not in flags:
         return {}
-    kept = [name for name, flag in _X264_UP_TO_AVX2.items() if flag in flags]
+    kept = [name for name, needs in _X264_NEEDS.items() if needs <= flags]
     return {"x264-params": "asm=" + ",".join(kept)}
 
 
@@ -641,7 +642,8 @@ def _kept_interrupts() -> Any:
     try:
         yield received
     finally:
-        signal.signal(signal.SIGINT, previous)
+        if signal.getsignal(signal.SIGINT) is handler:  # (a handler that put back its own, as Tune's does, stays)
+            signal.signal(signal.SIGINT, previous)
 
 
 def build(rows: list[dict[str, Any]], opts: BuildOptions) -> dict[str, Any]:
@@ -688,7 +690,7 @@ def build(rows: list[dict[str, Any]], opts: BuildOptions) -> dict[str, Any]:
         def progress(n: int = 1) -> None:
             bar.update(n)
             if interrupted:  # a Ctrl+C that a finaliser swallowed (see _kept_interrupts)
-                raise interrupted[0]
+                raise interrupted[0].with_traceback(None)  # (its old frames, the finaliser's, go)
 
         if opts.processes <= 1 or len(tasks) <= 1:
             for task in tasks:
