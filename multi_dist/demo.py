@@ -107,7 +107,7 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
     cmd = pretrain_command(cfg)
     print("\n$ " + " ".join(cmd), flush=True)
     # the accelerator named (no detection warnings); each rank sets its own share of the cores
-    # (multi_dist.dist.threads_per_rank: the deepspeed launcher leaves it a thread per core)
+    # (multi_dist.threads: the deepspeed launcher leaves it a thread per core)
     accelerator = "cuda" if torch.cuda.is_available() else "cpu"
     proc = subprocess.run(cmd, env={"DS_ACCELERATOR": accelerator, **os.environ})
     if proc.returncode != 0:
