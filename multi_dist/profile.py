@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 
-from .threads import usable_cpus
+from .threads import cpuinfo, usable_cpus
 
 
 @dataclass
@@ -273,10 +273,7 @@ def describe(summary: dict[str, Any]) -> str:
 def machine_info(**versions: Any) -> dict[str, Any]:
     """The machine a benchmark ran on, for its JSON: CPU model, cores (all and usable), memory,
     platform, Python, torch and its CUDA, and ``versions`` (e.g. ``decord=decord.__version__``)."""
-    cpu = ""
-    with contextlib.suppress(OSError, StopIteration):
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        cpu = next(x.split(":", 1)[1].strip() for x in lines if x.startswith("model name"))
+    cpu = next((x.split(":", 1)[1].strip() for x in cpuinfo().splitlines() if x.startswith("model name")), "")
     mem = None
     with contextlib.suppress(OSError, StopIteration, ValueError):
         line = next(x for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemTotal"))

@@ -11,13 +11,24 @@ before anything loads torch, and :func:`multi_dist.dist.init` again for runs sta
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping, MutableMapping
+from pathlib import Path
 
 # what a user sets to choose the threads; any of them leaves the choice alone
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 # the launchers' count of this node's ranks: torchrun's and Ray's, then deepspeed's
 LOCAL_RANKS_VARS = ("LOCAL_WORLD_SIZE", "LOCAL_SIZE")
+
+
+@functools.cache
+def cpuinfo() -> str:
+    """The text of /proc/cpuinfo (its model name, its flags), read once; empty where there is none."""
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux
+        return ""
 
 
 def usable_cpus() -> int:

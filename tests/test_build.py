@@ -150,7 +150,8 @@ def test_x264_writes_the_same_bytes_for_the_same_frames(tmp_path: Path) -> None:
     for no set that the CPU lacks in part (a name turns on the sets x264 puts under it)."""
     import av.logging
 
-    from multi_dist.shards.build import _cpuinfo, reencode, x264_options
+    from multi_dist.shards.build import reencode, x264_options
+    from multi_dist.threads import cpuinfo
 
     assert x264_options("flags\t\t: fpu mmx sse sse2 pni ssse3 avx avx2 fma bmi1 bmi2 abm") == {}  # no AVX-512
     zen4 = "processor\t: 0\nflags\t\t: fpu mmx sse sse2 pni ssse3 sse4_1 sse4_2 avx avx2 fma bmi1 bmi2 abm avx512f\n"
@@ -161,7 +162,7 @@ def test_x264_writes_the_same_bytes_for_the_same_frames(tmp_path: Path) -> None:
 
     # x264 takes the list (it only logs a name it does not know, and goes on without any asm):
     # this CPU's own flags as if it had AVX-512 give its sets up to AVX2, and no AVX-512
-    options = x264_options(_cpuinfo().replace("flags\t\t:", "flags\t\t: avx512f", 1))
+    options = x264_options(cpuinfo().replace("flags\t\t:", "flags\t\t: avx512f", 1))
     level = av.logging.get_level()
     av.logging.set_level(av.logging.INFO)
     try:
@@ -176,7 +177,7 @@ def test_x264_writes_the_same_bytes_for_the_same_frames(tmp_path: Path) -> None:
     messages = [m for _, name, m in logs if name == "libx264"]
     assert not [m for m in messages if "rror" in m], messages
     caps = next(m for m in messages if m.startswith("using cpu capabilities:")).split(":")[1].split()
-    assert "AVX512" not in caps and ("AVX2" in caps) == ("avx2" in _cpuinfo().split()), caps
+    assert "AVX512" not in caps and ("AVX2" in caps) == ("avx2" in cpuinfo().split()), caps
 
     clips = [encode_mp4(render_frames(clip_spec("train", i))) for i in range(24)]
     for i, clip in enumerate(clips):

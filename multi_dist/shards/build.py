@@ -17,7 +17,6 @@ import contextlib
 import csv
 import datetime
 import decimal
-import functools
 import hashlib
 import io
 import json
@@ -41,6 +40,7 @@ from tqdm import tqdm
 from ..config import exit_on_startup_error, start_up
 from ..data.images import IMAGE_EXTS, KEPT_FORMATS, ImageInfo, decode_image, probe_image
 from ..data.video import HAVE_DECORD, VIDEO_EXTS, DecodeError, VideoInfo, decode_frames, probe
+from ..threads import cpuinfo as machine_cpuinfo
 
 # Failure statuses recorded in the parquet and stats (video2dataset uses the same field names).
 SUCCESS = "success"
@@ -295,14 +295,6 @@ _X264_NEEDS.update(LZCNT={"abm"}, BMI1={"abm", "bmi1"}, BMI2={"abm", "bmi1", "bm
 _X264_NEEDS["AVX2"] = _X264_NEEDS["FMA3"] | _X264_NEEDS["BMI2"] | {"avx2"}
 
 
-@functools.cache
-def _cpuinfo() -> str:
-    try:
-        return Path("/proc/cpuinfo").read_text()
-    except OSError:  # not Linux
-        return ""
-
-
 def x264_options(cpuinfo: str | None = None) -> dict[str, str]:
     """libx264 options that make its output the same bytes every time on this CPU: on a CPU with
     AVX-512, x264 is kept to its code up to AVX2. Its AVX-512 code gives other bytes from one
@@ -312,7 +304,9 @@ def x264_options(cpuinfo: str | None = None) -> dict[str, str]:
     differed (116 of 1,600 clips), and with it their runs. The set is the CPU's own up to AVX2:
     no name whose sets the CPU lacks in part. ``cpuinfo``: /proc/cpuinfo's text (where there is none: x264's
     default)."""
-    line = next((ln for ln in (_cpuinfo() if cpuinfo is None else cpuinfo).splitlines() if ln.startswith("flags")), "")
+    line = next(
+        (ln for ln in (machine_cpuinfo() if cpuinfo is None else cpuinfo).splitlines() if ln.startswith("flags")), ""
+    )
     flags = set(line.partition(":")[2].split())
     if "avx512f" not in flags:
         return {}
