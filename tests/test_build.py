@@ -685,5 +685,15 @@ def test_a_ctrl_c_that_a_finaliser_swallows_is_still_seen() -> None:
         with _kept_interrupts() as interrupted:
             Finalised()
             assert interrupted == [] and graceful == [signal.SIGINT]
+
+        def tune_like(signum: int, frame: object) -> None:  # stops gracefully, puts back the one it found
+            graceful.append(signum)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+        signal.signal(signal.SIGINT, tune_like)
+        with _kept_interrupts() as interrupted:
+            Finalised()
+            assert interrupted == [] and graceful == [signal.SIGINT] * 2
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # not tune_like again
     finally:
         signal.signal(signal.SIGINT, before)

@@ -3,6 +3,7 @@ test_train.py and test_objectives.py)."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -47,6 +48,34 @@ def test_several_ranks_on_a_node_share_its_cores_unless_told() -> None:
     )
     assert share_cores(env) is None  # set now: a second call leaves it
     assert 1 <= usable_cores() <= (os.cpu_count() or 1)
+
+
+def test_the_launch_scripts_share_the_cores_before_torch_and_blas_start_their_threads() -> None:
+    """Under the deepspeed launcher (LOCAL_SIZE=2, no OMP_NUM_THREADS) the command line sets each
+    rank's share before the config loads torch and numpy, so their thread pools (OpenMP, OpenBLAS)
+    start at it: set in dist.init only, torch's could be changed later but OpenBLAS's stayed at a
+    thread per core. A config error stops this run at start-up, before dist.init."""
+    script = (
+        "import os, sys\n"
+        "from multi_dist.cli import main\n"
+        "try:\n"
+        "    main('pretrain', '', ['--config', 'configs/pretrain/tiny.yaml', 'stepz=1'])\n"
+        "except SystemExit as stop:\n"
+        "    assert 'stepz' in str(stop.code), stop.code\n"
+        "import json, threadpoolctl, torch\n"
+        "pools = {i['internal_api']: i['num_threads'] for i in threadpoolctl.threadpool_info()}\n"
+        "print(json.dumps([os.environ['OMP_NUM_THREADS'], torch.get_num_threads(), pools]))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    env["LOCAL_SIZE"] = "2"
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    share = max(1, usable_cores() // 2)
+    omp, torch_threads, pools = json.loads(proc.stdout.splitlines()[-1])
+    assert (omp, torch_threads) == (str(share), share)
+    assert pools.get("openblas") == share, pools  # (numpy's)
 
 
 def test_slurm_tasks_find_the_first_node_and_a_shared_port() -> None:
